@@ -1,0 +1,188 @@
+"""Write caption-image pairs as WebDataset shards in the img2dataset layout.
+
+A dataset directory holds `{shard:05d}.tar` files, each with `KEY.<image ext>`, `KEY.txt`
+(the caption) and `KEY.json` (caption, key, width, height and the source's own fields), and a
+`sizes.json` mapping shard file names to sample counts. This is the layout img2dataset writes
+for LAION, CC3M, CC12M and COCO, so our readers see one format.
+
+Sample i of a source always lands in shard i // samples_per_shard, so a shard is a pure
+function of the source and can be written by any process, skipped when it already exists,
+and rewritten alone after a crash. Each shard is written under a temporary name and renamed
+when complete: a `.tar` on disk is always a whole shard.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import tarfile
+import time
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from PIL import Image
+
+log = logging.getLogger(__name__)
+
+IMAGE_FORMATS = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
+SIZES_FILE = "sizes.json"
+
+
+@dataclass
+class SourceSample:
+    """One caption-image pair as a source yields it, before it has a key.
+
+    `image` is a PIL image (rendered or decoded) or the path of an image file; a file already
+    in the shard's image format is copied byte for byte, anything else is re-encoded.
+    `meta` holds the source's own fields, stored in KEY.json beside caption, key and size.
+    """
+
+    caption: str
+    image: Image.Image | Path
+    meta: dict = field(default_factory=dict)
+
+
+class Source(Protocol):
+    """An indexed collection of samples; `__getitem__` may raise for a bad sample."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> SourceSample: ...
+
+
+@dataclass
+class ShardReport:
+    written: int = 0  # shards written by this run
+    existing: int = 0  # complete shards left as they were
+    samples: int = 0
+    skipped: Counter = field(default_factory=Counter)  # reason -> count
+
+
+def sample_key(shard: int, index: int, samples_per_shard: int) -> str:
+    """img2dataset's key: the shard id then the index within the shard, both zero-padded."""
+    return f"{shard:05d}{index:0{len(str(samples_per_shard - 1))}d}"
+
+
+def write_shards(
+    source: Source,
+    out_dir: str | Path,
+    samples_per_shard: int = 1000,
+    image_format: str = "jpg",
+    quality: int = 95,
+    workers: int = 1,
+) -> ShardReport:
+    """Write `source` into `out_dir` as shards; complete shards already there are kept."""
+    if image_format not in IMAGE_FORMATS:
+        raise ValueError(f"image_format must be one of {sorted(IMAGE_FORMATS)}, got {image_format!r}")
+    if samples_per_shard < 1:
+        raise ValueError(f"samples_per_shard must be at least 1, got {samples_per_shard}")
+    if len(source) == 0:
+        raise ValueError("the source holds no samples")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    num_shards = -(-len(source) // samples_per_shard)
+    jobs = [(source, out_dir, shard, samples_per_shard, image_format, quality) for shard in range(num_shards)]
+
+    report, sizes = ShardReport(), {}
+    started = time.perf_counter()
+    if workers > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            results = list(pool.map(_write_one_shard, *zip(*jobs)))
+    else:
+        results = [_write_one_shard(*job) for job in jobs]
+    for shard, (count, skipped, written) in enumerate(results):
+        sizes[shard_name(shard)] = count
+        report.samples += count
+        report.skipped.update(skipped)
+        report.written += written
+        report.existing += not written
+    _write_json_atomically(out_dir / SIZES_FILE, sizes)
+    log.info(
+        "%s: %d shards (%d written, %d kept), %d samples, skipped %s in %.1fs",
+        out_dir, num_shards, report.written, report.existing, report.samples,
+        dict(report.skipped) or "none", time.perf_counter() - started,
+    )
+    return report
+
+
+def shard_name(shard: int) -> str:
+    return f"{shard:05d}.tar"
+
+
+def _write_one_shard(
+    source: Source, out_dir: Path, shard: int, samples_per_shard: int, image_format: str, quality: int
+) -> tuple[int, Counter, bool]:
+    """Returns (samples in the shard, skipped reasons, whether it was written now)."""
+    path = out_dir / shard_name(shard)
+    if path.exists():
+        return count_samples(path), Counter(), False
+    start = shard * samples_per_shard
+    stop = min(start + samples_per_shard, len(source))
+    skipped: Counter = Counter()
+    count = 0
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with tarfile.open(tmp, "w") as tar:
+        for index in range(start, stop):
+            key = sample_key(shard, index - start, samples_per_shard)
+            try:
+                sample = source[index]
+                image_bytes, width, height = encode_image(sample.image, image_format, quality)
+            except (OSError, ValueError, Image.DecompressionBombError) as error:
+                reason = type(error).__name__
+                skipped[reason] += 1
+                log.warning("skipping sample %d (key %s): %s: %s", index, key, reason, error)
+                continue
+            record = {"key": key, "caption": sample.caption, "width": width, "height": height, **sample.meta}
+            _add_member(tar, f"{key}.{image_format}", image_bytes)
+            _add_member(tar, f"{key}.txt", sample.caption.encode("utf-8"))
+            _add_member(tar, f"{key}.json", json.dumps(record, ensure_ascii=False).encode("utf-8"))
+            count += 1
+    os.replace(tmp, path)
+    return count, skipped, True
+
+
+def encode_image(image: Image.Image | Path, image_format: str, quality: int) -> tuple[bytes, int, int]:
+    """The bytes stored for `image` in `image_format`, and its width and height."""
+    if isinstance(image, Path):
+        with Image.open(image) as opened:
+            opened.load()  # decodes fully: a truncated file fails here, not in training
+            if _extension_format(image) == IMAGE_FORMATS[image_format] == opened.format:
+                return image.read_bytes(), opened.width, opened.height
+            return encode_image(opened.copy(), image_format, quality)
+    pil_format = IMAGE_FORMATS[image_format]
+    if pil_format == "JPEG" and image.mode not in ("RGB", "L", "CMYK"):
+        image = image.convert("RGB")
+    buffer = io.BytesIO()
+    options = {"quality": quality} if pil_format in ("JPEG", "WEBP") else {}
+    image.save(buffer, format=pil_format, **options)
+    return buffer.getvalue(), image.width, image.height
+
+
+def _extension_format(path: Path) -> str | None:
+    ext = path.suffix.lower().lstrip(".")
+    return IMAGE_FORMATS.get("jpg" if ext == "jpeg" else ext)
+
+
+def _add_member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(payload)
+    info.mtime = 0  # the same source writes byte-identical shards
+    tar.addfile(info, io.BytesIO(payload))
+
+
+def count_samples(path: str | Path) -> int:
+    """Samples in a shard: distinct keys among its members."""
+    with tarfile.open(path) as tar:
+        return len({name.split(".", 1)[0] for name in tar.getnames()})
+
+
+def _write_json_atomically(path: Path, payload: dict) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(payload, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
