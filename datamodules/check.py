@@ -1,0 +1,82 @@
+"""`tessera data check`: read every sample of a shard set once and report what training would see."""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+
+import numpy as np
+import webdataset as wds
+
+from datamodules.stream import _decode_sample, expand_urls
+from datamodules.text import CLIP_BPE, CaptionTokenizer
+
+
+def check_shards(shards: str | list[str], text_length: int = 64, tokenizer: str = CLIP_BPE, workers: int | None = None) -> dict:
+    """A report with `shards`, `samples`, `readable`, `skipped` (reason -> count), `image_size` and
+    `caption_tokens` (min / median / max), `over_text_length` and `unreadable_shards` (shard -> error)."""
+    urls = expand_urls(shards)
+    workers = max(1, min(workers or os.cpu_count() or 1, len(urls)))
+    jobs = [(url, text_length, tokenizer) for url in urls]
+    if workers > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            results = list(pool.map(_check_one_shard, *zip(*jobs)))
+    else:
+        results = [_check_one_shard(*job) for job in jobs]
+
+    skipped: Counter = Counter()
+    sides, tokens, unreadable = [], [], {}
+    samples = 0
+    for url, result in zip(urls, results):
+        samples += result["samples"]
+        skipped.update(result["skipped"])
+        sides.append(result["sides"])
+        tokens.append(result["tokens"])
+        if result["error"]:
+            unreadable[url] = result["error"]
+    sides, tokens = np.concatenate(sides), np.concatenate(tokens)
+    return {
+        "shards": len(urls),
+        "samples": samples,
+        "readable": int(sides.size),
+        "skipped": dict(skipped),
+        "image_size": _summary(sides),
+        "caption_tokens": _summary(tokens),
+        "text_length": text_length,
+        "over_text_length": int((tokens > text_length).sum()),
+        "unreadable_shards": unreadable,
+    }
+
+
+def _check_one_shard(url: str, text_length: int, tokenizer: str) -> dict:
+    errors: list[str] = []
+
+    def record(error: Exception) -> bool:
+        errors.append(f"{type(error).__name__}: {error}")
+        return False  # a broken tar stream cannot be trusted past its first error
+
+    skipped: Counter = Counter()
+    sides, captions, samples = [], [], 0
+    for sample in wds.tarfile_samples([{"url": url}], handler=record):
+        samples += 1
+        reason, image, caption = _decode_sample(sample, None)
+        if reason is not None:
+            skipped[reason] += 1
+            continue
+        sides.append(min(image.size))
+        captions.append(caption)
+    counts = CaptionTokenizer(tokenizer, text_length).token_counts(captions) if captions else []
+    return {
+        "samples": samples,
+        "skipped": dict(skipped),
+        "sides": np.asarray(sides, np.int64),
+        "tokens": np.asarray(counts, np.int64),
+        "error": errors[0] if errors else None,
+    }
+
+
+def _summary(values: np.ndarray) -> dict | None:
+    if values.size == 0:
+        return None
+    return {"min": int(values.min()), "median": float(np.median(values)), "max": int(values.max())}

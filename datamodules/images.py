@@ -1,0 +1,70 @@
+"""Image decoding and the training transform: any PIL mode to RGB, shorter side to size, crop.
+
+Decoding is the hot path of a text-to-image data loader, so a JPEG is decoded straight to the
+smallest DCT scale (1/2, 1/4, 1/8) that still covers the output size (PIL's draft mode): that
+skips most of the inverse DCT and all the downscaling that would throw those pixels away.
+Images stay uint8 here; the batch is scaled to [-1, 1] after it reaches the device.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+
+import numpy as np
+from PIL import Image
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+
+
+def decode_image(data: bytes, min_side: int | None = None) -> Image.Image:
+    """Fully decoded RGB image; a JPEG whose shorter side is far above `min_side` is decoded reduced.
+
+    Raises OSError (or PIL.Image.DecompressionBombError) for data that is not a whole image.
+    """
+    image = Image.open(io.BytesIO(data))
+    if min_side is not None and image.format == "JPEG":
+        # draft() picks the largest reduction that keeps both sides >= the requested ones,
+        # so asking for a square of the shorter side's target keeps that side >= min_side
+        image.draft("RGB", (min_side, min_side))
+    image.load()
+    if image.width == 0 or image.height == 0:
+        raise OSError("zero-size image")
+    return to_rgb(image)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB from any PIL mode: transparency composited on white, 16/32-bit greyscale scaled to 8 bits."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        # PIL's own conversion clips these to 0..255 instead of scaling them
+        pixels = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode != "F" or pixels.max() > 1.0 else 1.0
+        grey = np.clip(pixels / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, "L").convert("RGB")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def resize_and_crop(image: Image.Image, size: int, rng: random.Random | None = None) -> np.ndarray:
+    """Shorter side resized to `size`, then a size x size crop: centred, or random when `rng` is given.
+
+    Returns (size, size, 3) uint8.
+    """
+    width, height = image.size
+    scale = size / min(width, height)
+    new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
+    if (new_w, new_h) != (width, height):
+        # reducing_gap: box-reduce by an integer factor first, then bicubic; near-identical output, much faster
+        image = image.resize((new_w, new_h), Image.Resampling.BICUBIC, reducing_gap=3.0)
+    if rng is None:
+        left, top = (new_w - size) // 2, (new_h - size) // 2
+    else:
+        left, top = rng.randint(0, new_w - size), rng.randint(0, new_h - size)
+    return np.asarray(image.crop((left, top, left + size, top + size)))

@@ -1,0 +1,277 @@
+"""The caption-image stream: WebDataset shards -> decoded, cropped, tokenized batches.
+
+Every (rank, worker) pair is a *slot*. Each epoch the shard list is shuffled with the seed and
+the epoch, and slot s reads shards s, s + S, s + 2S, ... of it, so slots see disjoint data.
+With fewer shards than slots every slot reads every shard and keeps every S-th sample instead.
+In resampled mode each slot draws shards at random, with replacement, forever.
+
+Every slot yields a fixed number of batches per epoch, whatever the shard sizes and however
+many bad samples were skipped: a slot that runs out of shards starts another pass over its
+own, reordered. So every rank yields the same number of batches and DDP never waits on a rank
+that has stopped. An epoch is `samples_per_epoch` rounded down to whole global batches.
+
+All randomness (shard order, sample shuffle buffer, random crops) comes from Python RNGs seeded
+by (seed, epoch, rank, worker), so a run is reproducible for a given number of ranks and workers.
+
+Bad samples (corrupt or missing image, missing caption) are skipped and counted; each batch
+carries the counts since the slot's previous batch under "stats", so the training process can
+log them although they happen in worker processes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import multiprocessing
+import random
+import tarfile
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import IterableDataset, get_worker_info
+
+from datamodules.images import IMAGE_EXTENSIONS, decode_image, resize_and_crop
+from datamodules.shard_writer import SIZES_FILE
+from datamodules.text import CaptionTokenizer
+
+log = logging.getLogger(__name__)
+
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+# a stream that skips this many samples in a row is broken, not unlucky: stop rather than spin
+MAX_CONSECUTIVE_SKIPS = 10_000
+
+
+def expand_urls(urls: str | list[str]) -> list[str]:
+    """Shard URLs from brace patterns (`/data/{00000..00331}.tar`), `::`-joined lists or lists of those."""
+    patterns = [urls] if isinstance(urls, str) else list(urls)
+    return [url for pattern in patterns for url in wds.shardlists.expand_urls(str(pattern))]
+
+
+def is_local(url: str) -> bool:
+    return "://" not in url and not url.startswith("pipe:")
+
+
+def check_shards(urls: list[str]) -> None:
+    """Fail at setup, naming the shard, if a local shard is missing or is not a tar file."""
+    if not urls:
+        raise ValueError("no shards given")
+    for url in filter(is_local, urls):
+        path = Path(url.removeprefix("file:"))
+        if not path.is_file():
+            raise FileNotFoundError(f"shard {url} does not exist")
+        try:
+            with tarfile.open(path) as tar:
+                tar.next()
+        except (tarfile.TarError, OSError) as error:
+            raise OSError(f"shard {url} is not a readable tar file: {error}") from error
+
+
+def shard_sizes(urls: list[str]) -> list[int | None]:
+    """Samples per shard from our `sizes.json` or img2dataset's `NNNNN_stats.json`; None where unknown."""
+    sizes_files: dict[Path, dict] = {}
+    sizes: list[int | None] = []
+    for url in urls:
+        if not is_local(url):
+            sizes.append(None)
+            continue
+        path = Path(url.removeprefix("file:"))
+        if path.parent not in sizes_files:
+            sizes_file = path.parent / SIZES_FILE
+            sizes_files[path.parent] = _read_json(sizes_file) if sizes_file.is_file() else {}
+        size = sizes_files[path.parent].get(path.name)
+        stats_file = path.with_name(f"{path.stem}_stats.json")
+        if size is None and stats_file.is_file():
+            size = _read_json(stats_file).get("successes")
+        sizes.append(size)
+    return sizes
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+class CaptionImageStream(IterableDataset):
+    """Batches of {"images": (B, 3, H, W) uint8, "text_ids": (B, L) long, "text_mask": (B, L) bool,
+    "captions": [str], "keys": [str], "stats": {reason: count}} from caption-image shards."""
+
+    def __init__(
+        self,
+        urls: list[str],
+        captions: CaptionTokenizer,
+        samples_per_epoch: int,
+        batch_size: int,
+        image_size: int = 256,
+        seed: int = 0,
+        shuffle: bool = True,
+        shuffle_buffer: int = 1000,
+        random_crop: bool = False,
+        resampled: bool = False,
+        jpeg_draft: bool = True,
+        rank: int | None = None,
+        world_size: int | None = None,
+    ):
+        if not urls:
+            raise ValueError("no shards given")
+        self.urls = list(urls)
+        self.captions = captions
+        self.batch_size = batch_size
+        self.image_size = image_size
+        self.seed = seed
+        self.shuffle = shuffle
+        self.shuffle_buffer = shuffle_buffer if shuffle else 0
+        self.random_crop = random_crop
+        self.resampled = resampled
+        self.jpeg_draft = jpeg_draft
+        if rank is None or world_size is None:
+            initialized = dist.is_available() and dist.is_initialized()
+            rank, world_size = (dist.get_rank(), dist.get_world_size()) if initialized else (0, 1)
+        self.rank, self.world_size = rank, world_size
+        self.samples_per_epoch = samples_per_epoch
+        # shared with worker processes, so set_epoch reaches persistent workers too
+        self._epoch = multiprocessing.Value("q", 0, lock=False)
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch.value
+
+    def set_epoch(self, epoch: int) -> None:
+        self._epoch.value = epoch
+
+    def __len__(self) -> int:
+        """Batches this rank yields per epoch."""
+        return max(1, self.samples_per_epoch // (self.world_size * self.batch_size))
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        num_batches = len(self) // num_workers + (worker < len(self) % num_workers)
+        slot, num_slots = self.rank * num_workers + worker, self.world_size * num_workers
+        rng = random.Random(f"{self.seed}:{self.epoch}:{self.rank}:{worker}")
+        stats: Counter = Counter()
+        raw = self._raw_samples(slot, num_slots, stats)
+        if self.shuffle_buffer > 1:
+            raw = _shuffled(raw, self.shuffle_buffer, rng)
+        decoded = self._decoded(raw, stats, rng if self.random_crop else None)
+        for _ in range(num_batches):
+            samples = [next(decoded) for _ in range(self.batch_size)]
+            yield self._collate(samples, stats)
+            stats = Counter()
+
+    def _raw_samples(self, slot: int, num_slots: int, stats: Counter) -> Iterator[dict]:
+        """Undecoded samples (dicts of extension -> bytes) for this slot, without end."""
+        if self.resampled:
+            rng = random.Random(f"{self.seed}:{self.epoch}:resampled:{slot}")
+            shards = iter(lambda: rng.choice(self.urls), None)
+            yield from self._read(shards, stats)
+            return
+        order = list(self.urls)
+        if self.shuffle:
+            random.Random(f"{self.seed}:{self.epoch}").shuffle(order)
+        split_by_sample = len(order) < num_slots
+        mine = order if split_by_sample else order[slot::num_slots]
+        for pass_index in itertools.count():
+            if pass_index and self.shuffle:
+                random.Random(f"{self.seed}:{self.epoch}:pass{pass_index}").shuffle(mine)
+            kept = 0
+            for index, sample in enumerate(self._read(mine, stats)):
+                if not split_by_sample or index % num_slots == slot:
+                    kept += 1
+                    yield sample
+            if kept == 0:
+                raise RuntimeError(
+                    f"slot {slot} of {num_slots} (rank x worker) found no samples in its shards "
+                    f"{mine[:3]}{'...' if len(mine) > 3 else ''}: they are empty or unreadable, "
+                    "or hold fewer samples than there are ranks x workers"
+                )
+
+    def _read(self, shards, stats: Counter) -> Iterator[dict]:
+        def count_and_continue(error: Exception) -> bool:
+            stats["unreadable_shard_data"] += 1
+            log.warning("skipping unreadable shard data: %r", error)
+            return True
+
+        yield from wds.tarfile_samples(({"url": url} for url in shards), handler=count_and_continue)
+
+    def _decoded(self, raw: Iterator[dict], stats: Counter, rng: random.Random | None) -> Iterator[tuple]:
+        """(image (H, W, 3) uint8, caption, key) for each good sample; bad ones are counted in stats."""
+        min_side = self.image_size if self.jpeg_draft else None
+        consecutive_skips = 0
+        for sample in raw:
+            reason, image, caption = _decode_sample(sample, min_side)
+            if reason is not None:
+                stats[reason] += 1
+                consecutive_skips += 1
+                if consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
+                    raise RuntimeError(
+                        f"{consecutive_skips} bad samples in a row (last: {reason} in {sample['__url__']}); "
+                        f"skipped so far in this batch: {dict(stats)}"
+                    )
+                continue
+            consecutive_skips = 0
+            yield resize_and_crop(image, self.image_size, rng), caption, sample["__key__"]
+
+    def _collate(self, samples: list[tuple], stats: Counter) -> dict:
+        images, captions, keys = zip(*samples)
+        tokens = self.captions(list(captions))
+        if tokens.truncated:
+            stats["truncated_captions"] += tokens.truncated
+        return {
+            "images": torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2),  # (B, 3, H, W) uint8
+            "text_ids": tokens.ids,
+            "text_mask": tokens.mask,
+            "captions": list(captions),
+            "keys": list(keys),
+            "stats": dict(stats),
+        }
+
+
+def _decode_sample(sample: dict, min_side: int | None) -> tuple[str | None, Image.Image | None, str]:
+    """(skip reason or None, RGB image, caption) for one raw sample."""
+    ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
+    if ext is None:
+        return "missing_image", None, ""
+    caption = _caption(sample)
+    if not caption:
+        return "missing_caption", None, ""
+    try:
+        return None, decode_image(sample[ext], min_side), caption
+    except DECODE_ERRORS as error:
+        log.debug("skipping %s from %s: %r", sample["__key__"], sample["__url__"], error)
+        return "corrupt_image", None, caption
+
+
+def _caption(sample: dict) -> str:
+    """From KEY.txt, else the "caption" field of KEY.json (img2dataset writes both)."""
+    if "txt" in sample:
+        return sample["txt"].decode("utf-8", errors="replace").strip()
+    if "json" in sample:
+        try:
+            caption = _json_loads(sample["json"]).get("caption")
+        except ValueError:
+            return ""
+        return caption.strip() if isinstance(caption, str) else ""
+    return ""
+
+
+def _json_loads(data: bytes) -> dict:
+    value = json.loads(data)
+    return value if isinstance(value, dict) else {}
+
+
+def _shuffled(items: Iterator, buffer_size: int, rng: random.Random) -> Iterator:
+    """A shuffle buffer over an endless stream: fill, then swap a random element out for each new one."""
+    buffer = []
+    for item in items:
+        if len(buffer) < buffer_size:
+            buffer.append(item)
+            continue
+        index = rng.randrange(buffer_size)
+        yield buffer[index]
+        buffer[index] = item
