@@ -1,0 +1,46 @@
+"""Test data builders: encoded images, gradients, shards written by webdataset's own TarWriter."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import webdataset as wds
+from PIL import Image
+
+
+
+def encode(image: Image.Image, fmt: str = "JPEG", **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **options)
+    return buffer.getvalue()
+
+
+def gradient_image(width: int, height: int, mode: str = "RGB") -> Image.Image:
+    x = np.linspace(0, 255, width)[None, :, None]
+    y = np.linspace(0, 255, height)[:, None, None]
+    rgb = np.concatenate([np.broadcast_to(x, (height, width, 1)), np.broadcast_to(y, (height, width, 1)),
+                          np.full((height, width, 1), 128.0)], axis=2)
+    return Image.fromarray(rgb.astype(np.uint8), "RGB").convert(mode)
+
+
+def write_wds_shard(path: Path, samples: list[dict]) -> None:
+    """A shard written by webdataset's TarWriter, as img2dataset writes them."""
+    with wds.TarWriter(str(path)) as sink:
+        for sample in samples:
+            sink.write(sample)
+
+
+def img2dataset_samples(shard: int, count: int, size: tuple[int, int] = (96, 80)) -> list[dict]:
+    """img2dataset's layout: key = shard id + index, .jpg, .txt and a .json with url, caption, status..."""
+    samples = []
+    for index in range(count):
+        key = f"{shard:05d}{index:04d}"
+        caption = f"photo number {index} of shard {shard}"
+        meta = {"url": f"http://example.com/{key}.jpg", "caption": caption, "key": key, "status": "success",
+                "width": size[0], "height": size[1], "original_width": size[0] * 2, "original_height": size[1] * 2}
+        samples.append({"__key__": key, "jpg": encode(gradient_image(*size)), "txt": caption,
+                        "json": json.dumps(meta)})
+    return samples

@@ -1,0 +1,151 @@
+import csv
+import io
+import json
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from datamodules.shapes import SyntheticShapes
+from datamodules.shard_writer import count_samples, write_shards
+from datamodules.sources import CocoSource, FolderSource
+from tests.samples import encode, gradient_image
+
+
+def read_shard(path) -> dict[str, dict[str, bytes]]:
+    samples: dict[str, dict[str, bytes]] = {}
+    with tarfile.open(path) as tar:
+        for member in tar.getmembers():
+            key, ext = member.name.split(".", 1)
+            samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
+    return samples
+
+
+def test_synthetic_shards_round_trip_in_img2dataset_layout(tmp_path):
+    source = SyntheticShapes(25, image_size=32, seed=3)
+    report = write_shards(source, tmp_path, samples_per_shard=10, image_format="png")
+
+    assert (report.written, report.samples) == (3, 25)
+    assert json.loads((tmp_path / "sizes.json").read_text()) == {"00000.tar": 10, "00001.tar": 10, "00002.tar": 5}
+    samples = read_shard(tmp_path / "00001.tar")
+    assert sorted(samples) == [f"00001{i}" for i in range(10)]
+    first = samples["000010"]
+    assert set(first) == {"png", "txt", "json"}
+    expected = source[10]
+    record = json.loads(first["json"])
+    assert first["txt"].decode() == expected.caption == record["caption"]
+    assert (record["key"], record["width"], record["height"]) == ("000010", 32, 32)
+    assert record["objects"] == expected.meta["objects"]
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(first["png"]))), np.asarray(expected.image))
+
+
+def test_rerun_keeps_complete_shards_and_rewrites_missing_ones(tmp_path):
+    source = SyntheticShapes(30, image_size=32)
+    write_shards(source, tmp_path, samples_per_shard=10, image_format="png")
+    kept = (tmp_path / "00000.tar").stat().st_mtime_ns
+    first_bytes = (tmp_path / "00002.tar").read_bytes()
+    (tmp_path / "00002.tar").unlink()
+
+    report = write_shards(source, tmp_path, samples_per_shard=10, image_format="png")
+
+    assert (report.written, report.existing, report.samples) == (1, 2, 30)
+    assert (tmp_path / "00000.tar").stat().st_mtime_ns == kept
+    assert (tmp_path / "00002.tar").read_bytes() == first_bytes  # same source, byte-identical shard
+    assert not list(tmp_path.glob(".*tmp"))
+
+
+def test_jpeg_quality_option_changes_encoding(tmp_path):
+    source = SyntheticShapes(4, image_size=64)
+    write_shards(source, tmp_path / "low", samples_per_shard=4, image_format="jpg", quality=20)
+    write_shards(source, tmp_path / "high", samples_per_shard=4, image_format="jpg", quality=95)
+    low, high = (sum(len(s["jpg"]) for s in read_shard(tmp_path / d / "00000.tar").values()) for d in ("low", "high"))
+    assert low < high
+
+
+def test_bad_writer_options_raise(tmp_path):
+    source = SyntheticShapes(4, image_size=32)
+    with pytest.raises(ValueError, match="image_format"):
+        write_shards(source, tmp_path, image_format="bmp")
+    with pytest.raises(ValueError, match="samples_per_shard"):
+        write_shards(source, tmp_path, samples_per_shard=0)
+
+
+def test_parallel_writing_gives_the_same_shards(tmp_path):
+    source = SyntheticShapes(40, image_size=32)
+    write_shards(source, tmp_path / "one", samples_per_shard=10, image_format="png", workers=1)
+    write_shards(source, tmp_path / "two", samples_per_shard=10, image_format="png", workers=2)
+    for name in ("00000.tar", "00003.tar"):
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    images = tmp_path / "images"
+    (images / "sub").mkdir(parents=True)
+    (images / "a.jpg").write_bytes(encode(gradient_image(40, 30)))
+    gradient_image(20, 20, "L").save(images / "sub" / "b.png")
+    (images / "broken.jpg").write_bytes(encode(gradient_image(40, 30))[:200])
+    return images
+
+
+def test_folder_source_from_jsonl_copies_matching_files_and_skips_broken_ones(tmp_path, image_folder):
+    captions = tmp_path / "captions.jsonl"
+    rows = [{"file": "a.jpg", "caption": "a gradient", "license": "cc0"},
+            {"file": "sub/b.png", "caption": "a grey square"},
+            {"file": "broken.jpg", "caption": "cut short"}]
+    captions.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+
+    report = write_shards(FolderSource(image_folder, captions), tmp_path / "out", samples_per_shard=10)
+
+    assert report.samples == 2 and report.skipped == {"OSError": 1}
+    samples = read_shard(tmp_path / "out" / "00000.tar")
+    assert samples["000000"]["jpg"] == (image_folder / "a.jpg").read_bytes()  # already JPEG: copied as is
+    record = json.loads(samples["000000"]["json"])
+    assert (record["file"], record["license"], record["width"], record["height"]) == ("a.jpg", "cc0", 40, 30)
+    assert Image.open(io.BytesIO(samples["000001"]["jpg"])).format == "JPEG"  # PNG re-encoded
+    assert count_samples(tmp_path / "out" / "00000.tar") == 2
+
+
+def test_folder_source_reads_csv_and_rejects_rows_without_caption(tmp_path, image_folder):
+    captions = tmp_path / "captions.csv"
+    with captions.open("w", newline="") as f:
+        csv.writer(f).writerows([["file", "caption"], ["a.jpg", "first"], ["sub/b.png", "second"]])
+    assert [FolderSource(image_folder, captions)[i].caption for i in range(2)] == ["first", "second"]
+
+    captions.write_text("file,caption\na.jpg,\n")
+    with pytest.raises(ValueError, match="row 1"):
+        FolderSource(image_folder, captions)
+    with pytest.raises(FileNotFoundError, match="missing.jsonl"):
+        FolderSource(image_folder, tmp_path / "missing.jsonl")
+
+
+def test_coco_source_keeps_every_caption_and_orders_by_image_id(tmp_path):
+    images = tmp_path / "val2014"
+    images.mkdir()
+    for image_id in (42, 7, 9):
+        gradient_image(64, 48).save(images / f"COCO_val2014_{image_id:012d}.jpg")
+    annotations = {
+        "images": [{"id": i, "file_name": f"COCO_val2014_{i:012d}.jpg", "width": 64, "height": 48} for i in (42, 7, 9)],
+        "annotations": [
+            {"id": 1, "image_id": 42, "caption": "A dog  on a couch."},
+            {"id": 2, "image_id": 7, "caption": "A cat."},
+            {"id": 3, "image_id": 42, "caption": "A brown dog resting."},
+        ],
+    }
+    path = tmp_path / "captions_val2014.json"
+    path.write_text(json.dumps(annotations))
+
+    source = CocoSource(path, images)
+    assert len(source) == 2  # image 9 has no caption
+    write_shards(source, tmp_path / "out", samples_per_shard=10)
+
+    samples = read_shard(tmp_path / "out" / "00000.tar")
+    first, second = (json.loads(samples[k]["json"]) for k in ("000000", "000001"))
+    assert (first["image_id"], second["image_id"]) == (7, 42)
+    assert second["captions"] == ["A dog on a couch.", "A brown dog resting."]
+    assert samples["000001"]["txt"].decode() == "A dog on a couch."
+
+    path.write_text(json.dumps({"info": {}}))
+    with pytest.raises(ValueError, match="not a COCO captions file"):
+        CocoSource(path, images)
