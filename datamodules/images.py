@@ -12,9 +12,10 @@ import io
 import random
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+ORIENTATION_TAG = 0x0112
 
 
 def decode_image(data: bytes, min_side: int | None = None) -> Image.Image:
@@ -30,26 +31,37 @@ def decode_image(data: bytes, min_side: int | None = None) -> Image.Image:
     image.load()
     if image.width == 0 or image.height == 0:
         raise OSError("zero-size image")
+    if image.getexif().get(ORIENTATION_TAG, 1) != 1:  # phone photos are stored sideways with this tag
+        image = ImageOps.exif_transpose(image)
     return to_rgb(image)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
     """RGB from any PIL mode: transparency composited on white, 16/32-bit greyscale scaled to 8 bits."""
-    if image.mode == "RGB":
+    if image.mode == "RGB" and "transparency" not in image.info:
         return image
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         # PIL's own conversion clips these to 0..255 instead of scaling them
-        pixels = np.asarray(image, dtype=np.float64)
-        top = 65535.0 if image.mode != "F" or pixels.max() > 1.0 else 1.0
-        grey = np.clip(pixels / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        pixels = np.nan_to_num(np.asarray(image, dtype=np.float64))
+        grey = np.clip(pixels / _full_scale(image.mode, pixels.max()) * 255.0 + 0.5, 0, 255).astype(np.uint8)
         return Image.fromarray(grey, "L").convert("RGB")
-    if image.mode == "P" and "transparency" in image.info:
+    if "transparency" in image.info:  # a palette entry or PNG colour key marks transparent pixels
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return image.convert("RGB")
+
+
+def _full_scale(mode: str, peak: float) -> float:
+    """The white level of a wide greyscale image: 16 bits for I;16, else guessed from the peak value."""
+    if mode.startswith("I;16"):
+        return 65535.0
+    for scale in (1.0, 255.0) if mode == "F" else (255.0,):
+        if peak <= scale:
+            return scale
+    return 65535.0
 
 
 def resize_and_crop(image: Image.Image, size: int, rng: random.Random | None = None) -> np.ndarray:

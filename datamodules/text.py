@@ -58,9 +58,10 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 def clean_caption(text: str) -> str:
     """CLIP's caption cleaning: mend mojibake, unescape HTML entities (often twice-escaped in
-    scraped alt-texts), collapse whitespace. Lowercasing is the tokenizer's normalizer's job."""
+    scraped alt-texts), collapse whitespace, lowercase. Python's lower() rather than the
+    tokenizer's normalizer alone, because only it knows a word-final Greek sigma (as open_clip)."""
     text = html.unescape(html.unescape(ftfy.fix_text(text)))
-    return " ".join(text.split())
+    return " ".join(text.split()).lower()
 
 
 @dataclass
@@ -91,7 +92,10 @@ class CaptionTokenizer:
         return [len(ids) for ids in self._encode(captions)]
 
     def _encode(self, captions: list[str]) -> list[list[int]]:
-        return self.tokenizer([clean_caption(c) for c in captions])["input_ids"]
+        if not captions:
+            return []
+        # split_special_tokens: "<|endoftext|>" typed in an alt-text is text, not a control token
+        return self.tokenizer([clean_caption(c) for c in captions], split_special_tokens=True)["input_ids"]
 
     def __call__(self, captions: list[str]) -> TokenizedCaptions:
         length = self.text_length

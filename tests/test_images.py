@@ -164,14 +164,12 @@ def test_float_greyscale_above_one_is_read_as_16_bit_range():
 
 # Found while writing these tests: a tRNS chunk on a greyscale or truecolour PNG is a transparent
 # colour key, which PIL keeps in image.info["transparency"]; to_rgb only honours it for mode "P".
-@pytest.mark.xfail(strict=True, reason="bug: to_rgb ignores info['transparency'] on L images")
 def test_greyscale_png_transparent_colour_becomes_white():
     image = Image.new("L", (2, 1))
     image.putdata([0, 200])
     assert pixels(decode_image(encode(image, "PNG", transparency=0))) == [[list(WHITE), [200, 200, 200]]]
 
 
-@pytest.mark.xfail(strict=True, reason="bug: to_rgb returns RGB images early, ignoring info['transparency']")
 def test_truecolour_png_transparent_colour_becomes_white():
     image = Image.new("RGB", (2, 1))
     image.putdata([(0, 0, 0), (10, 20, 30)])
