@@ -68,7 +68,7 @@ class CaptionImageDataModule(L.LightningDataModule):
         self.captions = CaptionTokenizer(text_tokenizer, text_length)
         self.train_stream: CaptionImageStream | None = None
         self.val_stream: CaptionImageStream | None = None
-        self.skipped: Counter = Counter()  # reason -> training samples skipped on this rank
+        self.data_stats: Counter = Counter()  # training samples skipped by reason, and truncations, on this rank
 
     def setup(self, stage: str | None = None) -> None:
         rank, world_size = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
@@ -115,7 +115,7 @@ class CaptionImageDataModule(L.LightningDataModule):
 
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         if self.trainer is None or self.trainer.training:
-            self.skipped.update(batch["stats"])
+            self.data_stats.update(batch["stats"])
         batch["images"] = to_unit_range(batch["images"])
         return batch
 

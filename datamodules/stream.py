@@ -44,6 +44,8 @@ from datamodules.text import CaptionTokenizer
 log = logging.getLogger(__name__)
 
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+# what a batch's "stats" may count: samples skipped, by reason, and captions cut to fit
+STAT_NAMES = ("missing_image", "missing_caption", "corrupt_image", "unreadable_shard_data", "truncated_captions")
 # a stream that skips this many samples in a row is broken, not unlucky: stop rather than spin
 MAX_CONSECUTIVE_SKIPS = 10_000
 
