@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import os
+import tarfile
 from collections import Counter
+from pathlib import Path
 from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 import webdataset as wds
 
-from datamodules.stream import _decode_sample, expand_urls
+from datamodules.stream import _decode_sample, expand_urls, is_local, shard_sizes
 from datamodules.text import CLIP_BPE, CaptionTokenizer
 
 
@@ -28,13 +30,15 @@ def check_shards(shards: str | list[str], text_length: int = 64, tokenizer: str 
     skipped: Counter = Counter()
     sides, tokens, unreadable = [], [], {}
     samples = 0
-    for url, result in zip(urls, results):
+    for url, recorded, result in zip(urls, shard_sizes(urls), results):
         samples += result["samples"]
         skipped.update(result["skipped"])
         sides.append(result["sides"])
         tokens.append(result["tokens"])
         if result["error"]:
             unreadable[url] = result["error"]
+        elif recorded is not None and recorded != result["samples"]:
+            unreadable[url] = f"holds {result['samples']} samples where its size record says {recorded}"
     sides, tokens = np.concatenate(sides), np.concatenate(tokens)
     return {
         "shards": len(urls),
@@ -56,6 +60,9 @@ def _check_one_shard(url: str, text_length: int, tokenizer: str) -> dict:
         errors.append(f"{type(error).__name__}: {error}")
         return False  # a broken tar stream cannot be trusted past its first error
 
+    if is_local(url) and os.path.isfile(url.removeprefix("file:")):
+        # a streaming tar reader stops quietly at a cut or garbled tail; a whole-file read does not
+        errors.extend(filter(None, [_tar_layout_error(Path(url.removeprefix("file:")))]))
     skipped: Counter = Counter()
     sides, captions, samples = [], [], 0
     for sample in wds.tarfile_samples([{"url": url}], handler=record):
@@ -74,6 +81,25 @@ def _check_one_shard(url: str, text_length: int, tokenizer: str) -> dict:
         "tokens": np.asarray(counts, np.int64),
         "error": errors[0] if errors else None,
     }
+
+
+def _tar_layout_error(path: Path) -> str | None:
+    """Why a local tar file is not whole: a member running past the end, or bytes after the last one
+    that are not the zero blocks ending an archive."""
+    size = path.stat().st_size
+    try:
+        with tarfile.open(path, "r:") as tar:
+            for member in tar:
+                if member.offset_data + member.size > size:
+                    return f"truncated: {member.name} runs past the end of the file"
+            end = tar.offset
+    except tarfile.TarError as error:
+        return f"{type(error).__name__}: {error}"
+    with path.open("rb") as f:
+        f.seek(end)
+        if f.read().strip(b"\0"):
+            return f"corrupt: {size - end} bytes after the last readable member are not a tar member"
+    return None
 
 
 def _summary(values: np.ndarray) -> dict | None:
