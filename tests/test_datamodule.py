@@ -99,3 +99,15 @@ def test_missing_shard_fails_at_setup_with_its_name(tmp_path, shapes_dir):
     data = CaptionImageDataModule(str(shapes_dir / "{00000..00003}.tar"), num_workers=0)
     with pytest.raises(FileNotFoundError, match="00003.tar"):
         data.setup("fit")
+
+
+def test_persistent_loader_workers_follow_the_epoch(shapes_dir):
+    data = CaptionImageDataModule(str(shapes_dir / "{00000..00002}.tar"), image_size=32, batch_size=10,
+                                  num_workers=2, text_length=24, shuffle_buffer=0)
+    loader = data.train_dataloader()
+    epochs = [[k for batch in loader for k in batch["keys"]] for _ in range(2)]
+
+    assert loader.persistent_workers and len(epochs[0]) == len(epochs[1]) == 120
+    assert epochs[0] != epochs[1]  # the workers saw the new epoch's shard order
+    again = [k for batch in CaptionImageDataModule(**data.hparams).train_dataloader() for k in batch["keys"]]
+    assert again == epochs[0]
