@@ -11,7 +11,7 @@ from concurrent.futures import ProcessPoolExecutor
 import numpy as np
 import webdataset as wds
 
-from datamodules.stream import _decode_sample, expand_urls, is_local, shard_sizes
+from datamodules.stream import decode_sample, expand_urls, is_local, shard_sizes
 from datamodules.text import CLIP_BPE, CaptionTokenizer
 
 
@@ -67,7 +67,7 @@ def _check_one_shard(url: str, text_length: int, tokenizer: str) -> dict:
     sides, captions, samples = [], [], 0
     for sample in wds.tarfile_samples([{"url": url}], handler=record):
         samples += 1
-        reason, image, caption = _decode_sample(sample, None)
+        reason, image, caption = decode_sample(sample, None)
         if reason is not None:
             skipped[reason] += 1
             continue

@@ -15,6 +15,8 @@ import numpy as np
 from PIL import Image, ImageOps
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+# what PIL raises for bytes that are not a whole, sane image
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 ORIENTATION_TAG = 0x0112
 
 

@@ -27,6 +27,8 @@ from typing import Protocol
 
 from PIL import Image
 
+from datamodules.images import DECODE_ERRORS
+
 log = logging.getLogger(__name__)
 
 IMAGE_FORMATS = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
@@ -132,8 +134,8 @@ def _write_one_shard(
             try:
                 sample = source[index]
                 image_bytes, width, height = encode_image(sample.image, image_format, quality)
-            except (OSError, ValueError, Image.DecompressionBombError) as error:
-                reason = type(error).__name__
+            except DECODE_ERRORS as error:
+                reason = "missing_image" if isinstance(error, FileNotFoundError) else "corrupt_image"
                 skipped[reason] += 1
                 log.warning("skipping sample %d (key %s): %s: %s", index, key, reason, error)
                 continue

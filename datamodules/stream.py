@@ -37,13 +37,12 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
-from datamodules.images import IMAGE_EXTENSIONS, decode_image, resize_and_crop
+from datamodules.images import DECODE_ERRORS, IMAGE_EXTENSIONS, decode_image, resize_and_crop
 from datamodules.shard_writer import SIZES_FILE
 from datamodules.text import CaptionTokenizer
 
 log = logging.getLogger(__name__)
 
-DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 # what a batch's "stats" may count: samples skipped, by reason, and captions cut to fit
 STAT_NAMES = ("missing_image", "missing_caption", "corrupt_image", "unreadable_shard_data", "truncated_captions")
 # a stream that skips this many samples in a row is broken, not unlucky: stop rather than spin
@@ -206,7 +205,7 @@ class CaptionImageStream(IterableDataset):
         min_side = self.image_size if self.jpeg_draft else None
         consecutive_skips = 0
         for sample in raw:
-            reason, image, caption = _decode_sample(sample, min_side)
+            reason, image, caption = decode_sample(sample, min_side)
             if reason is not None:
                 stats[reason] += 1
                 consecutive_skips += 1
@@ -234,7 +233,7 @@ class CaptionImageStream(IterableDataset):
         }
 
 
-def _decode_sample(sample: dict, min_side: int | None) -> tuple[str | None, Image.Image | None, str]:
+def decode_sample(sample: dict, min_side: int | None) -> tuple[str | None, Image.Image | None, str]:
     """(skip reason or None, RGB image, caption) for one raw sample."""
     ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
     if ext is None:

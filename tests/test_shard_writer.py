@@ -89,16 +89,17 @@ def image_folder(tmp_path):
     return images
 
 
-def test_folder_source_from_jsonl_copies_matching_files_and_skips_broken_ones(tmp_path, image_folder):
+def test_folder_source_from_jsonl_copies_matching_files_and_skips_broken_or_missing_ones(tmp_path, image_folder):
     captions = tmp_path / "captions.jsonl"
     rows = [{"file": "a.jpg", "caption": "a gradient", "license": "cc0"},
             {"file": "sub/b.png", "caption": "a grey square"},
-            {"file": "broken.jpg", "caption": "cut short"}]
+            {"file": "broken.jpg", "caption": "cut short"},
+            {"file": "gone.jpg", "caption": "never there"}]
     captions.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
 
     report = write_shards(FolderSource(image_folder, captions), tmp_path / "out", samples_per_shard=10)
 
-    assert report.samples == 2 and report.skipped == {"OSError": 1}
+    assert report.samples == 2 and report.skipped == {"corrupt_image": 1, "missing_image": 1}
     samples = read_shard(tmp_path / "out" / "00000.tar")
     assert samples["000000"]["jpg"] == (image_folder / "a.jpg").read_bytes()  # already JPEG: copied as is
     record = json.loads(samples["000000"]["json"])
