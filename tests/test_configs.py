@@ -20,7 +20,7 @@ def test_config_builds_its_sections(path):
     parser = ArgumentParser()
     for name in sections:
         parser.add_argument(f"--{name}", type=SECTION_TYPES[name])
-    config = parser.instantiate_classes(parser.parse_path(path))
+    config = parser.instantiate(parser.parse_path(path))
     for name, expected_type in SECTION_TYPES.items():
         if name in sections:
             assert isinstance(config[name], expected_type)
