@@ -1,0 +1,1 @@
+"""Plain PyTorch networks: tokenizer, quantizers, discriminator, perceptual loss, transformer."""
