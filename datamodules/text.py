@@ -23,6 +23,7 @@ CLIP_BPE = "clip-bpe"
 CLIP_NUM_MERGES = 49152 - 256 - 2
 
 
+@lru_cache(maxsize=8)  # one load per process, however many shards or modules ask (it takes seconds)
 def load_text_tokenizer(name_or_path: str = CLIP_BPE) -> PreTrainedTokenizerBase:
     """CLIP's BPE for "clip-bpe", otherwise `AutoTokenizer.from_pretrained(name_or_path)`."""
     if name_or_path == CLIP_BPE:
@@ -30,7 +31,6 @@ def load_text_tokenizer(name_or_path: str = CLIP_BPE) -> PreTrainedTokenizerBase
     return AutoTokenizer.from_pretrained(name_or_path)
 
 
-@lru_cache(maxsize=1)
 def _clip_bpe_tokenizer() -> CLIPTokenizer:
     vocab_file = resources.files("open_clip") / "bpe_simple_vocab_16e6.txt.gz"
     with vocab_file.open("rb") as raw, gzip.open(raw, "rt", encoding="utf-8") as lines:
