@@ -31,6 +31,7 @@ def load_text_tokenizer(name_or_path: str = CLIP_BPE) -> PreTrainedTokenizerBase
     return AutoTokenizer.from_pretrained(name_or_path)
 
 
+@lru_cache(maxsize=1)
 def _clip_bpe_tokenizer() -> CLIPTokenizer:
     vocab_file = resources.files("open_clip") / "bpe_simple_vocab_16e6.txt.gz"
     with vocab_file.open("rb") as raw, gzip.open(raw, "rt", encoding="utf-8") as lines:
