@@ -5,6 +5,9 @@
     tessera shards coco --annotations FILE --images DIR --out DIR
     tessera data check SHARDS [--text-length N]
     tessera quickstart [--out DIR]
+    tessera fit --config configs/tokenizer/tiny_shapes.yaml --config configs/data/shapes64.yaml
+    tessera validate|test|predict ... (LightningCLI: `tessera fit --help` lists every option)
+    tessera export --checkpoint RUN.ckpt --out DIR
 """
 
 from __future__ import annotations
@@ -17,7 +20,14 @@ import time
 from pathlib import Path
 
 
+# handed to LightningCLI: the config files' `model`, `data` and `trainer` sections set everything
+LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in LIGHTNING_COMMANDS:
+        return _lightning_cli(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -55,7 +65,39 @@ def build_parser() -> argparse.ArgumentParser:
     quickstart.add_argument("--num-samples", type=int, default=4096)
     quickstart.add_argument("--image-size", type=int, default=64)
     quickstart.set_defaults(run=_quickstart)
+
+    export = commands.add_parser("export", help="a VQGAN checkpoint -> model.safetensors + config.json for stage 2")
+    export.add_argument("--checkpoint", required=True, type=Path, help="a VQGAN training checkpoint (.ckpt)")
+    export.add_argument("--out", required=True, type=Path, help="directory to write")
+    export.add_argument("--no-ema", action="store_true", help="export the live weights even if the run kept an EMA")
+    export.set_defaults(run=_export)
     return parser
+
+
+def _lightning_cli(argv: list[str]) -> int:
+    import lightning as L
+    from lightning.pytorch.cli import LightningCLI
+
+    LightningCLI(
+        L.LightningModule,
+        L.LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        auto_configure_optimizers=False,
+        # a requeued SLURM job starts again in the same directory, where config.yaml already is
+        save_config_kwargs={"overwrite": True},
+        args=argv,
+    )
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from lightning_modules.vqgan import load_tokenizer
+
+    tokenizer = load_tokenizer(args.checkpoint, use_ema=not args.no_ema)
+    tokenizer.save_pretrained(args.out)
+    print(f"[export] {tokenizer.codebook_size} codes, f{tokenizer.downsample_factor}: {args.out}")
+    return 0
 
 
 def _shard_writer_parser(kinds, name: str, help: str, default_format: str) -> argparse.ArgumentParser:

@@ -1,0 +1,45 @@
+"""Send an image grid to whatever loggers the trainer has: W&B, TensorBoard, else PNG files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+from PIL import Image
+from torchvision.utils import make_grid
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) float in [-1, 1] -> uint8 [0, 255] on the CPU."""
+    return images.detach().float().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8).cpu()
+
+
+def image_grid(images: torch.Tensor, nrow: int) -> torch.Tensor:
+    """(B, 3, H, W) images in [-1, 1] -> one (3, H', W') uint8 grid, `nrow` images a row."""
+    return make_grid(to_uint8(images), nrow=nrow, padding=2, pad_value=255)
+
+
+def log_image_grid(trainer: L.Trainer, key: str, grid: torch.Tensor, caption: str) -> list[str]:
+    """Log a (3, H, W) uint8 grid at the trainer's global step; call it on global rank 0 only.
+
+    W&B and TensorBoard loggers get it as an image; with neither (CSV logger, or no logger), it
+    is written as `<log dir>/<key>/step_<global step>.png`. Returns where it went.
+    """
+    step = trainer.global_step
+    sent = []
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            logger.log_image(key=key, images=[grid.permute(1, 2, 0).numpy()], step=step, caption=[caption])
+            sent.append("wandb")
+        elif isinstance(logger, TensorBoardLogger):
+            logger.experiment.add_image(key, grid, global_step=step)
+            sent.append("tensorboard")
+    if not sent:
+        directory = Path(trainer.log_dir or trainer.default_root_dir) / key
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / f"step_{step:08d}.png"
+        Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
+        sent.append(str(path))
+    return sent

@@ -1,0 +1,393 @@
+"""
+The VQ-GAN tokenizer's LightningModule: a generator step and a discriminator step per batch.
+
+Steps. Lightning's `global_step` counts optimizer steps, so two optimizers would double it. Here
+the discriminator is stepped through its raw torch optimizer, which Lightning does not count, so
+`global_step`, `Trainer(max_steps=...)`, `disc_start`, `warmup_steps`, the schedules and
+`log_every_n_steps` all count training steps: one per batch, or one per `accumulate_grad_batches`
+batches when accumulating (Lightning's own meaning of a step under accumulation).
+
+Generator loss (taming-transformers, LlamaGen, Open-MAGVIT2):
+    rec = L1 or L2 of (x_hat - x) + perceptual_weight * LPIPS(x, x_hat)
+    loss = rec + quantizer losses + w * G(D(x_hat))           (GAN term from disc_start on)
+with w fixed (`disc_weight`) or adaptive: disc_weight * ||grad rec|| / (||grad G|| + 1e-4) on the
+decoder's last layer, clamped to [0, max_adaptive_weight] (taming). Discriminator loss: hinge or
+non-saturating on real and fake, + lecam_weight * LeCAM.
+
+Precision: bf16-mixed or fp32. fp16 is refused: the discriminator's raw step would bypass
+Lightning's gradient scaler, and the adaptive weight's gradient norms overflow in fp16 anyway.
+
+Strategy: DDP with `find_unused_parameters=True` (the generator step leaves the discriminator
+unused and the other way round); `configs/tokenizer/*.yaml` set it. Lightning's FSDPStrategy
+refuses manual optimization; a 76M-parameter tokenizer fits on every GPU, so DDP is its strategy.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from tessera.nn.autoencoder import AutoencoderConfig
+from tessera.nn.discriminator import PatchDiscriminator
+from tessera.nn.ema import EMA
+from tessera.nn.gan_losses import (
+    LeCAMRegularizer,
+    hinge_d_loss,
+    hinge_g_loss,
+    non_saturating_d_loss,
+    non_saturating_g_loss,
+)
+from tessera.nn.lpips import LPIPS
+from tessera.nn.quantizer_base import Quantizer, build_quantizer, quantizer_spec
+from tessera.nn.vq_tokenizer import VQTokenizer
+
+D_LOSSES = {"hinge": hinge_d_loss, "non_saturating": non_saturating_d_loss}
+G_LOSSES = {"hinge": hinge_g_loss, "non_saturating": non_saturating_g_loss}
+
+
+@dataclass
+class DiscriminatorConfig:
+    """The PatchGAN discriminator (tessera.nn.discriminator)."""
+
+    ndf: int = 64
+    """Channels of the first layer; doubled per layer up to 8x."""
+    n_layers: int = 3
+    """Stride-2 layers: 3 sees 70x70 patches; taming's f16 config uses 2."""
+    norm: Literal["group", "batch", "none"] = "group"
+    """GroupNorm behaves the same under DDP and on one GPU; "batch" is taming's (convert it to SyncBatchNorm under DDP)."""
+
+
+@dataclass
+class LossConfig:
+    """Terms of the generator and discriminator losses."""
+
+    reconstruction: Literal["l1", "l2"] = "l1"
+    """Pixel loss: taming uses L1, LlamaGen L2."""
+    perceptual_weight: float = 1.0
+    """Weight of LPIPS; 0 skips the VGG16 forward altogether."""
+    lpips_vgg_weights: str | None = None
+    """torchvision's vgg16-397923af.pth; by default looked up in $TORCH_HOME/hub/checkpoints."""
+    lpips_lin_weights: str | None = None
+    """LPIPS' linear layers vgg.pth; by default the copy inside the lpips or torchmetrics package."""
+    pretrained_lpips: bool = True
+    """False builds LPIPS with random weights: for tests and smoke runs only."""
+    gan_loss: Literal["hinge", "non_saturating"] = "hinge"
+    disc_start: int = 0
+    """Training step from which the discriminator trains and the GAN term enters the generator loss."""
+    disc_weight: float = 0.75
+    """Weight of the generator's GAN term (times the adaptive factor when adaptive)."""
+    adaptive_disc_weight: bool = True
+    """taming's gradient-norm ratio on the decoder's last layer; False uses disc_weight alone (LlamaGen, Open-MAGVIT2)."""
+    max_adaptive_weight: float = 1e4
+    """Clamp of the adaptive factor, as taming."""
+    lecam_weight: float = 0.0
+    """LeCAM regularisation of the discriminator (Open-MAGVIT2: 0.05); 0 disables it."""
+    lecam_decay: float = 0.999
+
+
+@dataclass
+class OptimizerConfig:
+    """Adam for both networks, schedules by training step."""
+
+    lr: float = 1e-4
+    """Peak generator learning rate (taming scales 4.5e-6 by the total batch; LlamaGen uses 1e-4)."""
+    disc_lr: float | None = None
+    """Peak discriminator learning rate; defaults to lr."""
+    betas: tuple[float, float] = (0.5, 0.9)
+    """taming: (0.5, 0.9); LlamaGen: (0.9, 0.95)."""
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    """Linear warm-up from 0 over this many training steps."""
+    schedule: Literal["constant", "cosine"] = "constant"
+    """After warm-up: constant, or cosine down to min_lr_ratio * lr at Trainer(max_steps)."""
+    min_lr_ratio: float = 0.1
+    gradient_clip_val: float | None = None
+    """Clip each network's gradient norm to this (LlamaGen: 1.0); None does not clip."""
+    accumulate_grad_batches: int = 1
+    """Batches per training step (Trainer's own option raises under manual optimization)."""
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(self.betas)
+        if self.accumulate_grad_batches < 1:
+            raise ValueError(f"accumulate_grad_batches must be >= 1, got {self.accumulate_grad_batches}")
+
+
+def lr_factor(step: int, warmup_steps: int, schedule: str, total_steps: int | None, min_lr_ratio: float) -> float:
+    """Multiplier of the peak learning rate at training step `step`."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _config(cls: type, value: Any) -> Any:
+    """A dataclass config from itself, a dict (a checkpoint's hyperparameters) or None (defaults)."""
+    if value is None:
+        return cls()
+    return cls(**value) if isinstance(value, dict) else value
+
+
+class VQGAN(L.LightningModule):
+    """VQ-GAN tokenizer training: `tokenizer` (encoder, quantizer, decoder) against `discriminator`.
+
+    Batches are dicts with "images" (B, 3, H, W) in [-1, 1], as CaptionImageDataModule yields.
+    """
+
+    def __init__(
+        self,
+        quantizer: Quantizer,
+        autoencoder: AutoencoderConfig | None = None,
+        discriminator: DiscriminatorConfig | None = None,
+        loss: LossConfig | None = None,
+        optimizer: OptimizerConfig | None = None,
+        ema_decay: float | None = None,
+    ):
+        """
+        Args:
+            quantizer: VectorQuantizer, LookupFreeQuantizer, FiniteScalarQuantizer or ResidualQuantizer.
+            autoencoder: encoder and decoder architecture; defaults to taming's f16 at 256 px.
+            discriminator: PatchGAN architecture.
+            loss: loss terms and their weights.
+            optimizer: learning rates, schedules, clipping, accumulation.
+            ema_decay: keep an EMA of the tokenizer's weights, used for validation and export; None keeps none.
+        """
+        super().__init__()
+        self.automatic_optimization = False
+        if isinstance(quantizer, dict):  # a checkpoint's hyperparameters
+            quantizer = build_quantizer(quantizer)
+        autoencoder = _config(AutoencoderConfig, autoencoder)
+        discriminator = _config(DiscriminatorConfig, discriminator)
+        self.loss_config = _config(LossConfig, loss)
+        self.optimizer_config = _config(OptimizerConfig, optimizer)
+        # plain dicts, so checkpoints load with torch.load(weights_only=True)
+        self.save_hyperparameters(
+            {
+                "quantizer": quantizer_spec(quantizer),
+                "autoencoder": asdict(autoencoder),
+                "discriminator": asdict(discriminator),
+                "loss": asdict(self.loss_config),
+                "optimizer": asdict(self.optimizer_config),
+                "ema_decay": ema_decay,
+            }
+        )
+
+        self.tokenizer = VQTokenizer(autoencoder, quantizer)
+        self.discriminator = PatchDiscriminator(autoencoder.in_channels, **asdict(discriminator))
+        self.ema = EMA(self.tokenizer, ema_decay) if ema_decay is not None else None
+        self.lecam = LeCAMRegularizer(self.loss_config.lecam_decay)
+        loss = self.loss_config
+        self.lpips = (
+            LPIPS(loss.lpips_vgg_weights, loss.lpips_lin_weights, pretrained=loss.pretrained_lpips)
+            if loss.perceptual_weight > 0
+            else None
+        )
+
+    # -------------------------------------------------------------------------
+    # what stage 2 uses
+
+    @property
+    def inference_tokenizer(self) -> VQTokenizer:
+        """The EMA weights when kept, else the live ones."""
+        return self.ema.module if self.ema is not None else self.tokenizer
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        return self.inference_tokenizer.encode(images)
+
+    def decode(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.inference_tokenizer.decode(ids)
+
+    # -------------------------------------------------------------------------
+    # training
+
+    def setup(self, stage: str) -> None:
+        check_precision(str(self.trainer.precision))
+        if self.optimizer_config.schedule == "cosine" and self.trainer.max_steps < 0:
+            raise ValueError("optimizer.schedule 'cosine' needs Trainer(max_steps=...): the step it decays to")
+
+    def configure_optimizers(self):
+        config = self.optimizer_config
+        # fused kernels on CUDA; the default foreach path elsewhere
+        fused = {"fused": True} if self.device.type == "cuda" else {}
+        opt_g = torch.optim.Adam(
+            self.tokenizer.parameters(), lr=config.lr, betas=config.betas, weight_decay=config.weight_decay, **fused
+        )
+        opt_d = torch.optim.Adam(
+            self.discriminator.parameters(),
+            lr=config.disc_lr if config.disc_lr is not None else config.lr,
+            betas=config.betas,
+            weight_decay=config.weight_decay,
+            **fused,
+        )
+        total_steps = self.trainer.max_steps if self.trainer is not None else None
+
+        def factor(step: int) -> float:
+            return lr_factor(step, config.warmup_steps, config.schedule, total_steps, config.min_lr_ratio)
+
+        schedules = [torch.optim.lr_scheduler.LambdaLR(opt, factor) for opt in (opt_g, opt_d)]
+        return [opt_g, opt_d], schedules
+
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        images = batch["images"]
+        config = self.optimizer_config
+        opt_g, opt_d = self.optimizers()
+        schedule_g, schedule_d = self.lr_schedulers()
+        # the step this batch contributes to; it is taken once `accumulate_grad_batches` batches are in
+        step = self.global_step
+        finishes_step = (batch_idx + 1) % config.accumulate_grad_batches == 0
+        gan_active = step >= self.loss_config.disc_start
+
+        self.toggle_optimizer(opt_g)
+        reconstructions, g_loss, logs = self.generator_loss(images, gan_active)
+        self.manual_backward(g_loss / config.accumulate_grad_batches)
+        if finishes_step:
+            self._clip(opt_g)
+            opt_g.step()  # counted by Lightning: global_step += 1
+            opt_g.zero_grad(set_to_none=True)
+            schedule_g.step()
+            if self.ema is not None:
+                self.ema.update(self.tokenizer)
+        self.untoggle_optimizer(opt_g)
+
+        if gan_active:
+            self.toggle_optimizer(opt_d)
+            d_loss, d_logs = self.discriminator_loss(images, reconstructions.detach())
+            logs.update(d_logs)
+            self.manual_backward(d_loss / config.accumulate_grad_batches)
+            if finishes_step:
+                self._clip(opt_d)
+                opt_d.optimizer.step()  # the raw optimizer: not counted in global_step
+                opt_d.zero_grad(set_to_none=True)
+                schedule_d.step()
+            self.untoggle_optimizer(opt_d)
+        elif finishes_step:
+            schedule_d.step()  # keeps both schedules on the training step, whether D trains or not
+
+        logs["lr"] = torch.tensor(opt_g.param_groups[0]["lr"])
+        self.log("train/loss", logs.pop("loss"), prog_bar=True)
+        self.log_dict({f"train/{name}": value for name, value in logs.items()}, on_step=True)
+
+    def generator_loss(self, images: torch.Tensor, gan_active: bool) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        reconstructions, quantized = self.tokenizer(images)
+        rec_loss, perceptual_loss = self.reconstruction_losses(images, reconstructions)
+        nll = rec_loss + self.loss_config.perceptual_weight * perceptual_loss
+        loss = nll + quantized.loss
+        logs = {
+            "rec_loss": rec_loss.detach(),
+            "perceptual_loss": perceptual_loss.detach(),
+            "quantizer_loss": quantized.loss.detach(),
+            **{f"quantizer/{name}": value.detach() for name, value in quantized.losses.items()},
+            **{f"codebook/{name}": value for name, value in quantized.stats.items()},
+        }
+        if gan_active:
+            logits_fake = self.discriminator(reconstructions)
+            gan_loss = G_LOSSES[self.loss_config.gan_loss](logits_fake)
+            weight = self.gan_weight(nll, gan_loss)
+            loss = loss + weight * gan_loss
+            logs.update(g_loss=gan_loss.detach(), gan_weight=weight)
+        logs["loss"] = loss.detach()
+        return reconstructions, loss, logs
+
+    def reconstruction_losses(self, images: torch.Tensor, reconstructions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pixel = F.l1_loss if self.loss_config.reconstruction == "l1" else F.mse_loss
+        rec_loss = pixel(reconstructions.float(), images.float())
+        perceptual_loss = self.lpips(images, reconstructions).mean() if self.lpips is not None else rec_loss.new_zeros(())
+        return rec_loss, perceptual_loss
+
+    def gan_weight(self, nll: torch.Tensor, gan_loss: torch.Tensor) -> torch.Tensor:
+        """disc_weight, times taming's adaptive factor when asked; a detached fp32 scalar."""
+        config = self.loss_config
+        if not config.adaptive_disc_weight:
+            return torch.tensor(config.disc_weight, device=nll.device)
+        last_layer = self.tokenizer.decoder.last_layer
+        nll_grad = torch.autograd.grad(nll, last_layer, retain_graph=True)[0].float()
+        gan_grad = torch.autograd.grad(gan_loss, last_layer, retain_graph=True)[0].float()
+        factor = nll_grad.norm() / (gan_grad.norm() + 1e-4)
+        # a non-finite norm (an overflowing gradient) must not poison every later step: drop the GAN term once
+        factor = torch.nan_to_num(factor, nan=0.0, posinf=0.0).clamp(0.0, config.max_adaptive_weight)
+        return (config.disc_weight * factor).detach()
+
+    def discriminator_loss(self, images: torch.Tensor, reconstructions: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        logits_real = self.discriminator(images)
+        logits_fake = self.discriminator(reconstructions)
+        d_loss = D_LOSSES[self.loss_config.gan_loss](logits_real, logits_fake)
+        logs = {"logits_real": logits_real.detach().float().mean(), "logits_fake": logits_fake.detach().float().mean()}
+        if self.loss_config.lecam_weight > 0:
+            lecam = self.lecam(logits_real, logits_fake)
+            d_loss = d_loss + self.loss_config.lecam_weight * lecam
+            logs["lecam"] = lecam.detach()
+        logs["d_loss"] = d_loss.detach()
+        return d_loss, logs
+
+    def _clip(self, optimizer) -> None:
+        if self.optimizer_config.gradient_clip_val is not None:
+            self.clip_gradients(optimizer, self.optimizer_config.gradient_clip_val, gradient_clip_algorithm="norm")
+
+    # -------------------------------------------------------------------------
+    # validation: the EMA weights when kept
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        images = batch["images"]
+        reconstructions, quantized = self.inference_tokenizer(images)
+        rec_loss, perceptual_loss = self.reconstruction_losses(images, reconstructions)
+        logs = {
+            "rec_loss": rec_loss,
+            "perceptual_loss": perceptual_loss,
+            "psnr": psnr(images, reconstructions).mean(),
+            **{f"codebook/{name}": value for name, value in quantized.stats.items()},
+        }
+        self.log_dict({f"val/{name}": value for name, value in logs.items()}, sync_dist=True, batch_size=len(images))
+
+    # -------------------------------------------------------------------------
+    # checkpoints: LPIPS' frozen VGG16 (58 MB) is loaded from its own files, never saved
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint["state_dict"]
+        for key in [key for key in state if key.startswith("lpips.")]:
+            del state[key]
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if self.lpips is not None:
+            checkpoint["state_dict"].update({f"lpips.{key}": value for key, value in self.lpips.state_dict().items()})
+
+
+def check_precision(precision: str) -> None:
+    if precision.startswith("16"):
+        raise ValueError(
+            f"precision {precision!r} is not supported for the VQ-GAN: use 'bf16-mixed' (or fp32). "
+            "fp16 needs a gradient scaler that the discriminator's step bypasses."
+        )
+
+
+def psnr(images: torch.Tensor, reconstructions: torch.Tensor) -> torch.Tensor:
+    """(B,) peak signal-to-noise ratio in dB of images in [-1, 1], measured in [0, 1]."""
+    mse = ((reconstructions.float().clamp(-1, 1) - images.float()) / 2).pow(2).mean(dim=(1, 2, 3))
+    return -10.0 * torch.log10(mse.clamp_min(1e-10))
+
+
+def load_tokenizer(path: str | Path, use_ema: bool = True) -> VQTokenizer:
+    """A frozen tokenizer in eval mode from a VQGAN training checkpoint (.ckpt) or an export directory.
+
+    use_ema: take the EMA weights when the run kept them (what validation measured).
+    """
+    path = Path(path)
+    if path.is_dir():
+        return VQTokenizer.from_pretrained(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no tokenizer checkpoint or export directory at {path}")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    hparams = checkpoint.get("hyper_parameters", {})
+    if "quantizer" not in hparams or "autoencoder" not in hparams:
+        raise ValueError(f"{path} is not a VQGAN checkpoint: its hyperparameters lack the quantizer and autoencoder")
+    tokenizer = VQTokenizer.from_description(hparams)
+    prefix = "ema.module." if use_ema and hparams.get("ema_decay") is not None else "tokenizer."
+    state = {key[len(prefix):]: value for key, value in checkpoint["state_dict"].items() if key.startswith(prefix)}
+    tokenizer.load_state_dict(state)
+    return tokenizer.requires_grad_(False).eval()

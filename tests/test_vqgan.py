@@ -1,0 +1,314 @@
+"""The VQGAN LightningModule through a real Trainer on CPU: steps, the discriminator's schedule,
+learning on the shapes set, exact resume, checkpoints and export, DDP over gloo.
+
+Tiny networks (ch 8-16, 16-32 px) keep the file in well under a minute on two cores.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import ConcatDataset, DataLoader, Dataset
+
+from datamodules.shapes import SyntheticShapes
+from lightning_modules.vqgan import VQGAN, DiscriminatorConfig, LossConfig, OptimizerConfig, check_precision, load_tokenizer, lr_factor
+from tessera.nn.autoencoder import AutoencoderConfig
+from tessera.nn.vector_quantizer import VectorQuantizer
+from tessera.nn.vq_tokenizer import VQTokenizer
+
+REPO = Path(__file__).parents[1]
+
+
+class ShapesImages(Dataset):
+    """Synthetic shapes as the datamodule hands them over: {"images": (3, S, S) float in [-1, 1]}."""
+
+    def __init__(self, num_samples: int, image_size: int = 16, seed: int = 0):
+        shapes = SyntheticShapes(num_samples, image_size=max(32, image_size), seed=seed)  # 32 px at least
+        pixels = [np.array(shapes[i].image.convert("RGB").resize((image_size, image_size), Image.BOX)) for i in range(num_samples)]
+        self.images = [torch.from_numpy(p).permute(2, 0, 1).float() / 127.5 - 1.0 for p in pixels]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> dict:
+        return {"images": self.images[index]}
+
+
+def loader(num_samples: int = 32, batch_size: int = 8, image_size: int = 16) -> DataLoader:
+    return DataLoader(ShapesImages(num_samples, image_size), batch_size=batch_size, shuffle=False)
+
+
+def tiny_vqgan(image_size: int = 16, **overrides) -> VQGAN:
+    options = dict(
+        quantizer=VectorQuantizer(dim=4, codebook_size=32),
+        autoencoder=AutoencoderConfig(ch=8, ch_mult=(1, 2), num_res_blocks=1, z_channels=8, image_size=image_size),
+        discriminator=DiscriminatorConfig(ndf=8, n_layers=1),
+        loss=LossConfig(pretrained_lpips=False, perceptual_weight=0.1),
+        optimizer=OptimizerConfig(lr=1e-3),
+    )
+    options.update(overrides)
+    return VQGAN(**options)
+
+
+def trainer(tmp_path: Path, max_steps: int, **kwargs) -> L.Trainer:
+    options = dict(
+        accelerator="cpu", devices=1, max_steps=max_steps, default_root_dir=tmp_path, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        limit_val_batches=0, num_sanity_val_steps=0,
+    )
+    options.update(kwargs)
+    return L.Trainer(**options)
+
+
+def discriminator_steps(model: VQGAN) -> int:
+    """Adam's own count of the steps the discriminator's optimizer took."""
+    opt_d = model.trainer.optimizers[1]
+    states = [opt_d.state[p] for p in model.discriminator.parameters() if p in opt_d.state]
+    return int(states[0]["step"]) if states else 0
+
+
+# --- steps --------------------------------------------------------------------------------
+
+
+class CountBatches(L.Callback):
+    def __init__(self):
+        self.batches = 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.batches += 1
+
+
+def test_max_steps_counts_batches_not_optimizer_steps(tmp_path):
+    model, counter = tiny_vqgan(), CountBatches()
+    trainer(tmp_path, max_steps=5, callbacks=[counter]).fit(model, loader())
+    assert counter.batches == 5
+    assert model.global_step == 5
+    assert discriminator_steps(model) == 5
+
+
+def test_with_accumulation_a_step_is_accumulate_grad_batches_batches(tmp_path):
+    model, counter = tiny_vqgan(optimizer=OptimizerConfig(accumulate_grad_batches=2)), CountBatches()
+    trainer(tmp_path, max_steps=3, callbacks=[counter]).fit(model, loader(num_samples=64))
+    assert counter.batches == 6
+    assert model.global_step == 3
+    assert discriminator_steps(model) == 3
+
+
+def test_discriminator_does_not_train_before_disc_start(tmp_path):
+    model = tiny_vqgan(loss=LossConfig(pretrained_lpips=False, disc_start=3))
+    initial = {k: v.clone() for k, v in model.discriminator.state_dict().items()}
+    trainer(tmp_path, max_steps=3).fit(model, loader())
+    assert discriminator_steps(model) == 0
+    assert all(torch.equal(initial[k], v) for k, v in model.discriminator.state_dict().items())
+
+    trainer(tmp_path, max_steps=5).fit(model, loader())
+    assert discriminator_steps(model) == 2
+
+
+class InspectGeneratorStep(L.Callback):
+    """At every generator update: the discriminator has no gradient and has not moved since the last D step."""
+
+    def __init__(self):
+        self.checked = 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.before = [p.detach().clone() for p in pl_module.discriminator.parameters()]
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if optimizer is trainer.optimizers[0]:
+            assert all(p.grad is None for p in pl_module.discriminator.parameters())
+            assert all(torch.equal(a, p) for a, p in zip(self.before, pl_module.discriminator.parameters()))
+            self.checked += 1
+
+
+def test_generator_steps_leave_the_discriminator_untouched(tmp_path):
+    inspector = InspectGeneratorStep()
+    trainer(tmp_path, max_steps=3, callbacks=[inspector]).fit(tiny_vqgan(), loader())
+    assert inspector.checked == 3
+
+
+def test_learning_rate_warms_up_then_follows_a_cosine_to_the_floor():
+    factors = [lr_factor(step, 10, "cosine", 110, 0.1) for step in range(0, 111)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert factors[10] == pytest.approx(1.0) and factors[110] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(factors[10:], factors[11:]))
+    assert lr_factor(1000, 10, "constant", None, 0.1) == 1.0
+
+
+@pytest.mark.parametrize("precision", ["16-mixed", "16-true", "16"])
+def test_fp16_precision_is_refused_with_a_reason(precision):
+    with pytest.raises(ValueError, match="bf16-mixed"):
+        check_precision(precision)
+    check_precision("bf16-mixed")
+    check_precision("32-true")
+
+
+def test_cosine_schedule_without_max_steps_is_refused(tmp_path):
+    model = tiny_vqgan(optimizer=OptimizerConfig(schedule="cosine"))
+    with pytest.raises(ValueError, match="max_steps"):
+        trainer(tmp_path, max_steps=-1, max_epochs=1).fit(model, loader())
+
+
+# --- losses ---------------------------------------------------------------------------------
+
+
+def test_adaptive_gan_weight_is_the_clamped_gradient_norm_ratio_on_the_last_layer():
+    model = tiny_vqgan()
+    images = ShapesImages(4)[0]["images"][None].repeat(2, 1, 1, 1)
+    reconstructions, _ = model.tokenizer(images)
+    nll = (reconstructions - images).abs().mean()
+    gan = -model.discriminator(reconstructions).mean()
+    last = model.tokenizer.decoder.last_layer
+    expected = torch.autograd.grad(nll, last, retain_graph=True)[0].norm() / (
+        torch.autograd.grad(gan, last, retain_graph=True)[0].norm() + 1e-4
+    )
+    assert model.gan_weight(nll, gan).item() == pytest.approx(0.75 * expected.item(), rel=1e-5)
+    assert not model.gan_weight(nll, gan).requires_grad
+
+
+class RecordLoss(L.Callback):
+    def __init__(self):
+        self.rec_losses = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.rec_losses.append(trainer.callback_metrics["train/rec_loss"].item())
+
+
+def test_tiny_tokenizer_learns_to_reconstruct_shapes(tmp_path):
+    torch.manual_seed(0)
+    model = tiny_vqgan(
+        image_size=32,
+        quantizer=VectorQuantizer(dim=8, codebook_size=64, l2_normalize=True),
+        autoencoder=AutoencoderConfig(ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=16, image_size=32),
+        loss=LossConfig(pretrained_lpips=False, perceptual_weight=0.0, disc_start=10_000),
+        optimizer=OptimizerConfig(lr=2e-3, betas=(0.9, 0.95)),
+    )
+    recorder = RecordLoss()
+    trainer(tmp_path, max_steps=150, callbacks=[recorder]).fit(model, loader(num_samples=128, batch_size=16, image_size=32))
+    first, last = sum(recorder.rec_losses[:10]) / 10, sum(recorder.rec_losses[-10:]) / 10
+    assert last < 0.5 * first, (first, last)
+
+
+# --- resume, checkpoints, export ------------------------------------------------------------
+
+
+def resumable_vqgan() -> VQGAN:
+    torch.manual_seed(0)
+    return tiny_vqgan(
+        quantizer=VectorQuantizer(dim=4, codebook_size=32, ema_decay=0.9),
+        loss=LossConfig(pretrained_lpips=False, perceptual_weight=0.1, disc_start=2, lecam_weight=0.1),
+        optimizer=OptimizerConfig(lr=1e-3, warmup_steps=2, schedule="cosine"),
+        ema_decay=0.9,
+    )
+
+
+def test_stop_and_resume_equals_an_uninterrupted_run(tmp_path):
+    """Resume from the checkpoint a 6-step run wrote after its first epoch: the module's whole state
+    (both networks, codebook EMA, weight EMA, LeCAM), both optimizers and both schedules continue
+    exactly. Every batch holds the same images, so the check does not hang on where Lightning
+    restarts a map-style loader (the datamodule's stream keeps its own position)."""
+    data = DataLoader(ConcatDataset([ShapesImages(8)] * 3), batch_size=8, shuffle=False)  # 3 equal batches an epoch
+    straight = resumable_vqgan()
+    every_epoch = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1, save_on_train_epoch_end=True)
+    trainer(tmp_path / "a", max_steps=6, enable_checkpointing=True, callbacks=[every_epoch]).fit(straight, data)
+
+    resumed = resumable_vqgan()
+    resumer = trainer(tmp_path / "b", max_steps=6)
+    resumer.fit(resumed, data, ckpt_path=tmp_path / "ckpt" / "epoch=0-step=3.ckpt")
+
+    assert resumed.global_step == straight.global_step == 6
+    expected, actual = straight.state_dict(), resumed.state_dict()
+    assert expected.keys() == actual.keys()
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=0, msg=key)
+    for ours, theirs in zip(resumer.optimizers, straight.trainer.optimizers):
+        for a, b in zip(ours.state_dict()["state"].values(), theirs.state_dict()["state"].values()):
+            torch.testing.assert_close(a["exp_avg_sq"], b["exp_avg_sq"], rtol=0, atol=0)
+    assert [config.scheduler.last_epoch for config in resumer.lr_scheduler_configs] == [6, 6]
+
+
+def test_checkpoint_omits_lpips_and_gives_stage_2_a_frozen_tokenizer(tmp_path):
+    model = resumable_vqgan()
+    fit = trainer(tmp_path, max_steps=2)
+    fit.fit(model, loader())
+    fit.save_checkpoint(tmp_path / "run.ckpt")
+    state = torch.load(tmp_path / "run.ckpt", weights_only=True)["state_dict"]
+    assert not [k for k in state if k.startswith("lpips.")]
+
+    images = ShapesImages(4)[0]["images"][None]
+    tokenizer = load_tokenizer(tmp_path / "run.ckpt")
+    assert isinstance(tokenizer, VQTokenizer) and not tokenizer.training
+    assert not any(p.requires_grad for p in tokenizer.parameters())
+    ids = tokenizer.encode(images)
+    assert ids.shape == (1, 8, 8) and ids.dtype == torch.long
+    model.eval()
+    torch.testing.assert_close(ids, model.encode(images))  # the EMA weights
+    assert tokenizer.decode(ids).shape == (1, 3, 16, 16)
+
+    reloaded = VQGAN.load_from_checkpoint(tmp_path / "run.ckpt", weights_only=True)
+    torch.testing.assert_close(reloaded.encode(images), ids)
+
+
+def test_export_writes_safetensors_and_config_that_load_back(tmp_path):
+    from tessera.cli import main
+
+    model = resumable_vqgan()
+    fit = trainer(tmp_path, max_steps=1)
+    fit.fit(model, loader())
+    fit.save_checkpoint(tmp_path / "run.ckpt")
+    assert main(["export", "--checkpoint", str(tmp_path / "run.ckpt"), "--out", str(tmp_path / "export")]) == 0
+    exported = load_tokenizer(tmp_path / "export")
+    description = exported.describe()
+    assert description["codebook_size"] == 32 and description["downsample_factor"] == 2
+    images = ShapesImages(2)[1]["images"][None]
+    torch.testing.assert_close(exported.decode(exported.encode(images)), load_tokenizer(tmp_path / "run.ckpt").decode(exported.encode(images)))
+
+
+def test_decode_rejects_ids_outside_the_codebook():
+    tokenizer = tiny_vqgan().tokenizer
+    with pytest.raises(ValueError, match=r"\[0, 32\)"):
+        tokenizer.decode(torch.full((1, 8, 8), 32))
+
+
+def test_loading_a_missing_tokenizer_names_the_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        load_tokenizer(tmp_path / "nowhere.ckpt")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="tessera export"):
+        load_tokenizer(tmp_path / "empty")
+
+
+# --- the command line and DDP ---------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_fit_from_the_tiny_config_on_two_ddp_processes(tmp_path, shapes_dir):
+    """`tessera fit` with the tiny config on 32 px shards, 2 CPU processes over gloo."""
+    shards = sorted(str(p) for p in shapes_dir.glob("*.tar"))
+    command = [
+        sys.executable, "-m", "tessera.cli", "fit",
+        "--config", str(REPO / "configs/tokenizer/tiny_shapes.yaml"),
+        "--model.init_args.autoencoder.image_size=32",
+        "--model.init_args.loss.disc_start=2",
+        f"--data=datamodules.caption_image.CaptionImageDataModule",
+        f"--data.train_shards={shards[0]}", f"--data.val_shards={shards[2]}",
+        "--data.image_size=32", "--data.batch_size=4", "--data.num_workers=0",
+        "--trainer.devices=2", "--trainer.strategy=ddp_find_unused_parameters_true",
+        "--trainer.max_steps=4", "--trainer.val_check_interval=4", "--trainer.limit_val_batches=1",
+        "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={tmp_path}",
+    ]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    checkpoints = list(tmp_path.rglob("*.ckpt"))
+    assert checkpoints, result.stderr[-2000:]
+    checkpoint = torch.load(checkpoints[0], weights_only=True)
+    assert checkpoint["global_step"] == 4
+    assert (tmp_path / "lightning_logs").exists() or list(tmp_path.rglob("config.yaml"))
