@@ -149,6 +149,8 @@ class VQGAN(L.LightningModule):
         loss: LossConfig | None = None,
         optimizer: OptimizerConfig | None = None,
         ema_decay: float | None = None,
+        channels_last: bool = False,
+        compile: bool = False,
     ):
         """
         Args:
@@ -158,6 +160,8 @@ class VQGAN(L.LightningModule):
             loss: loss terms and their weights.
             optimizer: learning rates, schedules, clipping, accumulation.
             ema_decay: keep an EMA of the tokenizer's weights, used for validation and export; None keeps none.
+            channels_last: NHWC weights and images, the layout tensor cores' convolutions want (GPU).
+            compile: torch.compile the tokenizer and the discriminator in place (same state-dict keys).
         """
         super().__init__()
         self.automatic_optimization = False
@@ -176,8 +180,12 @@ class VQGAN(L.LightningModule):
                 "loss": asdict(self.loss_config),
                 "optimizer": asdict(self.optimizer_config),
                 "ema_decay": ema_decay,
+                "channels_last": channels_last,
+                "compile": compile,
             }
         )
+        self.channels_last = channels_last
+        self.compile_networks = compile
 
         self.tokenizer = VQTokenizer(autoencoder, quantizer)
         self.discriminator = PatchDiscriminator(autoencoder.in_channels, **asdict(discriminator))
@@ -212,6 +220,13 @@ class VQGAN(L.LightningModule):
         if self.optimizer_config.schedule == "cosine" and self.trainer.max_steps < 0:
             raise ValueError("optimizer.schedule 'cosine' needs Trainer(max_steps=...): the step it decays to")
 
+    def configure_model(self) -> None:
+        if self.channels_last:
+            self.to(memory_format=torch.channels_last)
+        if self.compile_networks:
+            self.tokenizer.compile()
+            self.discriminator.compile()
+
     def configure_optimizers(self):
         config = self.optimizer_config
         # fused kernels on CUDA; the default foreach path elsewhere
@@ -235,7 +250,7 @@ class VQGAN(L.LightningModule):
         return [opt_g, opt_d], schedules
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
-        images = batch["images"]
+        images = self._layout(batch["images"])
         config = self.optimizer_config
         opt_g, opt_d = self.optimizers()
         schedule_g, schedule_d = self.lr_schedulers()
@@ -326,6 +341,9 @@ class VQGAN(L.LightningModule):
         logs["d_loss"] = d_loss.detach()
         return d_loss, logs
 
+    def _layout(self, images: torch.Tensor) -> torch.Tensor:
+        return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
+
     def _clip(self, optimizer) -> None:
         if self.optimizer_config.gradient_clip_val is not None:
             self.clip_gradients(optimizer, self.optimizer_config.gradient_clip_val, gradient_clip_algorithm="norm")
@@ -334,7 +352,7 @@ class VQGAN(L.LightningModule):
     # validation: the EMA weights when kept
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        images = batch["images"]
+        images = self._layout(batch["images"])
         reconstructions, quantized = self.inference_tokenizer(images)
         rec_loss, perceptual_loss = self.reconstruction_losses(images, reconstructions)
         logs = {

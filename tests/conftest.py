@@ -5,9 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from datamodules.shapes import SyntheticShapes
 from datamodules.shard_writer import write_shards
+
+
+# The tests' networks are tiny: one thread is faster than two, and on a busy 2-core machine
+# every multi-threaded op would wait for a descheduled thread (8 ms a kernel instead of 0.1).
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

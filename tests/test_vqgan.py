@@ -6,6 +6,7 @@ Tiny networks (ch 8-16, 16-32 px) keep the file in well under a minute on two co
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -305,7 +306,8 @@ def test_fit_from_the_tiny_config_on_two_ddp_processes(tmp_path, shapes_dir):
         "--trainer.max_steps=4", "--trainer.val_check_interval=4", "--trainer.limit_val_batches=1",
         "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={tmp_path}",
     ]
-    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread per rank on a 2-core machine
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     checkpoints = list(tmp_path.rglob("*.ckpt"))
     assert checkpoints, result.stderr[-2000:]
