@@ -103,7 +103,7 @@ def write_shards(
         report.skipped.update(skipped)
         report.written += written
         report.existing += not written
-    _write_json_atomically(out_dir / SIZES_FILE, sizes)
+    write_json_atomically(out_dir / SIZES_FILE, sizes)
     log.info(
         "%s: %d shards (%d written, %d kept), %d samples, skipped %s in %.1fs",
         out_dir, num_shards, report.written, report.existing, report.samples,
@@ -140,9 +140,9 @@ def _write_one_shard(
                 log.warning("skipping sample %d (key %s): %s: %s", index, key, reason, error)
                 continue
             record = {"key": key, "caption": sample.caption, "width": width, "height": height, **sample.meta}
-            _add_member(tar, f"{key}.{image_format}", image_bytes)
-            _add_member(tar, f"{key}.txt", sample.caption.encode("utf-8"))
-            _add_member(tar, f"{key}.json", json.dumps(record, ensure_ascii=False).encode("utf-8"))
+            add_member(tar, f"{key}.{image_format}", image_bytes)
+            add_member(tar, f"{key}.txt", sample.caption.encode("utf-8"))
+            add_member(tar, f"{key}.json", json.dumps(record, ensure_ascii=False).encode("utf-8"))
             count += 1
     os.replace(tmp, path)
     return count, skipped, True
@@ -170,7 +170,7 @@ def _extension_format(path: Path) -> str | None:
     return IMAGE_FORMATS.get("jpg" if ext == "jpeg" else ext)
 
 
-def _add_member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
+def add_member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
     info = tarfile.TarInfo(name)
     info.size = len(payload)
     info.mtime = 0  # the same source writes byte-identical shards
@@ -183,7 +183,7 @@ def count_samples(path: str | Path) -> int:
         return len({name.split(".", 1)[0] for name in tar.getnames()})
 
 
-def _write_json_atomically(path: Path, payload: dict) -> None:
+def write_json_atomically(path: Path, payload: dict) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(payload, indent=1, sort_keys=True) + "\n")
     os.replace(tmp, path)

@@ -8,6 +8,7 @@
     tessera fit --config configs/tokenizer/tiny_shapes.yaml --config configs/data/shapes64.yaml
     tessera validate|test|predict ... (LightningCLI: `tessera fit --help` lists every option)
     tessera export --checkpoint RUN.ckpt --out DIR
+    tessera tokenize --tokenizer CKPT_OR_EXPORT_DIR --shards PATTERN --out DIR [--rank R --world-size W]
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -71,6 +73,22 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, type=Path, help="directory to write")
     export.add_argument("--no-ema", action="store_true", help="export the live weights even if the run kept an EMA")
     export.set_defaults(run=_export)
+
+    tokenize = commands.add_parser(
+        "tokenize", help="caption-image shards -> token shards (KEY.tokens.npy, KEY.txt, KEY.json) for stage 2",
+        description="Rank R of W tokenizes input shards R, R+W, R+2W, ...; each writes only its own output shards, "
+                    "and the last to finish writes sizes.json. Complete output shards are kept on a rerun.",
+    )
+    tokenize.add_argument("--tokenizer", required=True, type=Path, help="a VQGAN checkpoint (.ckpt) or an export directory")
+    tokenize.add_argument("--shards", required=True, help="input shards, e.g. '/data/cc3m/{00000..00331}.tar'")
+    tokenize.add_argument("--out", required=True, type=Path, help="directory for the token shards")
+    tokenize.add_argument("--image-size", type=int, default=256, help="side of the centre crop the tokenizer sees")
+    tokenize.add_argument("--batch-size", type=int, default=64)
+    tokenize.add_argument("--device", default=None, help="cuda (this process's local GPU) or cpu; cuda when available")
+    tokenize.add_argument("--workers", type=int, default=4, help="loader processes decoding images; 0 decodes in this one")
+    tokenize.add_argument("--rank", type=int, default=None, help="this process's rank; from RANK or SLURM_PROCID, else 0")
+    tokenize.add_argument("--world-size", type=int, default=None, help="processes in all; from WORLD_SIZE or SLURM_NTASKS, else 1")
+    tokenize.set_defaults(run=_tokenize)
     return parser
 
 
@@ -98,6 +116,31 @@ def _export(args: argparse.Namespace) -> int:
     tokenizer.save_pretrained(args.out)
     print(f"[export] {tokenizer.codebook_size} codes, f{tokenizer.downsample_factor}: {args.out}")
     return 0
+
+
+def _tokenize(args: argparse.Namespace) -> int:
+    import torch
+
+    from datamodules.token_shards import tokenize_shards
+    from lightning_modules.vqgan import load_tokenizer
+
+    rank = args.rank if args.rank is not None else _env_int(("RANK", "SLURM_PROCID"), 0)
+    world_size = args.world_size if args.world_size is not None else _env_int(("WORLD_SIZE", "SLURM_NTASKS"), 1)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and device.index is None:  # one GPU per process on a multi-GPU node
+        device = torch.device("cuda", _env_int(("LOCAL_RANK", "SLURM_LOCALID"), 0) % torch.cuda.device_count())
+    tokenizer = load_tokenizer(args.tokenizer).to(device)
+    report = tokenize_shards(
+        tokenizer, args.shards, args.out, image_size=args.image_size, batch_size=args.batch_size,
+        device=device, workers=args.workers, rank=rank, world_size=world_size,
+    )
+    print(json.dumps({"out": str(args.out), "rank": rank, "world_size": world_size, **report.as_dict()}))
+    return 0
+
+
+def _env_int(names: tuple[str, ...], default: int) -> int:
+    """The first of `names` set in the environment (torchrun's, then SLURM's), else `default`."""
+    return next((int(os.environ[name]) for name in names if name in os.environ), default)
 
 
 def _shard_writer_parser(kinds, name: str, help: str, default_format: str) -> argparse.ArgumentParser:
