@@ -9,7 +9,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from datamodules.stream import CaptionImageStream, check_shards, expand_urls, shard_sizes
+from datamodules.stream import CaptionImageStream, CaptionTokenStream, check_shards, expand_urls, shard_sizes
 from datamodules.text import CLIP_BPE, CaptionTokenizer
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,7 @@ class CaptionImageDataModule(L.LightningDataModule):
         resampled: bool = False,
         jpeg_draft: bool = True,
         pin_memory: bool = True,
+        image_tokens: bool = False,
     ):
         """
         Args:
@@ -60,6 +61,8 @@ class CaptionImageDataModule(L.LightningDataModule):
             resampled: draw training shards with replacement (open_clip's mode for very large sets).
             jpeg_draft: decode JPEGs at the smallest DCT scale that still covers `image_size`.
             pin_memory: page-locked batches for faster copies to the GPU.
+            image_tokens: the shards are token shards from `tessera tokenize`: batches carry
+                "image_ids" (KEY.tokens.npy) instead of "images", and stage 2 runs no encoder.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -77,15 +80,16 @@ class CaptionImageDataModule(L.LightningDataModule):
             captions=self.captions, image_size=hp.image_size, seed=hp.seed,
             jpeg_draft=hp.jpeg_draft, rank=rank, world_size=world_size,
         )
+        stream = CaptionTokenStream if hp.image_tokens else CaptionImageStream
         if stage in (None, "fit") and self.train_stream is None:
-            self.train_stream = CaptionImageStream(
+            self.train_stream = stream(
                 self.train_urls, batch_size=hp.batch_size,
                 samples_per_epoch=epoch_samples(self.train_urls, hp.train_samples, "train_samples"),
                 shuffle=True, shuffle_buffer=hp.shuffle_buffer, random_crop=hp.random_crop,
                 resampled=hp.resampled, **common,
             )
         if stage in (None, "fit", "validate") and self.val_urls and self.val_stream is None:
-            self.val_stream = CaptionImageStream(
+            self.val_stream = stream(
                 self.val_urls, batch_size=hp.val_batch_size or hp.batch_size,
                 samples_per_epoch=epoch_samples(self.val_urls, hp.val_samples, "val_samples"),
                 shuffle=False, **common,
@@ -116,7 +120,8 @@ class CaptionImageDataModule(L.LightningDataModule):
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         if self.trainer is None or self.trainer.training:
             self.data_stats.update(batch["stats"])
-        batch["images"] = to_unit_range(batch["images"])
+        if "images" in batch:
+            batch["images"] = to_unit_range(batch["images"])
         return batch
 
 

@@ -20,6 +20,7 @@ log them although they happen in worker processes.
 
 from __future__ import annotations
 
+import io
 import itertools
 import json
 import logging
@@ -44,7 +45,10 @@ from datamodules.text import CaptionTokenizer
 log = logging.getLogger(__name__)
 
 # what a batch's "stats" may count: samples skipped, by reason, and captions cut to fit
-STAT_NAMES = ("missing_image", "missing_caption", "corrupt_image", "unreadable_shard_data", "truncated_captions")
+STAT_NAMES = (
+    "missing_image", "missing_caption", "corrupt_image", "missing_tokens", "corrupt_tokens",
+    "unreadable_shard_data", "truncated_captions",
+)
 # a stream that skips this many samples in a row is broken, not unlucky: stop rather than spin
 MAX_CONSECUTIVE_SKIPS = 10_000
 
@@ -201,11 +205,10 @@ class CaptionImageStream(IterableDataset):
         yield from wds.tarfile_samples(({"url": url} for url in shards), handler=count_and_continue)
 
     def _decoded(self, raw: Iterator[dict], stats: Counter, rng: random.Random | None) -> Iterator[tuple]:
-        """(image (H, W, 3) uint8, caption, key) for each good sample; bad ones are counted in stats."""
-        min_side = self.image_size if self.jpeg_draft else None
+        """(payload, caption, key) for each good sample; bad ones are counted in stats."""
         consecutive_skips = 0
         for sample in raw:
-            reason, image, caption = decode_sample(sample, min_side)
+            reason, payload, caption = self._decode(sample, rng)
             if reason is not None:
                 stats[reason] += 1
                 consecutive_skips += 1
@@ -216,21 +219,54 @@ class CaptionImageStream(IterableDataset):
                     )
                 continue
             consecutive_skips = 0
-            yield resize_and_crop(image, self.image_size, rng), caption, sample["__key__"]
+            yield payload, caption, sample["__key__"]
+
+    def _decode(self, sample: dict, rng: random.Random | None) -> tuple[str | None, np.ndarray | None, str]:
+        """(skip reason or None, (H, W, 3) uint8 crop, caption)."""
+        reason, image, caption = decode_sample(sample, self.image_size if self.jpeg_draft else None)
+        return reason, None if reason is not None else resize_and_crop(image, self.image_size, rng), caption
+
+    def _stack(self, payloads: tuple) -> dict:
+        return {"images": torch.from_numpy(np.stack(payloads)).permute(0, 3, 1, 2)}  # (B, 3, H, W) uint8
 
     def _collate(self, samples: list[tuple], stats: Counter) -> dict:
-        images, captions, keys = zip(*samples)
+        payloads, captions, keys = zip(*samples)
         tokens = self.captions(list(captions))
         if tokens.truncated:
             stats["truncated_captions"] += tokens.truncated
         return {
-            "images": torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2),  # (B, 3, H, W) uint8
+            **self._stack(payloads),
             "text_ids": tokens.ids,
             "text_mask": tokens.mask,
             "captions": list(captions),
             "keys": list(keys),
             "stats": dict(stats),
         }
+
+
+class CaptionTokenStream(CaptionImageStream):
+    """The same stream over token shards from `tessera tokenize`: batches carry "image_ids"
+    (B, h, w) or (B, h, w, D) long, read from KEY.tokens.npy, instead of "images". `image_size`
+    and the crop options do not apply: the ids were made from validation crops."""
+
+    def _decode(self, sample: dict, rng: random.Random | None) -> tuple[str | None, np.ndarray | None, str]:
+        caption = _caption(sample)
+        if "tokens.npy" not in sample:
+            return "missing_tokens", None, caption
+        if not caption:
+            return "missing_caption", None, ""
+        try:
+            ids = np.load(io.BytesIO(sample["tokens.npy"]), allow_pickle=False)
+        except ValueError as error:  # also what numpy raises for a cut or garbled .npy
+            log.debug("skipping %s from %s: %r", sample["__key__"], sample["__url__"], error)
+            return "corrupt_tokens", None, caption
+        return None, ids, caption
+
+    def _stack(self, payloads: tuple) -> dict:
+        shapes = {ids.shape for ids in payloads}
+        if len(shapes) > 1:
+            raise ValueError(f"token shards mix id grids of shapes {sorted(shapes)}: were they made by one tokenizer?")
+        return {"image_ids": torch.from_numpy(np.stack(payloads).astype(np.int64))}  # (B, h, w) long
 
 
 def decode_sample(sample: dict, min_side: int | None) -> tuple[str | None, Image.Image | None, str]:

@@ -220,3 +220,36 @@ def test_output_shards_take_the_input_shards_name(url):
 def test_two_input_shards_of_one_name_are_refused():
     with pytest.raises(ValueError, match="share the name 00000.tar"):
         output_names(["/a/00000.tar", "/b/00000.tar"])
+
+
+def test_the_datamodule_reads_token_shards_back_as_image_ids(tokenized, tokenizer, shapes_urls):
+    from datamodules.caption_image import CaptionImageDataModule
+
+    out, _ = tokenized
+    data = CaptionImageDataModule(
+        train_shards=str(out / "{00000..00002}.tar"), batch_size=8, num_workers=0, text_length=24,
+        image_tokens=True, shuffle_buffer=0,
+    )
+    data.setup("fit")
+    batch = data.on_after_batch_transfer(next(iter(data.train_dataloader())), 0)
+    assert "images" not in batch
+    assert batch["image_ids"].shape == (8, 16, 16) and batch["image_ids"].dtype == torch.long
+    assert batch["text_ids"].shape == (8, 24)
+    expected = expected_samples(shapes_urls, tokenizer)
+    for key, ids, caption in zip(batch["keys"], batch["image_ids"], batch["captions"]):
+        np.testing.assert_array_equal(ids.numpy(), expected[key][0])
+        assert caption == expected[key][1]
+
+
+def test_a_token_shard_sample_without_tokens_is_counted_as_a_skip(tmp_path):
+    from datamodules.stream import CaptionTokenStream
+    from datamodules.text import CaptionTokenizer
+
+    buffer = io.BytesIO()
+    np.save(buffer, np.zeros((4, 4), dtype=np.uint16))
+    good = {"__key__": "0", "tokens.npy": buffer.getvalue(), "txt": b"a red circle"}
+    write_wds_shard(tmp_path / "00000.tar", [good, {"__key__": "1", "txt": b"no ids"}, {**good, "__key__": "2", "tokens.npy": b"garbage"}] + [{**good, "__key__": str(i)} for i in range(3, 8)])
+    stream = CaptionTokenStream([str(tmp_path / "00000.tar")], CaptionTokenizer(text_length=8), samples_per_epoch=6, batch_size=6, shuffle=False)
+    batch = next(iter(stream))
+    assert batch["image_ids"].shape == (6, 4, 4)
+    assert batch["stats"] == {"missing_tokens": 1, "corrupt_tokens": 1}
