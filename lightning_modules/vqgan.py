@@ -24,7 +24,6 @@ refuses manual optimization; a 76M-parameter tokenizer fits on every GPU, so DDP
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -33,6 +32,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
+from tessera.lr_schedule import lr_factor
 from tessera.nn.autoencoder import AutoencoderConfig
 from tessera.nn.discriminator import PatchDiscriminator
 from tessera.nn.ema import EMA
@@ -116,16 +116,6 @@ class OptimizerConfig:
         self.betas = tuple(self.betas)
         if self.accumulate_grad_batches < 1:
             raise ValueError(f"accumulate_grad_batches must be >= 1, got {self.accumulate_grad_batches}")
-
-
-def lr_factor(step: int, warmup_steps: int, schedule: str, total_steps: int | None, min_lr_ratio: float) -> float:
-    """Multiplier of the peak learning rate at training step `step`."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if schedule == "constant":
-        return 1.0
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def _config(cls: type, value: Any) -> Any:

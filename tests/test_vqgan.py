@@ -20,7 +20,8 @@ from PIL import Image
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 from datamodules.shapes import SyntheticShapes
-from lightning_modules.vqgan import VQGAN, DiscriminatorConfig, LossConfig, OptimizerConfig, check_precision, load_tokenizer, lr_factor
+from lightning_modules.vqgan import VQGAN, DiscriminatorConfig, LossConfig, OptimizerConfig, check_precision, load_tokenizer
+from tessera.lr_schedule import lr_factor
 from tessera.nn.autoencoder import AutoencoderConfig
 from tessera.nn.vector_quantizer import VectorQuantizer
 from tessera.nn.vq_tokenizer import VQTokenizer
