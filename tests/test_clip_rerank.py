@@ -1,0 +1,62 @@
+"""CLIP scoring and reranking with a small random-init open_clip model (no weight files)."""
+
+from __future__ import annotations
+
+import json
+
+import open_clip
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tessera.clip_rerank import ClipScorer, rerank
+
+TINY_CLIP = "tessera-test-tiny-clip"
+
+
+@pytest.fixture(scope="module")
+def scorer(tmp_path_factory) -> ClipScorer:
+    config = {
+        "embed_dim": 32,
+        "quick_gelu": True,
+        "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+    }
+    path = tmp_path_factory.mktemp("clip") / f"{TINY_CLIP}.json"
+    path.write_text(json.dumps(config))
+    open_clip.add_model_config(path)
+    torch.manual_seed(0)
+    return ClipScorer(TINY_CLIP)
+
+
+def test_scores_are_the_cosine_of_clip_image_and_text_features(scorer):
+    images = torch.rand(3, 3, 48, 48) * 2 - 1
+    captions = ["a red circle", "a blue square", "two green triangles"]
+    pixels = F.interpolate((images + 1) / 2, size=(32, 32), mode="bicubic", antialias=True, align_corners=False)
+    image_features = scorer.model.encode_image((pixels - scorer.mean) / scorer.std)
+    text_features = scorer.model.encode_text(open_clip.get_tokenizer(TINY_CLIP)(captions))
+    expected = F.cosine_similarity(image_features, text_features)
+    torch.testing.assert_close(scorer(images, captions), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_rerank_keeps_the_best_candidates_of_each_prompt_best_first(scorer):
+    prompts = ["a red circle", "a blue square"]
+    images = torch.rand(2 * 5, 3, 32, 32) * 2 - 1
+    scores = scorer(images, [p for p in prompts for _ in range(5)]).view(2, 5)
+    kept, kept_scores = rerank(images, prompts, candidates=5, keep=2, scorer=scorer)
+    assert kept.shape == (4, 3, 32, 32)
+    for prompt in range(2):
+        order = scores[prompt].argsort(descending=True)[:2]
+        torch.testing.assert_close(kept_scores[prompt], scores[prompt][order])
+        for rank, candidate in enumerate(order):
+            assert torch.equal(kept[prompt * 2 + rank], images[prompt * 5 + candidate])
+
+
+def test_missing_clip_weights_name_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere.bin"):
+        ClipScorer("ViT-B-32-quickgelu", tmp_path / "nowhere.bin")
+
+
+def test_rerank_refuses_a_count_that_does_not_add_up(scorer):
+    with pytest.raises(ValueError, match="candidates"):
+        rerank(torch.zeros(5, 3, 32, 32), ["a", "b"], candidates=3, keep=1, scorer=scorer)
