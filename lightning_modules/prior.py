@@ -1,0 +1,295 @@
+"""
+The text-image prior's LightningModule: next-token cross-entropy over [caption tokens][image tokens].
+
+Batches come from CaptionImageDataModule, either with "images" (then the frozen stage-1
+tokenizer encodes them on the fly) or, from token shards (`image_tokens: true`), with
+"image_ids" already made by `tessera tokenize`. Both carry "text_ids" and "text_mask".
+
+Caption dropout replaces a share of the captions with the empty caption, so every model trained
+with the defaults can sample with classifier-free guidance.
+
+Start-up checks: the tokenizer's codebook size and id grid must match the transformer's image
+vocabulary and grid, and the text tokenizer's vocabulary must fit the text embedding; the first
+batch's text length and id grid are checked too. A mismatch is an error naming both numbers.
+
+Strategies: DDP, or FSDP with the `Block`s as wrapping units (configs/trainer/fsdp.yaml).
+The frozen tokenizer lives outside the module tree: not in checkpoints, not wrapped by DDP or
+FSDP, never cast by a precision plugin.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import lightning as L
+import torch
+import torch.nn as nn
+from lightning.pytorch.strategies import FSDPStrategy
+
+from datamodules.text import CLIP_BPE, CaptionTokenizer
+from lightning_modules.vqgan import load_tokenizer
+from tessera.lr_schedule import lr_factor
+from tessera.nn.transformer import TextImageTransformer, TransformerConfig
+from tessera.nn.vq_tokenizer import VQTokenizer
+from tessera.sampling import SamplingConfig, sample_image_tokens
+
+# dense bf16 peak FLOP/s per GPU, for MFU (H100 and H200 SXM share the H100's compute)
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
+
+
+@dataclass
+class PriorOptimizerConfig:
+    """AdamW (decay on matrices only), warm-up then cosine, by training step."""
+
+    lr: float = 3e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    """LlamaGen and nanoGPT: (0.9, 0.95)."""
+    weight_decay: float = 0.05
+    """On weight matrices and embeddings; never on norms and biases."""
+    warmup_steps: int = 1000
+    schedule: Literal["constant", "cosine"] = "cosine"
+    """Cosine decays to min_lr_ratio * lr at Trainer(max_steps)."""
+    min_lr_ratio: float = 0.1
+    gradient_clip_val: float | None = 1.0
+    """Gradient-norm clip, also under FSDP (Trainer's own option raises there); None does not clip."""
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(self.betas)
+
+
+class FrozenModule:
+    """Holds a module outside its owner's module tree, in eval mode without gradients."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module.requires_grad_(False).eval()
+
+    def on(self, device: torch.device) -> nn.Module:
+        """The module, moved to `device` first if it is elsewhere."""
+        if next(self.module.parameters()).device != device:
+            self.module.to(device)
+        return self.module
+
+
+class TextImagePrior(L.LightningModule):
+    """Trains `transformer` on caption-then-image sequences; samples images with `generate`."""
+
+    def __init__(
+        self,
+        transformer: TransformerConfig | None = None,
+        tokenizer: str | None = None,
+        text_tokenizer: str = CLIP_BPE,
+        caption_dropout: float = 0.1,
+        text_loss_weight: float = 1.0,
+        image_loss_weight: float = 7.0,
+        optimizer: PriorOptimizerConfig | None = None,
+        compile: bool = False,
+    ):
+        """
+        Args:
+            transformer: the network; `TransformerConfig.from_name` presets are in configs/prior/.
+            tokenizer: the stage-1 tokenizer, a VQGAN checkpoint or a `tessera export` directory.
+                Needed to train on images and to sample; training on token shards can do without.
+            text_tokenizer: "clip-bpe" or a `transformers` tokenizer name or directory; must be the
+                one the data is tokenized with.
+            caption_dropout: share of training captions replaced by the empty caption (for guidance).
+            text_loss_weight: weight of the caption tokens' cross-entropy (DALL-E: 1 of 8).
+            image_loss_weight: weight of the image tokens' cross-entropy (DALL-E: 7 of 8).
+            optimizer: AdamW and its schedule.
+            compile: torch.compile each transformer block in place.
+        """
+        super().__init__()
+        if isinstance(transformer, dict):  # a checkpoint's hyperparameters
+            transformer = TransformerConfig(**transformer)
+        if isinstance(optimizer, dict):
+            optimizer = PriorOptimizerConfig(**optimizer)
+        self.config = transformer if transformer is not None else TransformerConfig()
+        self.optimizer_config = optimizer if optimizer is not None else PriorOptimizerConfig()
+        if not 0.0 <= caption_dropout < 1.0:
+            raise ValueError(f"caption_dropout must be in [0, 1), got {caption_dropout}")
+        # plain dicts, so checkpoints load with torch.load(weights_only=True)
+        self.save_hyperparameters(
+            {
+                "transformer": asdict(self.config),
+                "tokenizer": tokenizer,
+                "text_tokenizer": text_tokenizer,
+                "caption_dropout": caption_dropout,
+                "text_loss_weight": text_loss_weight,
+                "image_loss_weight": image_loss_weight,
+                "optimizer": asdict(self.optimizer_config),
+                "compile": compile,
+            }
+        )
+        self.transformer = TextImageTransformer(self.config)
+        self.captions = CaptionTokenizer(text_tokenizer, self.config.text_length)
+        if self.captions.vocab_size > self.config.text_vocab_size:
+            raise ValueError(
+                f"text tokenizer {text_tokenizer!r} has {self.captions.vocab_size} tokens but the transformer's "
+                f"text_vocab_size is {self.config.text_vocab_size}"
+            )
+        self.image_tokenizer = FrozenModule(load_tokenizer(tokenizer)) if tokenizer is not None else None
+        if self.image_tokenizer is not None:
+            check_tokenizer_fits(self.image_tokenizer.module, self.config, tokenizer)
+        null = self.captions([""])  # the empty caption: what caption dropout trains and guidance contrasts with
+        self.register_buffer("null_text_ids", null.ids[0], persistent=False)  # (T,)
+        self.register_buffer("null_text_mask", null.mask[0], persistent=False)  # (T,)
+        self._last_step_time: float | None = None
+
+    # -------------------------------------------------------------------------
+    # sampling
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], sampling: SamplingConfig | None = None, seed: int = 0) -> torch.Tensor:
+        """Images (B, 3, H, W) in [-1, 1] for `prompts`, reproducible for a seed."""
+        if self.image_tokenizer is None:
+            raise ValueError("generate needs the stage-1 tokenizer: set `tokenizer` to its checkpoint or export")
+        sampling = sampling or SamplingConfig()
+        text_ids = self.captions(prompts).ids.to(self.device)
+        generator = torch.Generator(self.device).manual_seed(seed)
+        autocast = torch.autocast("cuda", torch.bfloat16) if self.device.type == "cuda" else nullcontext()
+        with autocast:
+            ids = sample_image_tokens(self.transformer, text_ids, sampling, generator, null_text_ids=self.null_text_ids)
+        grid = self.config.image_grid
+        return self.image_tokenizer.on(self.device).decode(ids.view(len(prompts), grid, grid)).float()
+
+    # -------------------------------------------------------------------------
+    # training
+
+    def configure_model(self) -> None:
+        if self.hparams.compile:
+            for block in self.transformer.blocks:
+                block.compile()
+
+    def image_ids(self, batch: dict) -> torch.Tensor:
+        """(B, N) ids of the batch's images, row-major; encoded here when the batch has images."""
+        if "image_ids" in batch:
+            ids = batch["image_ids"]
+        elif self.image_tokenizer is None:
+            raise ValueError("the batch has images but no `tokenizer` was given to encode them")
+        else:
+            ids = self.image_tokenizer.on(self.device).encode(batch["images"])
+        grid = self.config.image_grid
+        if ids.shape[1:] != (grid, grid):
+            raise ValueError(
+                f"the batch's image ids form a grid of {tuple(ids.shape[1:])}, the transformer expects ({grid}, {grid}): "
+                "check the data's image_size against the tokenizer's downsampling factor and transformer.image_grid"
+            )
+        return ids.flatten(1)
+
+    def text(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        text_ids, text_mask = batch["text_ids"], batch["text_mask"]
+        if text_ids.shape[1] != self.config.text_length:
+            raise ValueError(
+                f"the batch's captions have {text_ids.shape[1]} tokens, the transformer's text_length is "
+                f"{self.config.text_length}: set the datamodule's text_length to match"
+            )
+        return text_ids, text_mask
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        text_ids, text_mask = self.text(batch)
+        image_ids = self.image_ids(batch)
+        if self.hparams.caption_dropout > 0:
+            dropped = self.dropped_captions(len(text_ids)).to(text_ids.device)  # (B,)
+            text_ids = torch.where(dropped[:, None], self.null_text_ids, text_ids)
+            text_mask = torch.where(dropped[:, None], self.null_text_mask, text_mask)
+        losses = self.transformer.loss(
+            text_ids, text_mask, image_ids, self.hparams.text_loss_weight, self.hparams.image_loss_weight
+        )
+        self.log("train/loss", losses["loss"], prog_bar=True)
+        self.log_dict({"train/text_loss": losses["text_loss"], "train/image_loss": losses["image_loss"]})
+        self.log_throughput(len(text_ids))
+        return losses["loss"]
+
+    def dropped_captions(self, batch_size: int) -> torch.Tensor:
+        """(B,) bool: which captions this batch replaces by the empty one.
+
+        Drawn from a generator seeded by the count of training batches so far (saved in the
+        checkpoint's loop state) and the rank, not the global RNG, so a resumed run drops exactly
+        the captions the uninterrupted run would have."""
+        batches = self.trainer.fit_loop.epoch_loop.batch_progress.total.ready if self._trainer else 0
+        seed = batches * 4096 + self.global_rank
+        generator = torch.Generator().manual_seed(seed)
+        return torch.rand(batch_size, generator=generator) < self.hparams.caption_dropout
+
+    def log_throughput(self, batch_size: int) -> None:
+        """tokens/s, samples/s and MFU of the whole job, from the wall time between training steps."""
+        now = time.perf_counter()
+        if self._last_step_time is not None:
+            seconds = now - self._last_step_time
+            world = self.trainer.world_size
+            samples_per_s = batch_size * world / seconds
+            tokens_per_s = samples_per_s * self.config.sequence_length
+            logs = {"throughput/samples_per_s": samples_per_s, "throughput/tokens_per_s": tokens_per_s}
+            peak = peak_flops(self.device)
+            if peak is not None:
+                logs["throughput/mfu"] = tokens_per_s * self.transformer.flops_per_token() / (peak * world)
+            self.log_dict(logs, rank_zero_only=True)
+        self._last_step_time = now
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        text_ids, text_mask = self.text(batch)
+        losses = self.transformer.loss(
+            text_ids, text_mask, self.image_ids(batch), self.hparams.text_loss_weight, self.hparams.image_loss_weight
+        )
+        self.log_dict({f"val/{name}": value for name, value in losses.items()}, sync_dist=True, batch_size=len(text_ids))
+
+    def on_validation_epoch_end(self) -> None:
+        self._last_step_time = None  # the validation pause is not a training step
+
+    def configure_optimizers(self):
+        config = self.optimizer_config
+        params = [p for p in self.transformer.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},  # norms and biases
+        ]
+        fused = {"fused": True} if self.device.type == "cuda" else {}
+        optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, **fused)
+        if config.schedule == "cosine" and self.trainer.max_steps < 0:
+            raise ValueError("optimizer.schedule 'cosine' needs Trainer(max_steps=...): the step it decays to")
+        total_steps = self.trainer.max_steps
+
+        def factor(step: int) -> float:
+            return lr_factor(step, config.warmup_steps, config.schedule, total_steps, config.min_lr_ratio)
+
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        clip = self.optimizer_config.gradient_clip_val
+        if clip is None:
+            return
+        if isinstance(self.trainer.strategy, FSDPStrategy):
+            # the sharded norm needs FSDP's own all-reduce; Lightning's clip_gradients raises under FSDP
+            self.trainer.strategy.model.clip_grad_norm_(clip)
+        else:
+            self.clip_gradients(optimizer, clip, gradient_clip_algorithm="norm")
+
+
+def check_tokenizer_fits(tokenizer: VQTokenizer, config: TransformerConfig, path: str) -> None:
+    """Clear errors when the stage-1 tokenizer and the transformer disagree."""
+    description = tokenizer.describe()
+    if description["codebook_size"] != config.image_vocab_size:
+        raise ValueError(
+            f"tokenizer {path} has {description['codebook_size']} codes but transformer.image_vocab_size is "
+            f"{config.image_vocab_size}"
+        )
+    if description["latent_size"] != config.image_grid:
+        raise ValueError(
+            f"tokenizer {path} makes {description['latent_size']}x{description['latent_size']} id grids at its "
+            f"{description['autoencoder']['image_size']} px but transformer.image_grid is {config.image_grid}"
+        )
+    if "ResidualQuantizer" in description["quantizer"]["class_path"]:
+        raise ValueError(
+            f"tokenizer {path} is residual ((h, w, depth) ids): this prior models one id per position; "
+            "use a VectorQuantizer, LookupFreeQuantizer or FiniteScalarQuantizer tokenizer"
+        )

@@ -1,0 +1,184 @@
+"""The TextImagePrior LightningModule through a real Trainer on CPU: learning on the shapes set,
+start-up checks, caption dropout, exact resume, generation, the sample command and callback."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from PIL import Image
+from torch.utils.data import ConcatDataset, DataLoader, Dataset
+
+from callbacks.samples import SampleLogger
+from datamodules.caption_image import CaptionImageDataModule
+from lightning_modules.prior import PriorOptimizerConfig, TextImagePrior
+from tessera.nn.autoencoder import AutoencoderConfig
+from tessera.nn.transformer import TransformerConfig
+from tessera.nn.vector_quantizer import VectorQuantizer
+from tests.test_vqgan import tiny_vqgan, trainer
+
+TEXT_LENGTH = 24
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    """A random-init f8 tokenizer: 32 px images -> 4x4 ids of 64 codes."""
+    torch.manual_seed(0)
+    vqgan = tiny_vqgan(
+        image_size=32,
+        quantizer=VectorQuantizer(dim=4, codebook_size=64),
+        autoencoder=AutoencoderConfig(ch=8, ch_mult=(1, 2, 2, 2), num_res_blocks=1, z_channels=8, image_size=32),
+    )
+    return vqgan.tokenizer.save_pretrained(tmp_path_factory.mktemp("tokenizer"))
+
+
+def tiny_config(**overrides) -> TransformerConfig:
+    options = dict(text_length=TEXT_LENGTH, image_vocab_size=64, image_grid=4, n_layer=2, n_head=2, n_embd=64)
+    return TransformerConfig(**{**options, **overrides})
+
+
+def tiny_prior(tokenizer_dir, **overrides) -> TextImagePrior:
+    torch.manual_seed(0)
+    options = dict(
+        transformer=tiny_config(), tokenizer=str(tokenizer_dir),
+        optimizer=PriorOptimizerConfig(lr=3e-3, warmup_steps=5, schedule="constant"),
+    )
+    return TextImagePrior(**{**options, **overrides})
+
+
+def shapes_data(shapes_dir, batch_size: int = 8) -> CaptionImageDataModule:
+    return CaptionImageDataModule(
+        train_shards=str(shapes_dir / "{00000..00002}.tar"), val_shards=str(shapes_dir / "00002.tar"),
+        image_size=32, batch_size=batch_size, num_workers=0, text_length=TEXT_LENGTH, shuffle_buffer=0,
+    )
+
+
+class RecordLoss(L.Callback):
+    def __init__(self):
+        self.losses = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(outputs["loss"].item())
+
+
+def test_tiny_prior_learns_captions_and_image_tokens_of_the_shapes_set(tmp_path, tokenizer_dir, shapes_dir):
+    prior, recorder = tiny_prior(tokenizer_dir), RecordLoss()
+    trainer(tmp_path, max_steps=30, callbacks=[recorder]).fit(prior, datamodule=shapes_data(shapes_dir, batch_size=16))
+    first, last = np.mean(recorder.losses[:5]), np.mean(recorder.losses[-5:])
+    assert last < 0.6 * first, (first, last)
+
+
+def test_a_tokenizer_of_another_codebook_or_grid_is_refused_at_start_up(tokenizer_dir):
+    with pytest.raises(ValueError, match="64 codes but transformer.image_vocab_size is 128"):
+        TextImagePrior(transformer=tiny_config(image_vocab_size=128), tokenizer=str(tokenizer_dir))
+    with pytest.raises(ValueError, match="4x4 id grids at its 32 px but transformer.image_grid is 8"):
+        TextImagePrior(transformer=tiny_config(image_grid=8), tokenizer=str(tokenizer_dir))
+    with pytest.raises(ValueError, match="49408 tokens but the transformer's text_vocab_size is 1000"):
+        TextImagePrior(transformer=tiny_config(text_vocab_size=1000))
+
+
+def test_captions_of_another_length_are_refused_with_the_fix(tmp_path, tokenizer_dir, shapes_dir):
+    prior = tiny_prior(tokenizer_dir, transformer=tiny_config(text_length=32))
+    with pytest.raises(ValueError, match="24 tokens, the transformer's text_length is 32"):
+        trainer(tmp_path, max_steps=1).fit(prior, datamodule=shapes_data(shapes_dir))
+
+
+def test_caption_dropout_replaces_whole_captions_by_the_empty_one(tokenizer_dir):
+    prior = tiny_prior(tokenizer_dir, caption_dropout=0.5)
+    seen = {}
+
+    def spy(text_ids, text_mask, image_ids, *weights):
+        seen.update(text_ids=text_ids, text_mask=text_mask)
+        return {"loss": torch.zeros((), requires_grad=True), "text_loss": torch.zeros(()), "image_loss": torch.zeros(())}
+
+    prior.transformer.loss = spy
+    prior.log = prior.log_dict = lambda *args, **kwargs: None
+    prior.log_throughput = lambda batch_size: None
+    captions = prior.captions(["a red circle"] * 64)
+    batch = {"text_ids": captions.ids, "text_mask": captions.mask, "image_ids": torch.zeros(64, 4, 4, dtype=torch.long)}
+    prior.training_step(batch, 0)
+    dropped = (seen["text_ids"] == prior.null_text_ids).all(1)
+    kept = (seen["text_ids"] == captions.ids).all(1)
+    assert (dropped | kept).all() and 16 < dropped.sum() < 48
+    assert torch.equal(seen["text_mask"][dropped], prior.null_text_mask.expand(int(dropped.sum()), -1))
+    assert torch.equal(dropped, prior.dropped_captions(64))  # a function of the step: resumes exactly
+
+
+class Tokens(Dataset):
+    """Eight fixed caption/id samples as token shards would give them."""
+
+    def __init__(self, prior: TextImagePrior):
+        generator = torch.Generator().manual_seed(1)
+        captions = prior.captions([f"{n} red circles" for n in range(8)])
+        self.samples = [
+            {"text_ids": captions.ids[i], "text_mask": captions.mask[i], "image_ids": torch.randint(64, (4, 4), generator=generator)}
+            for i in range(8)
+        ]
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, index):
+        return self.samples[index]
+
+
+def test_stop_and_resume_equals_an_uninterrupted_run(tmp_path, tokenizer_dir):
+    straight = tiny_prior(tokenizer_dir, optimizer=PriorOptimizerConfig(lr=3e-3, warmup_steps=2, schedule="cosine"))
+    data = DataLoader(ConcatDataset([Tokens(straight)] * 2), batch_size=8, shuffle=False)  # 2 equal batches an epoch
+    every_epoch = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1, save_on_train_epoch_end=True)
+    trainer(tmp_path / "a", max_steps=4, enable_checkpointing=True, callbacks=[every_epoch]).fit(straight, data)
+
+    resumed = tiny_prior(tokenizer_dir, optimizer=PriorOptimizerConfig(lr=3e-3, warmup_steps=2, schedule="cosine"))
+    resumer = trainer(tmp_path / "b", max_steps=4)
+    resumer.fit(resumed, data, ckpt_path=tmp_path / "ckpt" / "epoch=0-step=2.ckpt")
+    assert resumed.global_step == 4
+    for key, value in straight.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[key], value, rtol=0, atol=0, msg=key)
+    checkpoint = torch.load(tmp_path / "ckpt" / "epoch=0-step=2.ckpt", weights_only=True)
+    assert not [key for key in checkpoint["state_dict"] if "tokenizer" in key]  # the frozen tokenizer is not saved
+
+
+def test_generate_gives_images_reproducible_for_a_seed_with_and_without_guidance(tokenizer_dir):
+    from tessera.sampling import SamplingConfig
+
+    prior = tiny_prior(tokenizer_dir).eval()
+    for sampling in (SamplingConfig(top_k=16), SamplingConfig(top_p=0.9, cfg_scale=3.0)):
+        images = prior.generate(["a red circle", "a blue square"], sampling, seed=3)
+        assert images.shape == (2, 3, 32, 32) and images.dtype == torch.float32
+        assert images.min() >= -1 and images.max() <= 1
+        torch.testing.assert_close(prior.generate(["a red circle", "a blue square"], sampling, seed=3), images)
+
+
+def test_sample_command_writes_pngs_a_grid_and_its_settings(tmp_path, tokenizer_dir):
+    from tessera.cli import main
+
+    prior = tiny_prior(tokenizer_dir)
+    fit = trainer(tmp_path, max_steps=1)
+    fit.fit(prior, DataLoader(Tokens(prior), batch_size=8))
+    fit.save_checkpoint(tmp_path / "prior.ckpt")
+    out = tmp_path / "samples"
+    argv = ["sample", "--prior", str(tmp_path / "prior.ckpt"), "--prompt", "a red circle", "two blue squares",
+            "--num-images", "3", "--cfg-scale", "2", "--top-k", "8", "--seed", "5", "--out", str(out)]
+    assert main(argv) == 0
+    assert sorted(p.name for p in out.glob("0*.png")) == [f"{p:04d}_{i:02d}.png" for p in range(2) for i in range(3)]
+    assert Image.open(out / "grid.png").size == (3 * 32 + 4 * 2, 2 * 32 + 3 * 2)
+    settings = json.loads((out / "settings.json").read_text())
+    assert settings["prompts"] == ["a red circle", "two blue squares"] and settings["cfg_scale"] == 2.0
+    first = np.asarray(Image.open(out / "0000_00.png"))
+    assert main(argv[:-1] + [str(tmp_path / "again")]) == 0
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "again" / "0000_00.png")), first)
+
+
+def test_sample_logger_logs_a_grid_of_the_fixed_prompts(tmp_path, tokenizer_dir):
+    prior = tiny_prior(tokenizer_dir)
+    logger = SampleLogger(["a red circle", "a blue square"], every_n_steps=2, images_per_prompt=2, top_k=8)
+    run = trainer(tmp_path, max_steps=2, logger=CSVLogger(tmp_path), callbacks=[logger])
+    run.fit(prior, DataLoader(Tokens(prior), batch_size=4))
+    grid = Image.open(tmp_path / "lightning_logs" / "version_0" / "samples" / "step_00000002.png")
+    assert grid.size == (2 * 32 + 3 * 2, 2 * 32 + 3 * 2)
