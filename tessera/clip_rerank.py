@@ -36,6 +36,7 @@ class ClipScorer:
                 "pretrained files, e.g. from the Hugging Face hub repo laion/CLIP-ViT-B-32-laion2B-s34B-b79K "
                 "or OpenAI's ViT-B-32.pt) on a machine with internet and pass its local path"
             )
+        self.model_name = model_name
         self.model = open_clip.create_model(model_name, pretrained=str(pretrained) if pretrained else None, device=device)
         self.model.requires_grad_(False).eval()
         self.tokenize = open_clip.get_tokenizer(model_name)

@@ -34,3 +34,28 @@ def caption_tokenizer():
     from datamodules.text import CaptionTokenizer
 
     return CaptionTokenizer(text_length=24)
+
+
+TINY_CLIP = "tessera-test-tiny-clip"
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory) -> tuple[str, Path]:
+    """A small random-init open_clip architecture registered as TINY_CLIP, and a weights file of it."""
+    import json
+
+    import open_clip
+
+    directory = tmp_path_factory.mktemp("clip")
+    config = {
+        "embed_dim": 32,
+        "quick_gelu": True,
+        "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+    }
+    (directory / f"{TINY_CLIP}.json").write_text(json.dumps(config))
+    open_clip.add_model_config(directory / f"{TINY_CLIP}.json")
+    torch.manual_seed(0)
+    weights = directory / "tiny_clip.pt"
+    torch.save(open_clip.create_model(TINY_CLIP).state_dict(), weights)
+    return TINY_CLIP, weights

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import open_clip
 import pytest
 import torch
@@ -11,22 +9,10 @@ import torch.nn.functional as F
 
 from tessera.clip_rerank import ClipScorer, rerank
 
-TINY_CLIP = "tessera-test-tiny-clip"
-
-
 @pytest.fixture(scope="module")
-def scorer(tmp_path_factory) -> ClipScorer:
-    config = {
-        "embed_dim": 32,
-        "quick_gelu": True,
-        "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8},
-        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
-    }
-    path = tmp_path_factory.mktemp("clip") / f"{TINY_CLIP}.json"
-    path.write_text(json.dumps(config))
-    open_clip.add_model_config(path)
-    torch.manual_seed(0)
-    return ClipScorer(TINY_CLIP)
+def scorer(tiny_clip) -> ClipScorer:
+    name, weights = tiny_clip
+    return ClipScorer(name, weights)
 
 
 def test_scores_are_the_cosine_of_clip_image_and_text_features(scorer):
@@ -34,7 +20,7 @@ def test_scores_are_the_cosine_of_clip_image_and_text_features(scorer):
     captions = ["a red circle", "a blue square", "two green triangles"]
     pixels = F.interpolate((images + 1) / 2, size=(32, 32), mode="bicubic", antialias=True, align_corners=False)
     image_features = scorer.model.encode_image((pixels - scorer.mean) / scorer.std)
-    text_features = scorer.model.encode_text(open_clip.get_tokenizer(TINY_CLIP)(captions))
+    text_features = scorer.model.encode_text(open_clip.get_tokenizer(scorer.model_name)(captions))
     expected = F.cosine_similarity(image_features, text_features)
     torch.testing.assert_close(scorer(images, captions), expected, rtol=1e-4, atol=1e-5)
 

@@ -182,3 +182,22 @@ def test_sample_logger_logs_a_grid_of_the_fixed_prompts(tmp_path, tokenizer_dir)
     run.fit(prior, DataLoader(Tokens(prior), batch_size=4))
     grid = Image.open(tmp_path / "lightning_logs" / "version_0" / "samples" / "step_00000002.png")
     assert grid.size == (2 * 32 + 3 * 2, 2 * 32 + 3 * 2)
+
+
+def test_sample_command_keeps_the_candidates_clip_scores_best(tmp_path, tokenizer_dir, tiny_clip):
+    from tessera.cli import main
+
+    prior = tiny_prior(tokenizer_dir)
+    fit = trainer(tmp_path, max_steps=1)
+    fit.fit(prior, DataLoader(Tokens(prior), batch_size=8))
+    fit.save_checkpoint(tmp_path / "prior.ckpt")
+    clip_model, clip_weights = tiny_clip
+    argv = ["sample", "--prior", str(tmp_path / "prior.ckpt"), "--prompt", "a red circle", "--num-images", "2",
+            "--candidates", "6", "--clip-model", clip_model, "--clip-weights", str(clip_weights), "--out", str(tmp_path / "out")]
+    assert main(argv) == 0
+    settings = json.loads((tmp_path / "out" / "settings.json").read_text())
+    scores = settings["clip_scores"][0]
+    assert len(scores) == 2 and scores[0] >= scores[1]
+    assert len(list((tmp_path / "out").glob("0000_*.png"))) == 2
+    with pytest.raises(SystemExit, match="clip-weights"):
+        main(argv[: argv.index("--clip-model")] + ["--out", str(tmp_path / "none")])
