@@ -102,7 +102,8 @@ class TextImagePrior(L.LightningModule):
             text_tokenizer: "clip-bpe" or a `transformers` tokenizer name or directory; must be the
                 one the data is tokenized with.
             caption_dropout: share of training captions replaced by the empty caption (for guidance).
-            text_loss_weight: weight of the caption tokens' cross-entropy (DALL-E: 1 of 8).
+            text_loss_weight: weight of the caption tokens' cross-entropy (DALL-E: 1 of 8); 0 skips
+                the text head, which dominates a small model's compute (LlamaGen trains no text loss).
             image_loss_weight: weight of the image tokens' cross-entropy (DALL-E: 7 of 8).
             optimizer: AdamW and its schedule.
             compile: torch.compile each transformer block in place.
@@ -205,7 +206,7 @@ class TextImagePrior(L.LightningModule):
             text_ids, text_mask, image_ids, self.hparams.text_loss_weight, self.hparams.image_loss_weight
         )
         self.log("train/loss", losses["loss"], prog_bar=True)
-        self.log_dict({"train/text_loss": losses["text_loss"], "train/image_loss": losses["image_loss"]})
+        self.log_dict({f"train/{name}": losses[name] for name in ("text_loss", "image_loss") if name in losses})
         self.log_throughput(len(text_ids))
         return losses["loss"]
 

@@ -392,3 +392,16 @@ def test_sampling_restores_training_mode_and_runs_under_bf16_autocast():
         tokens = sample(model, ids, top_k=8)
     assert model.training
     assert tokens.shape == (2, 16) and 0 <= tokens.min() and tokens.max() < 60
+
+
+def test_without_text_loss_the_loss_is_the_image_loss_and_the_text_head_gets_no_gradient():
+    torch.manual_seed(0)
+    config = TransformerConfig(text_length=8, image_vocab_size=32, image_grid=2, n_layer=1, n_head=2, n_embd=32)
+    model = TextImageTransformer(config)
+    text_ids = torch.randint(49408, (2, 8))
+    image_ids = torch.randint(32, (2, 4))
+    losses = model.loss(text_ids, torch.ones_like(text_ids), image_ids, text_loss_weight=0.0)
+    assert set(losses) == {"loss", "image_loss"}
+    torch.testing.assert_close(losses["loss"], model.loss(text_ids, torch.ones_like(text_ids), image_ids)["image_loss"])
+    losses["loss"].backward()
+    assert model.text_head.weight.grad is None

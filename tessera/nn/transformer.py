@@ -366,6 +366,14 @@ class TextImageTransformer(nn.Module):
         never an input, so N may be anything up to image_length; image_ids=None is the same as
         N = 1: the caption alone, and the logits for image token 0.
         """
+        x = self.hidden_states(text_ids, image_ids)  # (B, T + N - 1, C)
+        T = text_ids.size(1)
+        text_logits = self.text_head(x[:, : T - 1])  # (B, T - 1, Vt)
+        image_logits = self.image_head(x[:, T - 1 :])  # (B, N, Vi)
+        return text_logits, image_logits
+
+    def hidden_states(self, text_ids: torch.Tensor, image_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The final-norm hidden states (B, T + N - 1, C) that `forward` feeds to the heads."""
         self._check_text(text_ids)
         B, T = text_ids.shape
         image_ids = None if image_ids is None else self._flat_image_ids(image_ids, B)
@@ -379,10 +387,7 @@ class TextImageTransformer(nn.Module):
                 x = checkpoint(block, x, use_reentrant=False)
             else:
                 x = block(x)
-        x = self.ln_f(x)
-        text_logits = self.text_head(x[:, : T - 1])  # (B, T - 1, Vt)
-        image_logits = self.image_head(x[:, T - 1 :])  # (B, N, Vi)
-        return text_logits, image_logits
+        return self.ln_f(x)
 
     def loss(
         self,
@@ -397,7 +402,8 @@ class TextImageTransformer(nn.Module):
         text_mask (B, T) is 1 on real caption tokens (start and end of text included): padding
         is never a target. text_loss is the mean over real caption targets, image_loss the mean
         over all image tokens, and loss = (w_t * text_loss + w_i * image_loss) / (w_t + w_i):
-        DALL-E's 1/8 : 7/8 by default.
+        DALL-E's 1/8 : 7/8 by default. With text_loss_weight 0 the text head is skipped (with a
+        49,408-token vocabulary it is most of a small model's FLOPs) and text_loss is absent.
         """
         if text_loss_weight < 0 or image_loss_weight < 0 or text_loss_weight + image_loss_weight <= 0:
             raise ValueError(
@@ -406,10 +412,13 @@ class TextImageTransformer(nn.Module):
         if text_mask.shape != text_ids.shape:
             raise ValueError(f"text_mask {tuple(text_mask.shape)} must match text_ids {tuple(text_ids.shape)}")
         image_ids = self._flat_image_ids(image_ids, text_ids.size(0))
-        text_logits, image_logits = self(text_ids, image_ids)
+        x = self.hidden_states(text_ids, image_ids)  # (B, T + N - 1, C)
+        T = text_ids.size(1)
+        image_loss = _cross_entropy(self.image_head(x[:, T - 1 :]), image_ids, self.config.image_vocab_size)
+        if text_loss_weight == 0:
+            return {"loss": image_loss, "image_loss": image_loss}
         text_targets = text_ids[:, 1:].masked_fill(~text_mask[:, 1:].bool(), IGNORE_INDEX)  # (B, T - 1)
-        text_loss = _cross_entropy(text_logits, text_targets, self.config.text_vocab_size)
-        image_loss = _cross_entropy(image_logits, image_ids, self.config.image_vocab_size)
+        text_loss = _cross_entropy(self.text_head(x[:, : T - 1]), text_targets, self.config.text_vocab_size)
         loss = (text_loss_weight * text_loss + image_loss_weight * image_loss) / (text_loss_weight + image_loss_weight)
         return {"loss": loss, "text_loss": text_loss, "image_loss": image_loss}
 
