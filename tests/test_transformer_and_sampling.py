@@ -263,8 +263,9 @@ def test_prefill_and_decode_steps_give_the_full_forward_logits():
     images = image_tokens(2)
     _, full = model(ids, images)  # (2, 16, 64)
     cache = model.make_kv_cache(2)
-    assert cache.k.shape == (2, 2, 4, 24, 8)  # (n_layer, B, n_head, sequence_length, head_dim)
-    cache.k.normal_(), cache.v.normal_()  # stale entries from an earlier batch must be masked out
+    assert len(cache.k) == 2 and cache.k[0].shape == (2, 4, 24, 8)  # n_layer x (B, n_head, sequence_length, head_dim)
+    for tensor in cache.k + cache.v:
+        tensor.normal_()  # stale entries from an earlier batch must be masked out
     steps = [model.prefill(ids, cache)]
     for i in range(15):
         position = 8 + i if i % 2 else torch.tensor(8 + i)  # an int or a device tensor
@@ -274,9 +275,9 @@ def test_prefill_and_decode_steps_give_the_full_forward_logits():
 
 def test_kv_cache_takes_the_autocast_dtype_when_autocast_is_on():
     model = tiny_model()
-    assert model.make_kv_cache(1).k.dtype == torch.float32
+    assert model.make_kv_cache(1).k[0].dtype == torch.float32
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert model.make_kv_cache(1).k.dtype == torch.bfloat16
+        assert model.make_kv_cache(1).k[0].dtype == torch.bfloat16
     assert KVCache(model.config, 3, dtype=torch.float16).v.shape[1] == 3
 
 

@@ -242,12 +242,14 @@ class Block(nn.Module):
 
 class KVCache:
     """Keys and values of every layer for one whole sequence, allocated once: `k` and `v` are
-    (n_layer, B, n_head, sequence_length, head_dim) each.
+    lists of n_layer tensors (B, n_head, sequence_length, head_dim).
 
     Static on purpose: a step writes its position in place and attends over the full buffer under
     a mask, so every decode step has the same shapes and memory addresses, which torch.compile
     (mode="reduce-overhead") and CUDA graphs need. Size: 2 x n_layer x B x sequence_length x n_embd
     elements, e.g. 2.6 GB in bf16 for the 1.3B model, 16 prompts doubled for guidance.
+    One tensor per layer rather than one for all: a compiled step then writes each in place,
+    where a view into a shared input would make Inductor copy the whole cache every step.
     """
 
     def __init__(
@@ -257,18 +259,18 @@ class KVCache:
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
     ):
-        shape = (config.n_layer, batch_size, config.n_head, config.sequence_length, config.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        shape = (batch_size, config.n_head, config.sequence_length, config.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         # compared with the input positions to mask keys not written yet (they hold zeros or stale values)
         self.positions = torch.arange(config.sequence_length, device=device)
 
     @property
     def batch_size(self) -> int:
-        return self.k.size(1)
+        return self.k[0].size(0)
 
     def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Views of one layer's keys and values, (B, n_head, sequence_length, head_dim) each."""
+        """One layer's keys and values, (B, n_head, sequence_length, head_dim) each."""
         return self.k[index], self.v[index]
 
 

@@ -1,0 +1,269 @@
+"""Prior training throughput: tokens per second and MFU of full training steps of the "300m"
+text-image Transformer (24 layers x 1024, 16 heads) at 64 caption + 256 image tokens (a 16x16
+grid of a 16,384-code tokenizer), against `transformers`' GPT-2 of the same shape, in one run.
+
+Every setting times full optimizer steps on one random batch already on the device (the data
+loader is measured apart, by bench/data_throughput.py), after warm-up steps (compilation happens
+there), with CUDA synchronised around the timed steps. A step is: forward and loss under bf16
+autocast (fp32 weights), backward, gradient-norm clip 1.0, fused AdamW step (lr 3e-4, betas
+(0.9, 0.95), weight decay 0.05 on matrices, as PriorModule), zero_grad(set_to_none=True).
+  - tessera: `TextImageTransformer.loss` (separate text and image heads, fp32 cross-entropy,
+    text 1 : image 7), eager;
+  - tessera+compile: the same with `torch.compile` of the whole loss (embeddings, blocks, both
+    heads and the cross-entropy in one graph);
+  - tessera+compile-blocks: each Block compiled in place, as `PriorModule(compile=True)` does;
+  - gpt2: the reference a user would otherwise write: `transformers.GPT2LMHeadModel` of the same
+    shape (n_positions 320, dropout 0 as ours, SDPA attention, head tied to the input embedding)
+    over one joint vocabulary, text ids then image ids offset by 49,408: 65,792 ids, 65,856 with
+    the padding FIELD-NOTES' measurement used; loss from `labels=`, cross-entropy over all 319
+    next-token targets; eager;
+  - gpt2+compile: the same with `torch.compile(model)` (its loss is inside forward, so inside
+    the graph, as with tessera+compile).
+
+Tokens per step are batch x 320 for both (tessera feeds 319 positions, the last image token is
+only a target; GPT-2 feeds 320 and computes logits for the last one too). MFU = tokens/s x
+(6N + 12 L d T) / peak, with N the parameters without embeddings and heads for both (GPT-2's
+head is its tied input embedding), T = 320 (PaLM appendix B; `TextImageTransformer.flops_per_token`).
+The formula leaves out the heads' 6 d V per token, which GPT-2 pays over 65,856 ids at every
+position and tessera over 49,408 (63 text positions) or 16,384 (256 image positions): the same
+MFU means the same speed on the 302M of blocks, and GPT-2 does ~14% more work than counted,
+tessera ~7%. Peak: 989 TFLOP/s bf16 dense on H100/H200 (printed in the header; --peak-flops
+for another device). FIELD-NOTES' one-H100 reference: GPT-2 72.0k tokens/s eager (13.9% MFU),
+165.7k compiled (32.0%).
+
+    python bench/prior_throughput.py                                  # one H100: all settings, batch 64
+    python bench/prior_throughput.py --settings tessera+compile gpt2+compile --steps 50
+    python bench/prior_throughput.py --tiny                           # CPU smoke run, 2 layers x 64
+
+--tiny compiles with the "aot_eager" backend unless --compile-backend is given: it checks that
+every setting traces and steps, in seconds on a CPU, without Inductor's code generation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import transformers
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from lightning_modules.prior import peak_flops
+from tessera.nn.transformer import TextImageTransformer, TransformerConfig
+
+SETTINGS = ["tessera", "tessera+compile", "tessera+compile-blocks", "gpt2", "gpt2+compile"]
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def prior_config(tiny: bool) -> TransformerConfig:
+    if tiny:
+        # a 4,096-id caption vocabulary keeps the embedding and head small on a CPU; its last two ids
+        # play CLIP's start and end of text (49,406 and 49,407 of 49,408)
+        return TransformerConfig(
+            n_layer=2, n_head=4, n_embd=64, text_vocab_size=4096, text_length=16, image_grid=4, image_vocab_size=512
+        )
+    return TransformerConfig.from_name("300m", text_length=64, image_grid=16, image_vocab_size=16384)
+
+
+def gpt2_config(config: TransformerConfig) -> GPT2Config:
+    """GPT-2 of the prior's shape over one joint vocabulary: 49,408 + 16,384 = 65,792 ids at 300m,
+    plus one spare row, rounded up to a multiple of 64: 65,856, the vocabulary of FIELD-NOTES' reference."""
+    return GPT2Config(
+        vocab_size=_round_up(config.text_vocab_size + config.image_vocab_size + 1, 64),
+        n_positions=config.sequence_length,
+        n_embd=config.n_embd,
+        n_layer=config.n_layer,
+        n_head=config.n_head,
+        resid_pdrop=0.0,  # GPT-2 defaults to 0.1; ours uses none, so neither pays for dropout
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=None,  # GPT-2's 50256 means nothing in this vocabulary; no end of sequence: every sample is whole
+        eos_token_id=None,
+    )
+
+
+def gpt2_non_embedding_params(model: GPT2LMHeadModel) -> int:
+    """Parameters without the token and position tables (the head is tied to the token table):
+    the same N as `TextImageTransformer.num_params()`."""
+    n = sum(p.numel() for p in model.parameters())  # parameters() counts the tied head once
+    return n - model.transformer.wte.weight.numel() - model.transformer.wpe.weight.numel()
+
+
+def flops_per_token(n_params: int, n_layer: int, n_embd: int, seq_len: int) -> int:
+    """6N for the weight matmuls, forward and backward, plus 12 L d T for attention (PaLM appendix B)."""
+    return 6 * n_params + 12 * n_layer * n_embd * seq_len
+
+
+def adamw(model: torch.nn.Module) -> torch.optim.AdamW:
+    """PriorModule's optimizer: decay on matrices and embeddings only, fused kernels."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.05},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=3e-4, betas=(0.9, 0.95), fused=True)
+
+
+@dataclass
+class Trainee:
+    """A model, a closure computing its loss on the bench batch, and its FLOPs per token."""
+
+    model: torch.nn.Module
+    loss: Callable[[], torch.Tensor]
+    n_params: int  # without embeddings
+    flops_per_token: int
+
+
+def build(name: str, config: TransformerConfig, batch_size: int, device: torch.device, compile_kwargs: dict) -> Trainee:
+    generator = torch.Generator().manual_seed(0)
+    text_ids = torch.randint(0, config.text_vocab_size, (batch_size, config.text_length), generator=generator)
+    image_ids = torch.randint(0, config.image_vocab_size, (batch_size, config.image_length), generator=generator)
+    text_ids, image_ids = text_ids.to(device), image_ids.to(device)
+    T = config.sequence_length
+    torch.manual_seed(0)
+
+    if name.startswith("tessera"):
+        model = TextImageTransformer(config).to(device)
+        text_mask = torch.ones_like(text_ids)  # every caption position real: the most text targets
+        loss_fn = model.loss
+        if name == "tessera+compile":
+            loss_fn = torch.compile(model.loss, **compile_kwargs)
+        elif name == "tessera+compile-blocks":
+            for block in model.blocks:
+                block.compile(**compile_kwargs)
+        n_params = model.num_params()
+        return Trainee(
+            model, lambda: loss_fn(text_ids, text_mask, image_ids)["loss"], n_params, model.flops_per_token(T)
+        )
+
+    model = GPT2LMHeadModel(gpt2_config(config)).to(device)
+    model.loss_type = "ForCausalLM"  # the loss labels= gives anyway, named so that transformers does not warn
+    input_ids = torch.cat([text_ids, image_ids + config.text_vocab_size], dim=1)  # (B, 320): one joint vocabulary
+    forward = torch.compile(model, **compile_kwargs) if name == "gpt2+compile" else model
+    n_params = gpt2_non_embedding_params(model)
+    return Trainee(
+        model,
+        lambda: forward(input_ids=input_ids, labels=input_ids).loss,
+        n_params,
+        flops_per_token(n_params, config.n_layer, config.n_embd, T),
+    )
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(
+    name: str, args: argparse.Namespace, config: TransformerConfig, device: torch.device, peak: float | None
+) -> dict:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    compile_kwargs = {"backend": args.compile_backend}
+    if args.compile_backend == "inductor" and args.compile_mode != "default":
+        compile_kwargs["mode"] = args.compile_mode
+    trainee = build(name, config, args.batch_size, device, compile_kwargs)
+    model = trainee.model.train()
+    optimizer = adamw(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def step() -> torch.Tensor:
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            loss = trainee.loss()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    for _ in range(args.warmup):  # compilation, cuBLAS/cuDNN heuristics, the optimizer's state allocation
+        step()
+    sync(device)
+    started = time.perf_counter()
+    for _ in range(args.steps):
+        loss = step()
+    sync(device)
+    seconds = time.perf_counter() - started
+
+    seq_len = config.sequence_length
+    tokens_per_s = args.batch_size * seq_len * args.steps / seconds
+    result = {
+        "setting": name,
+        "batch": args.batch_size,
+        "seq_len": seq_len,
+        "tokens_per_s": round(tokens_per_s),
+        "mfu": None if peak is None else round(tokens_per_s * trainee.flops_per_token / peak, 4),
+        "ms_per_step": round(1000 * seconds / args.steps, 1),
+        "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1) if device.type == "cuda" else None,
+        "params_non_embedding": trainee.n_params,
+        "flops_per_token": trainee.flops_per_token,
+        "timed_steps": args.steps,
+        "loss": round(loss.item(), 4),
+    }
+    if "compile" in name:
+        result["compile"] = compile_kwargs
+    return result
+
+
+def release(device: torch.device) -> None:
+    """Frees the last setting's model, optimizer state, compiled graphs and cached blocks."""
+    torch._dynamo.reset()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch-size", type=int, default=None, help="sequences per step (64; 4 with --tiny)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps after the warm-up (20; 2 with --tiny)")
+    parser.add_argument("--warmup", type=int, default=None,
+                        help="untimed steps first, compilation included (5; 1 with --tiny)")
+    parser.add_argument("--settings", nargs="+", default=SETTINGS, choices=SETTINGS)
+    parser.add_argument("--compile-backend", default=None,
+                        help="torch.compile backend (inductor; aot_eager with --tiny)")
+    parser.add_argument("--compile-mode", default="default", choices=["default", "max-autotune-no-cudagraphs"],
+                        help="Inductor mode for every compiled setting, both sides")
+    parser.add_argument("--peak-flops", type=float, default=None,
+                        help="bf16 dense peak FLOP/s for MFU; default 989e12 on an H100 or H200 (PriorModule's table)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"])
+    parser.add_argument("--tiny", action="store_true", help="2 layers x 64 wide, 16 + 16 tokens: checks the script runs")
+    args = parser.parse_args()
+    args.batch_size = args.batch_size or (4 if args.tiny else 64)
+    args.steps = args.steps or (2 if args.tiny else 20)
+    args.warmup = args.warmup if args.warmup is not None else (1 if args.tiny else 5)
+    args.compile_backend = args.compile_backend or ("aot_eager" if args.tiny else "inductor")
+
+    device = torch.device(args.device)
+    config = prior_config(args.tiny)
+    peak = args.peak_flops if args.peak_flops is not None else peak_flops(device)
+    header = {
+        "bench": "prior_throughput",
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "transformers": transformers.__version__,
+        "peak_flops": peak,
+        "precision": "bf16 autocast, fp32 weights, fused AdamW",
+        "shape": f"{config.n_layer} layers x {config.n_embd}, {config.n_head} heads, "
+                 f"{config.text_length} text + {config.image_length} image tokens",
+    }
+    print(json.dumps(header), flush=True)
+    for name in args.settings:
+        try:
+            result = measure(name, args, config, device, peak)
+        except torch.OutOfMemoryError:
+            result = {"setting": name, "batch": args.batch_size, "error": "out of memory"}
+        print(json.dumps(result), flush=True)
+        release(device)
+
+
+if __name__ == "__main__":
+    main()
