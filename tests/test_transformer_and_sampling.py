@@ -278,7 +278,7 @@ def test_kv_cache_takes_the_autocast_dtype_when_autocast_is_on():
     assert model.make_kv_cache(1).k[0].dtype == torch.float32
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert model.make_kv_cache(1).k[0].dtype == torch.bfloat16
-    assert KVCache(model.config, 3, dtype=torch.float16).v.shape[1] == 3
+    assert KVCache(model.config, 3, dtype=torch.float16).v[0].shape[0] == 3
 
 
 # --- filters and guidance against transformers -----------------------------------------------
