@@ -1,0 +1,314 @@
+"""
+Frechet Inception Distance: feature statistics, their cache files, and the distance in float64.
+
+FID compares two sets of images by the mean and covariance of a feature network's activations:
+    d^2 = |mu_1 - mu_2|^2 + Tr(S_1 + S_2 - 2 (S_1 S_2)^(1/2))
+Feature extraction and the running sums come from torchmetrics' `FrechetInceptionDistance`
+(float64 sums, synced across ranks by torchmetrics, so every rank extracts features for its own
+share); the distance itself is computed here, in float64, from (mean, covariance) pairs, so a
+cached reference (`FeatureStats`) and freshly accumulated statistics mix freely.
+
+The standard network is torch-fidelity's port of the TF Inception v3 of 2015-12-05 (pool3, 2048
+features) that torchmetrics wraps, fed uint8 images it resizes to 299 the way TF1 did
+(`antialias=False` in torchmetrics; its antialiased default changes FID). Its weights are a local
+file, never downloaded. Any nn.Module taking (B, 3, H, W) uint8 to (B, D) features can replace it.
+
+References:
+1) GANs Trained by a Two Time-Scale Update Rule Converge to a Local Nash Equilibrium, Heusel et al. 2017:
+https://arxiv.org/abs/1706.08500
+2) torch-fidelity: https://github.com/toshas/torch-fidelity; pytorch-fid: https://github.com/mseitzer/pytorch-fid
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, Dataset
+from torchmetrics.image.fid import FrechetInceptionDistance
+
+# The same file under torch-fidelity's and pytorch-fid's names (6726825d: the first hex digits of its sha256)
+INCEPTION_WEIGHTS_FILES = ("weights-inception-2015-12-05-6726825d.pth", "pt_inception-2015-12-05-6726825d.pth")
+INCEPTION_WEIGHTS_URLS = (
+    "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth",
+    "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth",
+)
+INCEPTION_ID = "inception-v3-compat/pool3-2048/2015-12-05-6726825d/tf1-bilinear-299"
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+
+def preprocessing(image_size: int) -> dict:
+    """How images are prepared before the feature network; stored with cached statistics."""
+    return {"image_size": image_size, "resize": "shorter side, PIL bicubic (reducing_gap 3)", "crop": "centre", "pixels": "uint8 RGB"}
+
+
+def find_inception_weights(path: str | Path | None = None) -> Path:
+    """The FID Inception weights: `path`, else torch-fidelity's or pytorch-fid's file in $TORCH_HOME/hub/checkpoints."""
+    if path is not None:
+        candidates = [Path(path)]
+    else:
+        cache = Path(torch.hub.get_dir()) / "checkpoints"
+        candidates = [cache / name for name in INCEPTION_WEIGHTS_FILES]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"FID Inception weights not found at {' or '.join(str(c) for c in candidates)}: this is "
+        f"{INCEPTION_WEIGHTS_FILES[0]} (torch-fidelity; the same file as pytorch-fid's {INCEPTION_WEIGHTS_FILES[1]}), "
+        f"the TF Inception v3 of 2015-12-05 ported to PyTorch. Download it on a machine with internet from "
+        f"{INCEPTION_WEIGHTS_URLS[0]} and pass its path (--inception-weights) or put it in {Path(torch.hub.get_dir()) / 'checkpoints'}"
+    )
+
+
+@contextmanager
+def strict_fp32():
+    """TF32 off for CUDA matmuls and convolutions (reported FIDs are strict fp32), restored afterwards."""
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    try:
+        saved = (matmul.allow_tf32, cudnn.allow_tf32)  # the legacy flags, unless the new API was used
+    except RuntimeError:
+        saved = None
+    if saved is not None:
+        matmul.allow_tf32 = cudnn.allow_tf32 = False
+    else:
+        saved_new = (matmul.fp32_precision, cudnn.conv.fp32_precision)
+        matmul.fp32_precision = cudnn.conv.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        if saved is not None:
+            matmul.allow_tf32, cudnn.allow_tf32 = saved
+        else:
+            matmul.fp32_precision, cudnn.conv.fp32_precision = saved_new
+
+
+# -----------------------------------------------------------------------------
+# statistics and the distance
+
+
+@dataclass
+class FeatureStats:
+    """Mean (D,) and covariance (D, D), float64, of `count` images' features, and how they were made."""
+
+    mean: torch.Tensor
+    cov: torch.Tensor
+    count: int
+    extractor: str
+    preprocessing: dict = field(default_factory=dict)
+    source: str = ""
+
+    def save(self, path: str | Path) -> Path:
+        """Plain tensors, numbers and strings: loads with torch.load(weights_only=True)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        state = {"mean": self.mean.double().cpu(), "cov": self.cov.double().cpu(), "count": int(self.count),
+                 "extractor": self.extractor, "preprocessing": dict(self.preprocessing), "source": self.source}
+        partial = path.with_name(path.name + f".partial{os.getpid()}")
+        torch.save(state, partial)
+        os.replace(partial, path)  # never a half-written cache
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, extractor: str | None = None, preprocessing: dict | None = None) -> "FeatureStats":
+        """Cached statistics; with `extractor` / `preprocessing`, refused unless they were made the same way."""
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        stats = cls(**state)
+        if extractor is not None and stats.extractor != extractor:
+            raise ValueError(f"reference statistics {path} were made with extractor {stats.extractor!r}, not {extractor!r}")
+        if preprocessing is not None and stats.preprocessing != preprocessing:
+            raise ValueError(f"reference statistics {path} were made with preprocessing {stats.preprocessing}, not {preprocessing}")
+        return stats
+
+
+def frechet_distance(a: FeatureStats, b: FeatureStats) -> float:
+    """The Frechet distance of two Gaussians, in float64.
+
+    Tr((S_a S_b)^(1/2)) = Tr((S_a^(1/2) S_b S_a^(1/2))^(1/2)): the inner matrix is symmetric positive
+    semi-definite, so two symmetric eigendecompositions give it stably (no complex parts, no sqrtm).
+    """
+    if a.extractor != b.extractor:
+        raise ValueError(f"statistics of different extractors: {a.extractor!r} and {b.extractor!r}")
+    mu_a, mu_b = a.mean.double(), b.mean.double().to(a.mean.device)
+    cov_a, cov_b = a.cov.double(), b.cov.double().to(a.cov.device)
+    values, vectors = torch.linalg.eigh(cov_a)
+    root_a = (vectors * values.clamp_min(0).sqrt()) @ vectors.T  # S_a^(1/2)
+    inner = root_a @ cov_b @ root_a
+    trace_sqrt = torch.linalg.eigvalsh((inner + inner.T) / 2).clamp_min(0).sqrt().sum()
+    return float((mu_a - mu_b).square().sum() + cov_a.trace() + cov_b.trace() - 2 * trace_sqrt)
+
+
+class FrechetDistance(FrechetInceptionDistance):
+    """torchmetrics' FID with the standard Inception weights from a local file, or any feature module.
+
+    update(images, real) takes (B, 3, H, W) uint8 and runs with TF32 off. compute() syncs the states
+    across ranks (call it on every rank) and returns the float64 distance between the fake
+    statistics and `reference` (fixed statistics, e.g. a cache file), or the real ones when there
+    is none. `statistics(real)` gives the synced statistics as a `FeatureStats`.
+
+    Args:
+        extractor: a module mapping uint8 images to (B, D) features; None is the FID Inception.
+        inception_weights: the Inception weights file (see `find_inception_weights`).
+        extractor_id: names the extractor in statistics and cache files (the module's class by default).
+        image_size: the side images are prepared at, recorded with the statistics.
+        reference: fixed reference statistics; then only fake images may be added.
+    """
+
+    def __init__(
+        self,
+        extractor: nn.Module | None = None,
+        inception_weights: str | Path | None = None,
+        extractor_id: str | None = None,
+        image_size: int = 256,
+        reference: FeatureStats | None = None,
+        **kwargs,
+    ):
+        if extractor is None:
+            weights = find_inception_weights(inception_weights)  # before torchmetrics could download
+            super().__init__(feature=2048, feature_extractor_weights_path=str(weights), antialias=False, normalize=False, **kwargs)
+            self.extractor_id = extractor_id or INCEPTION_ID
+        else:
+            super().__init__(feature=extractor.eval().requires_grad_(False), normalize=False, **kwargs)
+            self.extractor_id = extractor_id or f"{type(extractor).__module__}.{type(extractor).__qualname__}"
+        self.preprocessing = preprocessing(image_size)
+        self.reference: FeatureStats | None = None
+        if reference is not None:
+            self.set_reference(reference)
+
+    def set_reference(self, reference: FeatureStats) -> None:
+        if reference.extractor != self.extractor_id:
+            raise ValueError(f"reference statistics of extractor {reference.extractor!r}, this metric uses {self.extractor_id!r}")
+        self.reference = reference
+
+    def update(self, images: torch.Tensor, real: bool) -> None:
+        if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
+            raise TypeError(f"FID takes (B, 3, H, W) uint8 images, got {tuple(images.shape)} {images.dtype}")
+        if real and self.reference is not None:
+            raise ValueError("this FID has fixed reference statistics: add generated images only (real=False)")
+        with strict_fp32():
+            super().update(images, real)
+
+    def _statistics(self, real: bool) -> FeatureStats:
+        """From this process's states (synced ones inside compute)."""
+        prefix = "real" if real else "fake"
+        count = int(getattr(self, f"{prefix}_features_num_samples"))
+        if count < 2:
+            raise RuntimeError(f"FID needs at least 2 {prefix} images, got {count}")
+        total, cov_total = getattr(self, f"{prefix}_features_sum"), getattr(self, f"{prefix}_features_cov_sum")
+        mean = total / count  # float64
+        cov = (cov_total - count * torch.outer(mean, mean)) / (count - 1)
+        return FeatureStats(mean, cov, count, self.extractor_id, self.preprocessing)
+
+    def statistics(self, real: bool = True) -> FeatureStats:
+        """The statistics of all ranks' images; a collective: call it on every rank."""
+        with self.sync_context():
+            return self._statistics(real)
+
+    def compute(self) -> torch.Tensor:
+        reference = self.reference if self.reference is not None else self._statistics(real=True)
+        return torch.tensor(frechet_distance(reference, self._statistics(real=False)), dtype=torch.float64)
+
+
+def fid_metric(
+    extractor: nn.Module | None = None, inception_weights: str | Path | None = None, extractor_id: str | None = None,
+    image_size: int = 256, device: str | torch.device = "cpu",
+) -> FrechetDistance:
+    return FrechetDistance(extractor, inception_weights, extractor_id, image_size).to(device)
+
+
+# -----------------------------------------------------------------------------
+# folders of images
+
+
+def image_files(directory: str | Path) -> list[Path]:
+    """The image files directly in `directory`, sorted by name."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"image directory {directory} does not exist")
+    return sorted(p for p in directory.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def load_eval_image(path: str | Path, image_size: int) -> np.ndarray:
+    """(S, S, 3) uint8: fully decoded RGB, shorter side resized to S with PIL bicubic, centre crop."""
+    from datamodules.images import decode_image, resize_and_crop
+
+    try:
+        image = decode_image(Path(path).read_bytes())
+    except OSError as error:
+        raise OSError(f"cannot read image {path}: {error}") from error
+    return resize_and_crop(image, image_size)
+
+
+class ImageFiles(Dataset):
+    """(3, S, S) uint8 tensors of a list of files, as `load_eval_image` prepares them."""
+
+    def __init__(self, files: list[Path], image_size: int):
+        self.files, self.image_size = list(files), image_size
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor]:
+        pixels = load_eval_image(self.files[index], self.image_size).copy()  # PIL hands over a read-only array
+        return index, torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
+
+
+def image_batches(files: list[Path], image_size: int, batch_size: int = 64, workers: int = 4):
+    """Yields (indices into `files`, (B, 3, S, S) uint8) in order, decoded by `workers` processes."""
+    loader = DataLoader(ImageFiles(files, image_size), batch_size=batch_size, num_workers=workers, shuffle=False)
+    yield from loader
+
+
+def add_images(metric: FrechetDistance, files: list[Path], real: bool, batch_size: int = 64, workers: int = 4,
+               rank: int = 0, world_size: int = 1) -> int:
+    """Adds this rank's share of `files` (every world_size-th from `rank`); returns how many it read."""
+    device = metric.device
+    mine = files[rank::world_size]
+    image_size = metric.preprocessing["image_size"]
+    for _, images in image_batches(mine, image_size, batch_size, workers):
+        metric.update(images.to(device), real=real)
+    return len(mine)
+
+
+def folder_statistics(metric: FrechetDistance, directory: str | Path, batch_size: int = 64, workers: int = 4,
+                      rank: int = 0, world_size: int = 1) -> FeatureStats:
+    """Feature statistics of every image in `directory`; with several ranks each reads its share (a collective)."""
+    files = image_files(directory)
+    if len(files) < 2:
+        raise ValueError(f"{directory} holds {len(files)} images; FID statistics need at least 2")
+    metric.reset()
+    add_images(metric, files, True, batch_size, workers, rank, world_size)
+    stats = metric.statistics(real=True)
+    stats.source = str(Path(directory).resolve())
+    metric.reset()
+    return stats
+
+
+def reference_statistics(metric: FrechetDistance, directory: str | Path, cache: str | Path | None,
+                         batch_size: int = 64, workers: int = 4) -> FeatureStats:
+    """The cached statistics of `directory` when `cache` holds them for this extractor and preprocessing,
+    else computed (in this process) and written to `cache`."""
+    if cache is not None and Path(cache).is_file():
+        stats = FeatureStats.load(cache, metric.extractor_id, metric.preprocessing)
+        count = len(image_files(directory)) if directory is not None and Path(directory).is_dir() else stats.count
+        if count != stats.count:
+            raise ValueError(f"reference statistics {cache} are of {stats.count} images but {directory} holds {count}: "
+                             "delete the cache file or pass another --reference-stats")
+        return stats
+    stats = folder_statistics(metric, directory, batch_size, workers)
+    if cache is not None:
+        stats.save(cache)
+    return stats
+
+
+def sha256(path: str | Path, chunk: int = 1 << 24) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
