@@ -4,7 +4,7 @@
     tessera shards folder --images DIR --captions FILE --out DIR
     tessera shards coco --annotations FILE --images DIR --out DIR
     tessera data check SHARDS [--text-length N]
-    tessera quickstart [--out DIR]
+    tessera quickstart [--out DIR] [--minutes M]
     tessera fit --config configs/tokenizer/tiny_shapes.yaml --config configs/data/shapes64.yaml
     tessera validate|test|predict ... (LightningCLI: `tessera fit --help` lists every option)
     tessera export --checkpoint RUN.ckpt --out DIR
@@ -21,6 +21,9 @@ import sys
 import time
 from pathlib import Path
 
+from tessera.caption_fidelity import add_shapes_parser
+from tessera.coco_eval import add_coco_fid_parsers
+
 
 # handed to LightningCLI: the config files' `model`, `data` and `trainer` sections set everything
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
@@ -29,7 +32,7 @@ LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in LIGHTNING_COMMANDS:
-        return _lightning_cli(argv)
+        return lightning_cli(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -66,7 +69,14 @@ def build_parser() -> argparse.ArgumentParser:
     quickstart.add_argument("--out", default="quickstart", type=Path)
     quickstart.add_argument("--num-samples", type=int, default=4096)
     quickstart.add_argument("--image-size", type=int, default=64)
+    quickstart.add_argument("--minutes", type=float, default=12.0, help="wall-clock budget of the two training stages together (x1/0.9)")
+    quickstart.add_argument("--fidelity-samples", type=int, default=200, help="images generated to measure caption fidelity")
     quickstart.set_defaults(run=_quickstart)
+
+    evaluate = commands.add_parser("evaluate", help="FID, CLIP score and caption fidelity")
+    evaluations = evaluate.add_subparsers(dest="evaluation", required=True)
+    add_shapes_parser(evaluations)
+    add_coco_fid_parsers(evaluations)
 
     sample = commands.add_parser("sample", help="images from a prior checkpoint: PNGs, a grid and settings.json")
     sample.add_argument("--prior", required=True, type=Path, help="a TextImagePrior checkpoint (.ckpt)")
@@ -112,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _lightning_cli(argv: list[str]) -> int:
+def lightning_cli(argv: list[str]) -> int:
     import lightning as L
     from lightning.pytorch.cli import LightningCLI
 
@@ -252,47 +262,12 @@ def _data_check(args: argparse.Namespace) -> int:
 
 
 def _quickstart(args: argparse.Namespace) -> int:
-    """Synthetic shards -> check -> one batch through the training data pipeline -> a picture of it."""
-    import torch
-    from PIL import Image
-    from torchvision.utils import make_grid
+    """Data, tokenizer, token shards, prior, samples, evaluation and a report: see tessera/quickstart.py."""
+    from tessera.quickstart import run_quickstart
 
-    from datamodules.caption_image import CaptionImageDataModule
-    from datamodules.check import check_shards
-    from datamodules.shapes import SyntheticShapes
-    from datamodules.shard_writer import write_shards
-
-    started = time.perf_counter()
-    out: Path = args.out
-    splits = {"train": (args.num_samples, 0), "val": (max(64, args.num_samples // 16), 1)}
-    for split, (count, seed) in splits.items():
-        write_shards(SyntheticShapes(count, args.image_size, seed), out / "data" / split, samples_per_shard=512, image_format="png")
-        report = check_shards(_brace(out / "data" / split))
-        print(f"[data] {split}: {report['readable']} readable samples in {report['shards']} shards, "
-              f"skipped {report['skipped'] or 'none'}, caption tokens {report['caption_tokens']}")
-        if report["unreadable_shards"] or report["skipped"]:
-            print(json.dumps(report, indent=1), file=sys.stderr)
-            return 1
-
-    data = CaptionImageDataModule(
-        train_shards=_brace(out / "data" / "train"), val_shards=_brace(out / "data" / "val"),
-        image_size=args.image_size, batch_size=16, num_workers=0, text_length=32,
-    )
-    data.setup("fit")
-    batch = data.on_after_batch_transfer(next(iter(data.train_dataloader())), 0)
-    grid = make_grid(batch["images"].add(1).mul(127.5).round().to(torch.uint8), nrow=4, padding=2)
-    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(out / "train_batch.png")
-    (out / "train_batch.txt").write_text("\n".join(batch["captions"]) + "\n")
-    print(f"[data] one training batch: images {tuple(batch['images'].shape)} {batch['images'].dtype}, "
-          f"text ids {tuple(batch['text_ids'].shape)}; grid in {out / 'train_batch.png'}, captions in {out / 'train_batch.txt'}")
-    print(f"[quickstart] done in {time.perf_counter() - started:.1f}s")
+    run_quickstart(args.out, args.minutes, args.num_samples, args.image_size, args.fidelity_samples)
     return 0
 
-
-def _brace(directory: Path) -> str:
-    """A brace pattern over the shards of a directory written by the shard writer."""
-    shards = sorted(directory.glob("[0-9]*.tar"))
-    return str(directory / f"{{{shards[0].stem}..{shards[-1].stem}}}.tar") if len(shards) > 1 else str(shards[0])
 
 
 if __name__ == "__main__":

@@ -67,14 +67,6 @@ def test_shards_synthetic_command_writes_a_checkable_dataset(tmp_path, capsys):
     assert report["readable"] == 30 and report["image_size"]["min"] == 32
 
 
-def test_quickstart_writes_shards_and_a_picture_of_a_training_batch(tmp_path, capsys):
-    assert main(["quickstart", "--out", str(tmp_path), "--num-samples", "256", "--image-size", "32"]) == 0
-    assert (tmp_path / "data" / "train" / "sizes.json").is_file()
-    assert (tmp_path / "train_batch.png").stat().st_size > 0
-    assert len((tmp_path / "train_batch.txt").read_text().splitlines()) == 16
-    assert "[quickstart] done" in capsys.readouterr().out
-
-
 def test_unknown_command_exits_with_usage(capsys):
     with pytest.raises(SystemExit):
         main(["no-such-command"])
