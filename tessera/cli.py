@@ -32,7 +32,8 @@ LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in LIGHTNING_COMMANDS:
-        return lightning_cli(argv)
+        lightning_cli(argv)
+        return 0
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -122,11 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def lightning_cli(argv: list[str]) -> int:
+def lightning_cli(argv: list[str]):
+    """Run a LightningCLI subcommand (fit, validate, ...); returns the LightningCLI, trainer included."""
     import lightning as L
     from lightning.pytorch.cli import LightningCLI
 
-    LightningCLI(
+    return LightningCLI(
         L.LightningModule,
         L.LightningDataModule,
         subclass_mode_model=True,
@@ -136,7 +138,6 @@ def lightning_cli(argv: list[str]) -> int:
         save_config_kwargs={"overwrite": True},
         args=argv,
     )
-    return 0
 
 
 def _sample(args: argparse.Namespace) -> int:

@@ -42,8 +42,9 @@ SAMPLE_PROMPTS = [
     "a large yellow diamond",
 ]
 
+FINAL = "final.ckpt"
 # shares of the training budget
-TOKENIZER_SHARE, PRIOR_SHARE = 0.45, 0.45
+TOKENIZER_SHARE, PRIOR_SHARE = 0.55, 0.35
 
 
 @dataclass
@@ -60,8 +61,6 @@ class StageLog:
 
 
 def run_quickstart(out: Path, minutes: float, num_samples: int, image_size: int, fidelity_samples: int) -> dict:
-    from tessera.cli import lightning_cli
-
     out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("WANDB_SILENT", "true")
@@ -71,17 +70,17 @@ def run_quickstart(out: Path, minutes: float, num_samples: int, image_size: int,
     train, val = write_data(out, num_samples, image_size, log)
 
     tokenizer_run = out / "tokenizer_run"
-    lightning_cli(["fit", "--config", str(CONFIGS / "tokenizer" / "tiny_shapes.yaml"),
-                   "--config", str(CONFIGS / "data" / "shapes64.yaml"),
-                   "--config", str(overlay(out, "tokenizer", tokenizer_run, TOKENIZER_SHARE * budget_s, {
-                       "data": {"init_args": {"train_shards": train, "val_shards": val, "image_size": image_size}},
-                   }))])
+    fit(tokenizer_run, ["fit", "--config", str(CONFIGS / "tokenizer" / "tiny_shapes.yaml"),
+                        "--config", str(CONFIGS / "data" / "shapes64.yaml"),
+                        "--config", str(overlay(out, "tokenizer", tokenizer_run, TOKENIZER_SHARE * budget_s, {
+                            "data": {"init_args": {"train_shards": train, "val_shards": val, "image_size": image_size}},
+                        }))])
     log("tokenizer", f"trained: {last_step(tokenizer_run)} steps")
 
     from datamodules.token_shards import tokenize_shards
     from lightning_modules.vqgan import load_tokenizer
 
-    tokenizer = load_tokenizer(last_checkpoint(tokenizer_run))
+    tokenizer = load_tokenizer(tokenizer_run / FINAL)
     tokenizer.save_pretrained(out / "tokenizer")
     token_shards = {}
     for split, pattern in (("train", train), ("val", val)):
@@ -90,16 +89,16 @@ def run_quickstart(out: Path, minutes: float, num_samples: int, image_size: int,
         log("tokenize", f"{split}: {report.samples} samples, skipped {dict(report.skipped) or 'none'}")
 
     prior_run = out / "prior_run"
-    lightning_cli(["fit", "--config", str(CONFIGS / "prior" / "tiny_shapes.yaml"),
-                   "--config", str(CONFIGS / "data" / "shapes64.yaml"),
-                   "--config", str(overlay(out, "prior", prior_run, PRIOR_SHARE * budget_s, {
-                       "model": {"init_args": {"tokenizer": str(out / "tokenizer")}},
-                       "data": {"init_args": {"train_shards": token_shards["train"], "val_shards": token_shards["val"],
-                                              "image_tokens": True}},
-                   }))])
+    fit(prior_run, ["fit", "--config", str(CONFIGS / "prior" / "tiny_shapes.yaml"),
+                    "--config", str(CONFIGS / "data" / "shapes64.yaml"),
+                    "--config", str(overlay(out, "prior", prior_run, PRIOR_SHARE * budget_s, {
+                        "model": {"init_args": {"tokenizer": str(out / "tokenizer")}},
+                        "data": {"init_args": {"train_shards": token_shards["train"], "val_shards": token_shards["val"],
+                                               "image_tokens": True}},
+                    }))])
     log("prior", f"trained: {last_step(prior_run)} steps")
 
-    numbers = evaluate(out, tokenizer, last_checkpoint(prior_run), val, image_size, fidelity_samples, log)
+    numbers = evaluate(out, tokenizer, prior_run / FINAL, val, image_size, fidelity_samples, log)
     numbers["minutes"] = round((time.perf_counter() - log.started) / 60, 1)
     write_report(out, numbers, tokenizer_run, prior_run, log)
     log("report", f"{out / 'report.md'} and {out / 'report.html'}")
@@ -145,13 +144,16 @@ def overlay(out: Path, stage: str, run_dir: Path, seconds: float, sections: dict
     return path
 
 
-def last_checkpoint(run_dir: Path) -> Path:
-    """The newest last.ckpt of a run (ModelCheckpoint puts it under the first logger's version)."""
-    return max(run_dir.rglob("last.ckpt"), key=lambda path: path.stat().st_mtime)
+def fit(run_dir: Path, argv: list[str]) -> None:
+    """`tessera fit ARGV`, then the weights as training left them in RUN_DIR/final.ckpt (the
+    configs' ModelCheckpoint keeps every 500th step, and the time budget ends between them)."""
+    from tessera.cli import lightning_cli
+
+    lightning_cli(argv).trainer.save_checkpoint(run_dir / FINAL)
 
 
 def last_step(run_dir: Path) -> int:
-    return torch.load(last_checkpoint(run_dir), map_location="cpu", weights_only=True)["global_step"]
+    return torch.load(run_dir / FINAL, map_location="cpu", weights_only=True)["global_step"]
 
 
 def evaluate(out: Path, tokenizer, prior_checkpoint: Path, val_pattern: str, image_size: int, fidelity_samples: int, log: StageLog) -> dict:
