@@ -38,6 +38,7 @@ from PIL import Image
 
 from tessera.clip_rerank import ClipScorer
 from tessera.fid import FrechetDistance, image_batches, strict_fp32
+from tessera.pixels import to_unit_range
 
 VAL2014_IMAGES = 40_504
 
@@ -123,7 +124,7 @@ def main() -> None:
 
     scorer = ClipScorer(args.clip_model, args.clip_weights, device)
     captions = ["a photo of a red double-decker bus on a city street"] * args.batch_size
-    clip_per_s = images_per_s(lambda images: scorer(images.float() / 127.5 - 1, captions), batch, warmup, args.repeats)
+    clip_per_s = images_per_s(lambda images: scorer(to_unit_range(images), captions), batch, warmup, args.repeats)
     read_back = read_back_per_s(args.read_back_images, args.workers, min(64, args.batch_size))
 
     n = args.num_samples

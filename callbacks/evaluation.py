@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 from lightning.pytorch.strategies import FSDPStrategy
 
-from callbacks.image_logging import to_uint8
+from tessera.pixels import to_uint8, to_unit_range
 from tessera.clip_score import ClipScore, with_prefix
 from tessera.fid import FeatureStats, FrechetDistance
 from tessera.sampling import SamplingConfig
@@ -85,8 +85,8 @@ class _ValidationEvaluation(L.Callback):
 def _images_uint8_and_unit(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A batch's images as uint8 and as floats in [-1, 1], whichever the loader gave."""
     if images.dtype == torch.uint8:
-        return images, images.float() / 127.5 - 1
-    return to_uint8(images).to(images.device), images
+        return images, to_unit_range(images)
+    return to_uint8(images), images
 
 
 class FIDCallback(_ValidationEvaluation):

@@ -10,15 +10,12 @@ from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from PIL import Image
 from torchvision.utils import make_grid
 
-
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) float in [-1, 1] -> uint8 [0, 255] on the CPU."""
-    return images.detach().float().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8).cpu()
+from tessera.pixels import to_uint8
 
 
 def image_grid(images: torch.Tensor, nrow: int) -> torch.Tensor:
     """(B, 3, H, W) images in [-1, 1] -> one (3, H', W') uint8 grid, `nrow` images a row."""
-    return make_grid(to_uint8(images), nrow=nrow, padding=2, pad_value=255)
+    return make_grid(to_uint8(images).cpu(), nrow=nrow, padding=2, pad_value=255)
 
 
 def log_image_grid(trainer: L.Trainer, key: str, grid: torch.Tensor, caption: str) -> list[str]:

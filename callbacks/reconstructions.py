@@ -6,7 +6,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from callbacks.image_logging import image_grid, log_image_grid, to_uint8
+from callbacks.image_logging import image_grid, log_image_grid
+from tessera.pixels import psnr, to_uint8, to_unit_range
 
 
 class ReconstructionLogger(L.Callback):
@@ -40,15 +41,14 @@ class ReconstructionLogger(L.Callback):
         if step % self.every_n_steps or step == self.last_logged_step or not trainer.is_global_zero:
             return
         self.last_logged_step = step
-        images = self._fixed_images(trainer, batch).to(pl_module.device).float().div(127.5).sub(1.0)
+        images = to_unit_range(self._fixed_images(trainer, batch).to(pl_module.device))
         was_training = pl_module.training
         pl_module.eval()
         reconstructions = pl_module.decode(pl_module.encode(images))
         pl_module.train(was_training)
-        mse = ((reconstructions.float().clamp(-1, 1) - images) / 2).pow(2).mean()
-        psnr = -10.0 * torch.log10(mse.clamp_min(1e-10))
         grid = image_grid(torch.cat([images, reconstructions]), nrow=len(images))
-        log_image_grid(trainer, "reconstructions", grid, caption=f"step {step}: top originals, bottom reconstructions, PSNR {psnr:.2f} dB")
+        caption = f"step {step}: top originals, bottom reconstructions, PSNR {psnr(images, reconstructions).mean():.2f} dB"
+        log_image_grid(trainer, "reconstructions", grid, caption=caption)
 
     def _fixed_images(self, trainer: L.Trainer, batch: dict) -> torch.Tensor:
         """The kept images: at first use, the first validation batch's (this training batch's without one)."""
@@ -59,5 +59,5 @@ class ReconstructionLogger(L.Callback):
                 images = next(iter(loader))["images"]
             images = images[: self.num_images]
             # loaders hand over uint8 (CaptionImageDataModule) or [-1, 1] floats
-            self.images = images.cpu() if images.dtype == torch.uint8 else to_uint8(images)
+            self.images = (images if images.dtype == torch.uint8 else to_uint8(images)).cpu()
         return self.images

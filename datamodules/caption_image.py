@@ -9,6 +9,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from tessera.pixels import to_unit_range
 from datamodules.stream import CaptionImageStream, CaptionTokenStream, check_shards, expand_urls, shard_sizes
 from datamodules.text import CLIP_BPE, CaptionTokenizer
 
@@ -123,11 +124,6 @@ class CaptionImageDataModule(L.LightningDataModule):
         if "images" in batch:
             batch["images"] = to_unit_range(batch["images"])
         return batch
-
-
-def to_unit_range(images: torch.Tensor) -> torch.Tensor:
-    """uint8 [0, 255] -> float32 [-1, 1]."""
-    return images.float().div_(127.5).sub_(1.0)
 
 
 def epoch_samples(urls: list[str], configured: int | None, option: str) -> int:

@@ -52,7 +52,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from datamodules.caption_image import to_unit_range
+from tessera.pixels import to_unit_range
 from datamodules.images import resize_and_crop
 from datamodules.shard_writer import SIZES_FILE, add_member, count_samples, write_json_atomically
 from datamodules.stream import check_shards, decode_sample, expand_urls

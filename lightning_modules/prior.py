@@ -143,6 +143,8 @@ class TextImagePrior(L.LightningModule):
         null = self.captions([""])  # the empty caption: what caption dropout trains and guidance contrasts with
         self.register_buffer("null_text_ids", null.ids[0], persistent=False)  # (T,)
         self.register_buffer("null_text_mask", null.mask[0], persistent=False)  # (T,)
+        # counted here, before FSDP shards the parameters (a shard's numel would undercount them)
+        self.flops_per_token = self.transformer.flops_per_token()
         self._last_step_time: float | None = None
 
     # -------------------------------------------------------------------------
@@ -232,7 +234,7 @@ class TextImagePrior(L.LightningModule):
             logs = {"throughput/samples_per_s": samples_per_s, "throughput/tokens_per_s": tokens_per_s}
             peak = peak_flops(self.device)
             if peak is not None:
-                logs["throughput/mfu"] = tokens_per_s * self.transformer.flops_per_token() / (peak * world)
+                logs["throughput/mfu"] = tokens_per_s * self.flops_per_token / (peak * world)
             self.log_dict(logs, rank_zero_only=True)
         self._last_step_time = now
 

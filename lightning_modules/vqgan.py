@@ -46,6 +46,7 @@ from tessera.nn.gan_losses import (
 from tessera.nn.lpips import LPIPS
 from tessera.nn.quantizer_base import Quantizer, build_quantizer, quantizer_spec
 from tessera.nn.vq_tokenizer import VQTokenizer
+from tessera.pixels import psnr
 
 D_LOSSES = {"hinge": hinge_d_loss, "non_saturating": non_saturating_d_loss}
 G_LOSSES = {"hinge": hinge_g_loss, "non_saturating": non_saturating_g_loss}
@@ -372,12 +373,6 @@ def check_precision(precision: str) -> None:
             f"precision {precision!r} is not supported for the VQ-GAN: use 'bf16-mixed' (or fp32). "
             "fp16 needs a gradient scaler that the discriminator's step bypasses."
         )
-
-
-def psnr(images: torch.Tensor, reconstructions: torch.Tensor) -> torch.Tensor:
-    """(B,) peak signal-to-noise ratio in dB of images in [-1, 1], measured in [0, 1]."""
-    mse = ((reconstructions.float().clamp(-1, 1) - images.float()) / 2).pow(2).mean(dim=(1, 2, 3))
-    return -10.0 * torch.log10(mse.clamp_min(1e-10))
 
 
 def load_tokenizer(path: str | Path, use_ema: bool = True) -> VQTokenizer:

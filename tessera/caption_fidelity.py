@@ -46,6 +46,7 @@ from PIL import Image
 
 from datamodules.shapes import LAYOUTS, MIN_IMAGE_SIZE, Scene, ShapeObject, caption, render, sample_scene, to_json
 from datamodules.shapes_analysis import ATTRIBUTES, analyse, expected_from_json, match
+from tessera.launch import process_device
 
 if TYPE_CHECKING:  # torch only when sampling: `tessera --help` builds this module's parser
     from tessera.sampling import SamplingConfig
@@ -138,6 +139,7 @@ def evaluate_shapes(
             None is the prior's own. Generated images of another size are resized (bilinear).
         batch_size: prompts generated at once.
     """
+    from tessera.pixels import to_uint8
     from tessera.sampling import SamplingConfig
 
     if num_samples < 1:
@@ -151,7 +153,7 @@ def evaluate_shapes(
     images = []
     for start in range(0, len(prompts), batch_size):
         batch = prior.generate(prompts[start : start + batch_size], sampling, seed=seed + start)  # (B, 3, H, W)
-        batch = batch.detach().float().clamp(-1, 1).add(1).mul(127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+        batch = to_uint8(batch).permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, 3)
         images.extend(Image.fromarray(image) for image in batch)
         log.info("[evaluate shapes] %d/%d images", len(images), len(prompts))
     generated = time.perf_counter() - started
@@ -231,12 +233,10 @@ def add_shapes_parser(evaluations: argparse._SubParsersAction) -> argparse.Argum
 
 
 def _evaluate_shapes(args: argparse.Namespace) -> int:
-    import torch
-
     from lightning_modules.prior import TextImagePrior
     from tessera.sampling import SamplingConfig
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = process_device(args.device)
     overrides = {"tokenizer": str(args.tokenizer)} if args.tokenizer else {}
     prior = TextImagePrior.load_from_checkpoint(args.prior, map_location=device, weights_only=True, **overrides).eval()
     sampling = SamplingConfig(top_k=args.top_k, top_p=args.top_p, temperature=args.temperature, cfg_scale=args.cfg_scale)

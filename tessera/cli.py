@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -144,9 +143,11 @@ def _sample(args: argparse.Namespace) -> int:
     import torch
     from PIL import Image
 
-    from callbacks.image_logging import image_grid, to_uint8
+    from callbacks.image_logging import image_grid
     from lightning_modules.prior import TextImagePrior
     from tessera.clip_rerank import ClipScorer, rerank
+    from tessera.launch import process_device
+    from tessera.pixels import to_uint8, to_unit_range
     from tessera.sampling import SamplingConfig
 
     prompts = args.prompt or [line.strip() for line in args.prompts_file.read_text().splitlines() if line.strip()]
@@ -155,7 +156,7 @@ def _sample(args: argparse.Namespace) -> int:
         raise SystemExit(f"--candidates {candidates} is fewer than --num-images {args.num_images}")
     if candidates > args.num_images and args.clip_weights is None:
         raise SystemExit("--candidates above --num-images reranks with CLIP: pass --clip-weights PATH")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = process_device(args.device)
     overrides = {"tokenizer": str(args.tokenizer)} if args.tokenizer else {}
     prior = TextImagePrior.load_from_checkpoint(args.prior, map_location=device, weights_only=True, **overrides).eval()
     sampling = SamplingConfig(top_k=args.top_k, top_p=args.top_p, temperature=args.temperature, cfg_scale=args.cfg_scale)
@@ -170,7 +171,7 @@ def _sample(args: argparse.Namespace) -> int:
         if scorer is not None:
             images, chunk_scores = rerank(images, chunk, candidates, args.num_images, scorer)
             scores += chunk_scores.tolist()
-        kept.append(to_uint8(images))
+        kept.append(to_uint8(images).cpu())
     images = torch.cat(kept)  # (P * num_images, 3, H, W) uint8, prompt-major
     seconds = time.perf_counter() - started
 
@@ -178,7 +179,7 @@ def _sample(args: argparse.Namespace) -> int:
     for index, image in enumerate(images):
         prompt_index, image_index = divmod(index, args.num_images)
         Image.fromarray(image.permute(1, 2, 0).numpy()).save(args.out / f"{prompt_index:04d}_{image_index:02d}.png")
-    grid = image_grid(images.float() / 127.5 - 1, nrow=args.num_images)
+    grid = image_grid(to_unit_range(images), nrow=args.num_images)
     Image.fromarray(grid.permute(1, 2, 0).numpy()).save(args.out / "grid.png")
     settings = {
         "prior": str(args.prior), "prompts": prompts, "num_images": args.num_images, "candidates": candidates,
@@ -202,16 +203,12 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _tokenize(args: argparse.Namespace) -> int:
-    import torch
-
     from datamodules.token_shards import tokenize_shards
     from lightning_modules.vqgan import load_tokenizer
+    from tessera.launch import process_device, rank_and_world_size
 
-    rank = args.rank if args.rank is not None else _env_int(("RANK", "SLURM_PROCID"), 0)
-    world_size = args.world_size if args.world_size is not None else _env_int(("WORLD_SIZE", "SLURM_NTASKS"), 1)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and device.index is None:  # one GPU per process on a multi-GPU node
-        device = torch.device("cuda", _env_int(("LOCAL_RANK", "SLURM_LOCALID"), 0) % torch.cuda.device_count())
+    rank, world_size = rank_and_world_size(args.rank, args.world_size)
+    device = process_device(args.device)
     tokenizer = load_tokenizer(args.tokenizer).to(device)
     report = tokenize_shards(
         tokenizer, args.shards, args.out, image_size=args.image_size, batch_size=args.batch_size,
@@ -219,11 +216,6 @@ def _tokenize(args: argparse.Namespace) -> int:
     )
     print(json.dumps({"out": str(args.out), "rank": rank, "world_size": world_size, **report.as_dict()}))
     return 0
-
-
-def _env_int(names: tuple[str, ...], default: int) -> int:
-    """The first of `names` set in the environment (torchrun's, then SLURM's), else `default`."""
-    return next((int(os.environ[name]) for name in names if name in os.environ), default)
 
 
 def _shard_writer_parser(kinds, name: str, help: str, default_format: str) -> argparse.ArgumentParser:

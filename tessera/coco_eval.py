@@ -32,8 +32,9 @@ import os
 import random
 import time
 from pathlib import Path
-
 from typing import TYPE_CHECKING
+
+from tessera.launch import process_device, rank_and_world_size
 
 if TYPE_CHECKING:  # torch, torchmetrics and PIL load when a command runs, not when the CLI parser is built
     import torch.nn as nn
@@ -116,19 +117,6 @@ def _never() -> bool:
     return False
 
 
-def _env_int(names: tuple[str, ...], default: int) -> int:
-    return next((int(os.environ[name]) for name in names if name in os.environ), default)
-
-
-def _device(name: str | None):
-    import torch
-
-    device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and device.index is None:  # one GPU per process on a multi-GPU node
-        device = torch.device("cuda", _env_int(("LOCAL_RANK", "SLURM_LOCALID"), 0) % torch.cuda.device_count())
-    return device
-
-
 def evaluate_coco(
     prior: str | Path,
     out: str | Path,
@@ -163,7 +151,7 @@ def evaluate_coco(
     """Generate this rank's share of the protocol's images; on rank 0, then FID, CLIP score and results.json.
 
     Returns the results on rank 0, None on the others. See the module docstring for the protocol."""
-    from callbacks.image_logging import to_uint8
+    from tessera.pixels import to_uint8, to_unit_range
     from lightning_modules.prior import TextImagePrior
     from tessera.clip_score import CONVENTIONS, ClipScore, with_prefix
     from tessera.fid import add_images, frechet_distance, image_batches, reference_statistics, sha256
@@ -195,7 +183,7 @@ def evaluate_coco(
     _pin_settings(out / "run.json", settings, rank)
 
     # --- generation: fixed batches, batch k on rank k % world_size, only missing images written
-    device_ = _device(device)
+    device_ = process_device(device)
     per_batch = max(1, batch_size // candidates)
     blocks = [range(start, min(start + per_batch, num_samples)) for start in range(0, num_samples, per_batch)]
     mine = [(k, block) for k, block in enumerate(blocks) if k % world_size == rank]
@@ -210,7 +198,7 @@ def evaluate_coco(
             drawn = model.generate([p for p in prompts for _ in range(candidates)], sampling, seed=seed * 1_000_003 + k)
             if scorer is not None:
                 drawn, _ = rerank(drawn, prompts, candidates, 1, scorer)
-            drawn = to_uint8(drawn)
+            drawn = to_uint8(drawn).cpu()
             for offset, i in enumerate(block):
                 if not sample_path(out, i).exists():
                     write_png(drawn[offset], sample_path(out, i), image_size)
@@ -245,7 +233,7 @@ def evaluate_coco(
         metric.update(batch, real=False)
         if scorer is not None:
             prompts = with_prefix([samples[i]["caption"] for i in indices.tolist()], caption_prefix)
-            clip.update(scorer(batch.float() / 127.5 - 1, prompts))
+            clip.update(scorer(to_unit_range(batch), prompts))
     fake = metric.statistics(real=False)
     fid = frechet_distance(real, fake)
     scores = clip.compute() if clip is not None else {"clip_cosine": None, "clip_score": None}
@@ -390,6 +378,7 @@ def _extractor(args: argparse.Namespace) -> tuple[nn.Module | None, str | None]:
 
 def _coco(args: argparse.Namespace) -> int:
     extractor, extractor_id = _extractor(args)
+    rank, world_size = rank_and_world_size(args.rank, args.world_size)
     results = evaluate_coco(
         args.prior, args.out, args.images, annotations=args.annotations, captions=args.captions,
         num_samples=args.num_samples, seed=args.seed, batch_size=args.batch_size, top_k=args.top_k, top_p=args.top_p,
@@ -397,8 +386,7 @@ def _coco(args: argparse.Namespace) -> int:
         clip_weights=args.clip_weights, caption_prefix=args.caption_prefix, inception_weights=args.inception_weights,
         extractor=extractor, extractor_id=extractor_id, reference=args.reference, reference_stats=args.reference_stats,
         image_size=args.image_size, tokenizer=args.tokenizer, device=args.device,
-        rank=args.rank if args.rank is not None else _env_int(("RANK", "SLURM_PROCID"), 0),
-        world_size=args.world_size if args.world_size is not None else _env_int(("WORLD_SIZE", "SLURM_NTASKS"), 1),
+        rank=rank, world_size=world_size,
         workers=args.workers, wait_timeout=args.wait_timeout,
     )
     if results is not None:
@@ -411,7 +399,7 @@ def _fid(args: argparse.Namespace) -> int:
     from tessera.fid import FeatureStats, frechet_distance, reference_statistics
 
     extractor, extractor_id = _extractor(args)
-    metric = local_metric(extractor, args.inception_weights, extractor_id, args.image_size, _device(args.device))
+    metric = local_metric(extractor, args.inception_weights, extractor_id, args.image_size, process_device(args.device))
     if args.real.is_file():
         real = FeatureStats.load(args.real, metric.extractor_id, metric.preprocessing)
     else:
@@ -426,7 +414,7 @@ def _stats(args: argparse.Namespace) -> int:
     from tessera.fid import reference_statistics
 
     extractor, extractor_id = _extractor(args)
-    metric = local_metric(extractor, args.inception_weights, extractor_id, args.image_size, _device(args.device))
+    metric = local_metric(extractor, args.inception_weights, extractor_id, args.image_size, process_device(args.device))
     stats = reference_statistics(metric, args.directory, None, workers=args.workers)
     stats.save(args.out)
     print(json.dumps({"out": str(args.out), "count": stats.count, "feature_extractor": stats.extractor,

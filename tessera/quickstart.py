@@ -160,8 +160,8 @@ def evaluate(out: Path, tokenizer, prior_checkpoint: Path, val_pattern: str, ima
     from callbacks.image_logging import image_grid
     from datamodules.caption_image import CaptionImageDataModule
     from tessera.caption_fidelity import evaluate_shapes, headline
+    from tessera.pixels import psnr
     from lightning_modules.prior import TextImagePrior
-    from lightning_modules.vqgan import psnr
     from tessera.sampling import SamplingConfig
 
     data = CaptionImageDataModule(train_shards=val_pattern, image_size=image_size, batch_size=64, num_workers=0, text_length=32, shuffle_buffer=0)

@@ -201,3 +201,24 @@ def test_sample_command_keeps_the_candidates_clip_scores_best(tmp_path, tokenize
     assert len(list((tmp_path / "out").glob("0000_*.png"))) == 2
     with pytest.raises(SystemExit, match="clip-weights"):
         main(argv[: argv.index("--clip-model")] + ["--out", str(tmp_path / "none")])
+
+
+def test_a_residual_tokenizer_is_refused_at_start_up(tmp_path):
+    from tessera.nn.residual_quantizer import ResidualQuantizer
+
+    vqgan = tiny_vqgan(
+        image_size=32,
+        quantizer=ResidualQuantizer(dim=4, codebook_size=64, depth=2),
+        autoencoder=AutoencoderConfig(ch=8, ch_mult=(1, 2, 2, 2), num_res_blocks=1, z_channels=8, image_size=32),
+    )
+    export = vqgan.tokenizer.save_pretrained(tmp_path / "rq")
+    with pytest.raises(ValueError, match="residual"):
+        TextImagePrior(transformer=tiny_config(), tokenizer=str(export))
+
+
+def test_sample_command_refuses_fewer_candidates_than_images(tmp_path):
+    from tessera.cli import main
+
+    with pytest.raises(SystemExit, match="fewer than --num-images"):
+        main(["sample", "--prior", str(tmp_path / "p.ckpt"), "--prompt", "a red circle", "--num-images", "4",
+              "--candidates", "2", "--out", str(tmp_path / "out")])

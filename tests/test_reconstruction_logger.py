@@ -8,7 +8,7 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 from PIL import Image
 
-from callbacks.image_logging import to_uint8
+from tessera.pixels import to_uint8
 from callbacks.reconstructions import ReconstructionLogger
 from tests.test_vqgan import ShapesImages, loader, tiny_vqgan, trainer
 

@@ -13,7 +13,6 @@ import pytest
 import torch
 import webdataset as wds
 
-from datamodules.caption_image import to_unit_range
 from datamodules.images import resize_and_crop
 from datamodules.stream import decode_sample, shard_sizes
 from datamodules.token_shards import (
@@ -22,6 +21,7 @@ from datamodules.token_shards import (
 from lightning_modules.vqgan import load_tokenizer
 from tessera.cli import main
 from tessera.nn.vq_tokenizer import VQTokenizer
+from tessera.pixels import to_unit_range
 from tests.samples import encode, gradient_image, img2dataset_samples, write_wds_shard
 from tests.test_shard_writer import read_shard
 from tests.test_vqgan import tiny_vqgan
@@ -253,3 +253,18 @@ def test_a_token_shard_sample_without_tokens_is_counted_as_a_skip(tmp_path):
     batch = next(iter(stream))
     assert batch["image_ids"].shape == (6, 4, 4)
     assert batch["stats"] == {"missing_tokens": 1, "corrupt_tokens": 1}
+
+
+def test_token_shards_of_two_id_grids_are_refused_with_a_reason(tmp_path):
+    from datamodules.stream import CaptionTokenStream
+    from datamodules.text import CaptionTokenizer
+
+    def sample(key: str, side: int) -> dict:
+        buffer = io.BytesIO()
+        np.save(buffer, np.zeros((side, side), dtype=np.uint16))
+        return {"__key__": key, "tokens.npy": buffer.getvalue(), "txt": b"a red circle"}
+
+    write_wds_shard(tmp_path / "00000.tar", [sample("0", 4), sample("1", 8)])
+    stream = CaptionTokenStream([str(tmp_path / "00000.tar")], CaptionTokenizer(text_length=8), samples_per_epoch=2, batch_size=2, shuffle=False)
+    with pytest.raises(ValueError, match="one tokenizer"):
+        next(iter(stream))

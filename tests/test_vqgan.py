@@ -315,3 +315,9 @@ def test_fit_from_the_tiny_config_on_two_ddp_processes(tmp_path, shapes_dir):
     checkpoint = torch.load(checkpoints[0], weights_only=True)
     assert checkpoint["global_step"] == 4
     assert (tmp_path / "lightning_logs").exists() or list(tmp_path.rglob("config.yaml"))
+
+
+def test_loading_a_checkpoint_that_is_no_vqgan_says_so(tmp_path):
+    torch.save({"state_dict": {}, "hyper_parameters": {"lr": 1e-3}}, tmp_path / "other.ckpt")
+    with pytest.raises(ValueError, match="not a VQGAN checkpoint"):
+        load_tokenizer(tmp_path / "other.ckpt")
