@@ -30,6 +30,7 @@ import torch.nn as nn
 from lightning.pytorch.strategies import FSDPStrategy
 
 from datamodules.text import CLIP_BPE, CaptionTokenizer
+from lightning_modules.nonfinite import NonFiniteLossGuard, drop_gradients
 from lightning_modules.vqgan import load_tokenizer
 from tessera.lr_schedule import lr_factor
 from tessera.nn.transformer import TextImageTransformer, TransformerConfig
@@ -62,6 +63,8 @@ class PriorOptimizerConfig:
     min_lr_ratio: float = 0.1
     gradient_clip_val: float | None = 1.0
     """Gradient-norm clip, also under FSDP (Trainer's own option raises there); None does not clip."""
+    max_nonfinite_steps: int = 20
+    """A step whose loss is not finite on some rank is skipped (no weight changes); this many in a row stop the run."""
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
@@ -146,6 +149,7 @@ class TextImagePrior(L.LightningModule):
         # counted here, before FSDP shards the parameters (a shard's numel would undercount them)
         self.flops_per_token = self.transformer.flops_per_token()
         self._last_step_time: float | None = None
+        self.nonfinite = NonFiniteLossGuard(self.optimizer_config.max_nonfinite_steps)
 
     # -------------------------------------------------------------------------
     # sampling
@@ -207,10 +211,18 @@ class TextImagePrior(L.LightningModule):
         losses = self.transformer.loss(
             text_ids, text_mask, image_ids, self.hparams.text_loss_weight, self.hparams.image_loss_weight
         )
+        self.nonfinite.observe(losses["loss"])
         self.log("train/loss", losses["loss"], prog_bar=True)
         self.log_dict({f"train/{name}": losses[name] for name in ("text_loss", "image_loss") if name in losses})
+        self.log("train/nonfinite_skipped", float(self.nonfinite.skipped))
         self.log_throughput(len(text_ids))
         return losses["loss"]
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        # after every micro-batch's backward, before clipping: a non-finite step updates no weight,
+        # yet Lightning still counts it, so schedules and step numbers stay on the batches
+        if not self.nonfinite.step_is_finite(self.global_step):
+            drop_gradients(optimizer)
 
     def dropped_captions(self, batch_size: int) -> torch.Tensor:
         """(B,) bool: which captions this batch replaces by the empty one.
@@ -266,6 +278,13 @@ class TextImagePrior(L.LightningModule):
 
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["nonfinite"] = self.nonfinite.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "nonfinite" in checkpoint:
+            self.nonfinite.load_state_dict(checkpoint["nonfinite"])
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         clip = self.optimizer_config.gradient_clip_val

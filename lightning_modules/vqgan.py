@@ -32,6 +32,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
+from lightning_modules.nonfinite import NonFiniteLossGuard, drop_gradients
 from tessera.lr_schedule import lr_factor
 from tessera.nn.autoencoder import AutoencoderConfig
 from tessera.nn.discriminator import PatchDiscriminator
@@ -112,6 +113,8 @@ class OptimizerConfig:
     """Clip each network's gradient norm to this (LlamaGen: 1.0); None does not clip."""
     accumulate_grad_batches: int = 1
     """Batches per training step (Trainer's own option raises under manual optimization)."""
+    max_nonfinite_steps: int = 20
+    """A step whose loss is not finite on some rank is skipped (no weight changes); this many in a row stop the run."""
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
@@ -182,6 +185,7 @@ class VQGAN(L.LightningModule):
         self.discriminator = PatchDiscriminator(autoencoder.in_channels, **asdict(discriminator))
         self.ema = EMA(self.tokenizer, ema_decay) if ema_decay is not None else None
         self.lecam = LeCAMRegularizer(self.loss_config.lecam_decay)
+        self.nonfinite = NonFiniteLossGuard(self.optimizer_config.max_nonfinite_steps)
         loss = self.loss_config
         self.lpips = (
             LPIPS(loss.lpips_vgg_weights, loss.lpips_lin_weights, pretrained=loss.pretrained_lpips)
@@ -244,7 +248,6 @@ class VQGAN(L.LightningModule):
         images = self._layout(batch["images"])
         config = self.optimizer_config
         opt_g, opt_d = self.optimizers()
-        schedule_g, schedule_d = self.lr_schedulers()
         # the step this batch contributes to; it is taken once `accumulate_grad_batches` batches are in
         step = self.global_step
         finishes_step = (batch_idx + 1) % config.accumulate_grad_batches == 0
@@ -253,32 +256,42 @@ class VQGAN(L.LightningModule):
         self.toggle_optimizer(opt_g)
         reconstructions, g_loss, logs = self.generator_loss(images, gan_active)
         self.manual_backward(g_loss / config.accumulate_grad_batches)
-        if finishes_step:
-            self._clip(opt_g)
-            opt_g.step()  # counted by Lightning: global_step += 1
-            opt_g.zero_grad(set_to_none=True)
-            schedule_g.step()
-            if self.ema is not None:
-                self.ema.update(self.tokenizer)
         self.untoggle_optimizer(opt_g)
-
+        self.nonfinite.observe(g_loss)
         if gan_active:
+            # D sees the reconstructions of the weights G had before its step, as if stepped after G
             self.toggle_optimizer(opt_d)
             d_loss, d_logs = self.discriminator_loss(images, reconstructions.detach())
             logs.update(d_logs)
             self.manual_backward(d_loss / config.accumulate_grad_batches)
-            if finishes_step:
-                self._clip(opt_d)
-                opt_d.optimizer.step()  # the raw optimizer: not counted in global_step
-                opt_d.zero_grad(set_to_none=True)
-                schedule_d.step()
             self.untoggle_optimizer(opt_d)
-        elif finishes_step:
-            schedule_d.step()  # keeps both schedules on the training step, whether D trains or not
+            self.nonfinite.observe(d_loss)
+        if finishes_step:
+            self._take_step(opt_g, opt_d, gan_active)
 
         logs["lr"] = torch.tensor(opt_g.param_groups[0]["lr"])
+        logs["nonfinite_skipped"] = torch.tensor(float(self.nonfinite.skipped))
         self.log("train/loss", logs.pop("loss"), prog_bar=True)
         self.log_dict({f"train/{name}": value for name, value in logs.items()}, on_step=True)
+
+    def _take_step(self, opt_g, opt_d, gan_active: bool) -> None:
+        """Step both networks and schedules; a step with a non-finite loss on any rank updates no weight."""
+        schedule_g, schedule_d = self.lr_schedulers()
+        finite = self.nonfinite.step_is_finite(self.global_step)
+        if not finite:
+            drop_gradients(opt_g)
+            drop_gradients(opt_d)
+        self._clip(opt_g)
+        opt_g.step()  # counted by Lightning: global_step += 1 (a no-op update when skipped)
+        opt_g.zero_grad(set_to_none=True)
+        schedule_g.step()
+        if self.ema is not None and finite:
+            self.ema.update(self.tokenizer)
+        if gan_active:
+            self._clip(opt_d)
+            opt_d.optimizer.step()  # the raw optimizer: not counted in global_step
+            opt_d.zero_grad(set_to_none=True)
+        schedule_d.step()  # on the training step, whether D trains yet or not
 
     def generator_loss(self, images: torch.Tensor, gan_active: bool) -> tuple[torch.Tensor, torch.Tensor, dict]:
         reconstructions, quantized = self.tokenizer(images)
@@ -358,11 +371,14 @@ class VQGAN(L.LightningModule):
     # checkpoints: LPIPS' frozen VGG16 (58 MB) is loaded from its own files, never saved
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["nonfinite"] = self.nonfinite.state_dict()
         state = checkpoint["state_dict"]
         for key in [key for key in state if key.startswith("lpips.")]:
             del state[key]
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "nonfinite" in checkpoint:
+            self.nonfinite.load_state_dict(checkpoint["nonfinite"])
         if self.lpips is not None:
             checkpoint["state_dict"].update({f"lpips.{key}": value for key, value in self.lpips.state_dict().items()})
 

@@ -116,17 +116,24 @@ def test_discriminator_does_not_train_before_disc_start(tmp_path):
 
 
 class InspectGeneratorStep(L.Callback):
-    """At every generator update: the discriminator has no gradient and has not moved since the last D step."""
+    """The generator's backward (the first of each batch) leaves the discriminator without gradient,
+    and the generator's update leaves the discriminator where the batch found it."""
 
     def __init__(self):
         self.checked = 0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self.before = [p.detach().clone() for p in pl_module.discriminator.parameters()]
+        self.backwards = 0
+
+    def on_after_backward(self, trainer, pl_module):
+        self.backwards += 1
+        if self.backwards == 1:
+            assert all(p.grad is None for p in pl_module.discriminator.parameters())
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         if optimizer is trainer.optimizers[0]:
-            assert all(p.grad is None for p in pl_module.discriminator.parameters())
+            assert self.backwards >= 1
             assert all(torch.equal(a, p) for a, p in zip(self.before, pl_module.discriminator.parameters()))
             self.checked += 1
 

@@ -67,8 +67,10 @@ class LeCAMRegularizer(nn.Module):
         if self.training:
             with torch.no_grad():
                 # update first, then penalise against the updated anchors, as google/lecam does
-                self.ema_real.lerp_(logits_real.float().mean(), 1.0 - self.decay)
-                self.ema_fake.lerp_(logits_fake.float().mean(), 1.0 - self.decay)
+                for anchor, logits in ((self.ema_real, logits_real), (self.ema_fake, logits_fake)):
+                    mean = logits.float().mean()
+                    # a non-finite batch (a step about to be skipped) must not poison the anchor for good
+                    anchor.copy_(torch.where(torch.isfinite(mean), anchor.lerp(mean, 1.0 - self.decay), anchor))
         return (
             F.relu(logits_real.float() - self.ema_fake).pow(2).mean()
             + F.relu(self.ema_real - logits_fake.float()).pow(2).mean()

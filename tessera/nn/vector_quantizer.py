@@ -139,21 +139,33 @@ class VectorQuantizer(Quantizer):
             return 0
         counts = torch.bincount(ids, minlength=self.codebook_size).float()  # (K,)
         if self.ema_decay is None:
-            self.code_count.lerp_(all_reduce_sum_(counts), 1 - COUNT_DECAY)
+            local = counts[:, None]  # (K, 1)
         else:
             sums = torch.zeros_like(self.code_sum).index_add_(0, ids, z)  # (K, dim)
-            stats = all_reduce_sum_(torch.cat([sums, counts[:, None]], dim=1))  # (K, dim + 1): one collective
-            self.code_sum.lerp_(stats[:, :-1], 1 - self.ema_decay)
-            self.code_count.lerp_(stats[:, -1], 1 - self.ema_decay)
+            local = torch.cat([sums, counts[:, None]], dim=1)  # (K, dim + 1)
+        # a last row flags ranks whose vectors are not finite (a step about to be skipped): then no
+        # rank updates anything, decided without a host sync
+        nonfinite = (~torch.isfinite(z).all()).float().expand(1, local.shape[1])
+        stats = all_reduce_sum_(torch.cat([local, nonfinite]))  # (K + 1, ...): one collective
+        finite = stats[-1, 0] == 0
+
+        def lerp_if_finite_(state: Tensor, target: Tensor, weight: float) -> None:
+            state.copy_(torch.where(finite, state.lerp(target, weight), state))
+
+        if self.ema_decay is None:
+            lerp_if_finite_(self.code_count, stats[:-1, 0], 1 - COUNT_DECAY)
+        else:
+            lerp_if_finite_(self.code_sum, stats[:-1, :-1], 1 - self.ema_decay)
+            lerp_if_finite_(self.code_count, stats[:-1, -1], 1 - self.ema_decay)
             # Laplace smoothing: a count near 0 divides by about LAPLACE_EPS, never by 0, and the
             # smoothed counts still add up to the total
             n = self.code_count.sum()
             smoothed = (self.code_count + LAPLACE_EPS) / (n + self.codebook_size * LAPLACE_EPS) * n  # (K,)
-            self.codebook.copy_(self.code_sum / smoothed[:, None])
+            self.codebook.copy_(torch.where(finite, self.code_sum / smoothed[:, None], self.codebook))
         if self.dead_code_threshold <= 0:
             return 0
 
-        dead = (self.code_count < self.dead_code_threshold).nonzero().squeeze(1)  # (n_dead,), equal on every rank
+        dead = ((self.code_count < self.dead_code_threshold) & finite).nonzero().squeeze(1)  # (n_dead,), equal on every rank
         if len(dead) == 0:
             return 0
         # distinct vectors where the batch has enough, else some twice (a twin stays unused and
