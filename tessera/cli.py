@@ -22,6 +22,7 @@ from pathlib import Path
 
 from tessera.caption_fidelity import add_shapes_parser
 from tessera.coco_eval import add_coco_fid_parsers
+from tessera.submit import add_submit_parser
 
 
 # handed to LightningCLI: the config files' `model`, `data` and `trainer` sections set everything
@@ -119,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     tokenize.add_argument("--rank", type=int, default=None, help="this process's rank; from RANK or SLURM_PROCID, else 0")
     tokenize.add_argument("--world-size", type=int, default=None, help="processes in all; from WORLD_SIZE or SLURM_NTASKS, else 1")
     tokenize.set_defaults(run=_tokenize)
+
+    add_submit_parser(commands)
     return parser
 
 
