@@ -128,9 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
 def lightning_cli(argv: list[str]):
     """Run a LightningCLI subcommand (fit, validate, ...); returns the LightningCLI, trainer included."""
     import lightning as L
-    from lightning.pytorch.cli import LightningCLI
 
-    return LightningCLI(
+    from tessera.run_dir import TesseraCLI
+
+    return TesseraCLI(
         L.LightningModule,
         L.LightningDataModule,
         subclass_mode_model=True,
