@@ -129,6 +129,7 @@ def lightning_cli(argv: list[str]):
     """Run a LightningCLI subcommand (fit, validate, ...); returns the LightningCLI, trainer included."""
     import lightning as L
 
+    from tessera.loggers import SaveAndLogConfig
     from tessera.run_dir import TesseraCLI
 
     return TesseraCLI(
@@ -138,6 +139,7 @@ def lightning_cli(argv: list[str]):
         subclass_mode_data=True,
         auto_configure_optimizers=False,
         # a requeued SLURM job starts again in the same directory, where config.yaml already is
+        save_config_callback=SaveAndLogConfig,
         save_config_kwargs={"overwrite": True},
         args=argv,
     )

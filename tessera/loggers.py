@@ -85,8 +85,8 @@ class RunDirWandbLogger(WandbLogger):
     writes `save_dir/wandb/offline-run-*-<id>/`, and `wandb sync` uploads them into the one run.
 
     Args:
-        save_dir: the run directory: give the trainer's `default_root_dir`, so that one run
-            directory is one W&B run (and a new directory a new run).
+        save_dir: the run directory, so that one run directory is one W&B run (and a new
+            directory a new run); `tessera fit` gives it the trainer's `default_root_dir`.
         project: the W&B project (default: WANDB_PROJECT, else "lightning_logs").
         entity: the W&B user or team (default: your default entity).
         name: the run's display name (W&B makes one up otherwise).

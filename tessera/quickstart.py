@@ -21,6 +21,7 @@ import csv
 import html
 import json
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -149,6 +150,9 @@ def fit(run_dir: Path, argv: list[str]) -> None:
     configs' ModelCheckpoint keeps every 500th step, and the time budget ends between them)."""
     from tessera.cli import lightning_cli
 
+    # the quickstart trains from scratch each time; `tessera fit` would resume from a previous
+    # quickstart's checkpoints in the same run directory
+    shutil.rmtree(run_dir, ignore_errors=True)
     lightning_cli(argv).trainer.save_checkpoint(run_dir / FINAL)
 
 

@@ -29,6 +29,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from callbacks.preemption import Requeue
+from tessera.loggers import RunDirWandbLogger
 from tessera.submit import check_slurm_layout
 
 log = logging.getLogger(__name__)
@@ -128,6 +129,16 @@ def resume_checkpoint(run_dir: str | Path, ckpt_path: str | Path | None) -> str 
 
 class TesseraCLI(LightningCLI):
     """LightningCLI that prepares every trainer for the run directory and resumes into it."""
+
+    def before_instantiate_classes(self) -> None:
+        # one run directory, one W&B run: the logger keeps its run id there unless told otherwise
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        run_dir = config.trainer.default_root_dir or os.getcwd()
+        loggers = config.trainer.logger
+        for logger in loggers if isinstance(loggers, list) else [loggers]:
+            if getattr(logger, "class_path", None) == f"{RunDirWandbLogger.__module__}.{RunDirWandbLogger.__name__}":
+                if logger.init_args.get("save_dir") is None:
+                    logger.init_args.save_dir = str(run_dir)
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         trainer = super().instantiate_trainer(**kwargs)

@@ -28,22 +28,6 @@ REPO = Path(__file__).parents[1]
 # the shape of a W&B Server key ("local-" + 40 hex), distinctive enough to search every file for
 FAKE_KEY = "local-" + "f4ce" * 10
 
-# `tessera fit` with SaveAndLogConfig as LightningCLI's default config callback, until
-# tessera/cli.py passes it itself (an explicit save_config_callback still wins)
-FIT = """
-import sys
-import lightning.pytorch.cli
-from tessera.loggers import SaveAndLogConfig
-
-class LightningCLI(lightning.pytorch.cli.LightningCLI):
-    def __init__(self, *args, save_config_callback=SaveAndLogConfig, **kwargs):
-        super().__init__(*args, save_config_callback=save_config_callback, **kwargs)
-
-lightning.pytorch.cli.LightningCLI = LightningCLI
-from tessera.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
-
 OVERLAY = """
 trainer:
   callbacks:
@@ -59,7 +43,7 @@ def fit(run_dir: Path, shards: list[str]) -> subprocess.CompletedProcess:
     overlay = run_dir.parent / "overlay.yaml"
     overlay.write_text(OVERLAY)
     command = [
-        sys.executable, "-c", FIT, "fit",
+        sys.executable, "-m", "tessera.cli", "fit",
         "--config", str(REPO / "configs/tokenizer/tiny_shapes.yaml"),
         "--config", str(REPO / "configs/logger/wandb_offline.yaml"),
         "--config", str(overlay),
@@ -69,7 +53,7 @@ def fit(run_dir: Path, shards: list[str]) -> subprocess.CompletedProcess:
         "--data.image_size=32", "--data.batch_size=4", "--data.num_workers=0",
         "--trainer.max_steps=4", "--trainer.log_every_n_steps=1",
         "--trainer.val_check_interval=4", "--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false",
-        f"--trainer.default_root_dir={run_dir}", f"--trainer.logger.init_args.save_dir={run_dir}",
+        f"--trainer.default_root_dir={run_dir}",  # the logger's save_dir follows it
     ]
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_API_KEY": FAKE_KEY, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
