@@ -8,6 +8,7 @@ import time
 
 import lightning as L
 import pytest
+import yaml
 import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -123,3 +124,23 @@ def test_a_second_launch_into_the_run_directory_resumes_where_the_first_stopped(
     assert str(second.ckpt_path) == str(tmp_path / "checkpoints" / "last.ckpt")
     assert first.global_step == 3 and second.global_step == 5
     assert newest_checkpoint(tmp_path / "checkpoints").stat().st_mtime >= started
+
+
+def test_the_configs_keep_a_resume_checkpoint_and_the_newest_three_step_checkpoints(tmp_path, tokenizer_dir):
+    from jsonargparse import ArgumentParser
+
+    sections = yaml.safe_load((REPO / "configs/prior/300m.yaml").read_text())["trainer"]["callbacks"]
+    checkpoint_sections = [c for c in sections if c["class_path"].endswith("ModelCheckpoint")]
+    for section in checkpoint_sections:
+        section["init_args"]["every_n_train_steps"] = 1 if section["init_args"].get("save_last") else 2
+    parser = ArgumentParser()
+    parser.add_argument("--callbacks", type=list[L.Callback])
+    callbacks = parser.instantiate_classes(parser.parse_object({"callbacks": checkpoint_sections})).callbacks
+    prior = tiny_prior(tokenizer_dir)
+    data = DataLoader(ConcatDataset([Tokens(prior)] * 16), batch_size=8, shuffle=False)
+    run = trainer(tmp_path, max_steps=11, enable_checkpointing=True, callbacks=callbacks)
+    prepare_trainer(run)
+    run.fit(prior, data)
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == ["last.ckpt", "step=0000006.ckpt", "step=0000008.ckpt", "step=0000010.ckpt"]
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 11
