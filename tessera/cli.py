@@ -141,7 +141,8 @@ def lightning_cli(argv: list[str]):
         # a requeued SLURM job starts again in the same directory, where config.yaml already is
         save_config_callback=SaveAndLogConfig,
         save_config_kwargs={"overwrite": True},
-        args=argv,
+        # from the command line itself LightningCLI reads sys.argv (given both, it warns on every launch)
+        args=None if argv == sys.argv[1:] else argv,
     )
 
 
