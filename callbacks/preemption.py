@@ -91,6 +91,9 @@ class Requeue(L.Callback):
             return
         for logger in trainer.loggers:  # flushed before SLURM's requeue signals this process
             logger.finalize("finished")
+        # ModelCheckpoint(save_last=True) wrote last.ckpt after requeue.ckpt, at the end of the stopped
+        # epoch and as if that epoch were complete: requeue.ckpt must stay the newest, the one resumed
+        os.utime(self.checkpoint)
         requeue_slurm_job()
 
 
