@@ -105,6 +105,8 @@ def prepare_trainer(trainer: L.Trainer) -> None:
     for callback in trainer.checkpoint_callbacks:
         if isinstance(callback, ModelCheckpoint) and callback.dirpath is None:
             callback.dirpath = str(directory)
+            # a relaunch resumed from requeue.ckpt does not know last.ckpt as its own: overwrite it, no last-v1.ckpt
+            callback._enable_version_counter = False
     trainer.callbacks.append(SaveOnTrainEnd())
     if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # leave a user's own plugin alone
         trainer.strategy.checkpoint_io = AtomicCheckpointIO()
