@@ -71,8 +71,9 @@ def test_two_nodes_of_one_process_train_through_the_slurm_environment(tmp_path, 
 @pytest.mark.parametrize(
     "tasks, trainer, message",
     [
-        ((1, 2), (1, 1), "`--ntasks-per-node=2` does not match"),  # 2 tasks a node, 1 device
-        ((2, 1), (1, 1), "`--nodes=2` does not match"),  # 2 nodes, num_nodes 1
+        # 2 tasks a node, 1 device: Lightning's own check (DDP only) would let each task train alone
+        ((1, 2), (1, 1), "--ntasks-per-node=2: pass --trainer.num_nodes=1 --trainer.devices=2"),
+        ((2, 1), (1, 1), "--nodes=2 and --ntasks-per-node=1: pass --trainer.num_nodes=2 --trainer.devices=1"),
     ],
 )
 def test_devices_or_nodes_that_disagree_with_slurm_fail_at_start_up(tmp_path, shapes_urls, tasks, trainer, message):
@@ -82,5 +83,14 @@ def test_devices_or_nodes_that_disagree_with_slurm_fail_at_start_up(tmp_path, sh
     result = subprocess.run(fit_command(tmp_path, shapes_urls, num_nodes, devices), cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
-    assert message in result.stderr, result.stderr[-3000:]
-    assert "Initializing distributed" not in result.stderr + result.stdout  # it stopped before joining anything
+    assert message in result.stderr and "Traceback" not in result.stderr, result.stderr[-3000:]  # one message
+    assert not (tmp_path / "checkpoints").exists()  # it stopped before training
+
+
+def test_fit_in_the_batch_script_without_srun_is_refused(tmp_path, shapes_urls):
+    env = slurm_env(0, 0, 2, 1, 2, free_port())
+    del env["SLURM_STEP_ID"]  # the batch script's environment: a job of 2 tasks, but no step
+    result = subprocess.run(fit_command(tmp_path, shapes_urls, 1, 2), cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "start it with `srun tessera fit ...`" in result.stderr, result.stderr[-3000:]
