@@ -10,8 +10,18 @@ many bad samples were skipped: a slot that runs out of shards starts another pas
 own, reordered. So every rank yields the same number of batches and DDP never waits on a rank
 that has stopped. An epoch is `samples_per_epoch` rounded down to whole global batches.
 
-All randomness (shard order, sample shuffle buffer, random crops) comes from Python RNGs seeded
-by (seed, epoch, rank, worker), so a run is reproducible for a given number of ranks and workers.
+All randomness comes from Python RNGs of the stream's own, never the global ones: shard order
+from (seed, epoch), the sample shuffle buffer from (seed, epoch, rank, worker), a random crop
+from (seed, epoch, sample). So a run is reproducible for a given number of ranks and workers.
+
+Resume. Each batch carries its "position": the worker whose data it is and how many raw samples
+(good and bad) that worker has drawn from its shuffled stream so far. The loader records the
+positions of the batches training has used (see `EpochLoader` in caption_image.py) and hands
+them back through `resume`; each worker then rebuilds its shuffled stream for the epoch, draws
+and drops that many raw samples without decoding them (reading tar bytes only, so replaying is
+far cheaper than training on them), and yields the batches it had left. The loader reads its
+workers round-robin from worker 0, so after b batches worker w takes on the data of worker
+(w + b) % W, which keeps the order of the uninterrupted run.
 
 Bad samples (corrupt or missing image, missing caption) are skipped and counted; each batch
 carries the counts since the slot's previous batch under "stats", so the training process can
@@ -27,7 +37,7 @@ import logging
 import multiprocessing
 import random
 import tarfile
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -104,7 +114,14 @@ def _read_json(path: Path) -> dict:
 
 class CaptionImageStream(IterableDataset):
     """Batches of {"images": (B, 3, H, W) uint8, "text_ids": (B, L) long, "text_mask": (B, L) bool,
-    "captions": [str], "keys": [str], "stats": {reason: count}} from caption-image shards."""
+    "captions": [str], "keys": [str], "stats": {reason: count}, "position": {"worker": int,
+    "items": int}} from caption-image shards.
+
+    `resume`, when set, makes the epoch it names pick up where a run left it:
+    {"epoch": int, "batches": batches this rank had trained on, "workers": per worker of the
+    loader {"batches": its batches trained on, "items": the "items" of the last of them}, or None
+    to start the epoch's remaining batches afresh (the loader's worker count or world size changed)}.
+    """
 
     def __init__(
         self,
@@ -141,6 +158,7 @@ class CaptionImageStream(IterableDataset):
         self.samples_per_epoch = samples_per_epoch
         # shared with worker processes, so set_epoch reaches persistent workers too
         self._epoch = multiprocessing.Value("q", 0, lock=False)
+        self.resume: dict | None = None
 
     @property
     def epoch(self) -> int:
@@ -156,18 +174,37 @@ class CaptionImageStream(IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
-        num_batches = len(self) // num_workers + (worker < len(self) % num_workers)
+        worker, num_batches, drawn = self._share(worker, num_workers)
         slot, num_slots = self.rank * num_workers + worker, self.world_size * num_workers
-        rng = random.Random(f"{self.seed}:{self.epoch}:{self.rank}:{worker}")
         stats: Counter = Counter()
         raw = self._raw_samples(slot, num_slots, stats)
         if self.shuffle_buffer > 1:
-            raw = _shuffled(raw, self.shuffle_buffer, rng)
-        decoded = self._decoded(raw, stats, rng if self.random_crop else None)
+            raw = _shuffled(raw, self.shuffle_buffer, random.Random(f"{self.seed}:{self.epoch}:{self.rank}:{worker}"))
+        deque(itertools.islice(raw, drawn), maxlen=0)  # replay what was drawn before a resume
+        stats.clear()  # skips met while replaying were counted before the interruption
+        decoded = self._decoded(raw, stats, drawn)
         for _ in range(num_batches):
             samples = [next(decoded) for _ in range(self.batch_size)]
-            yield self._collate(samples, stats)
-            stats = Counter()
+            yield self._collate(samples, stats, worker)
+            stats.clear()  # the batch took a copy; the readers keep counting into this one
+
+    def _share(self, worker: int, num_workers: int) -> tuple[int, int, int]:
+        """(the worker whose data this one yields, batches it yields this epoch, raw samples of that
+        worker's stream already drawn before a resume)."""
+        batches = len(self)
+        resume = self.resume if self.resume is not None and self.resume["epoch"] == self.epoch else None
+        if resume is None:
+            return worker, batches // num_workers + (worker < batches % num_workers), 0
+        done = resume["batches"]
+        if resume["workers"] is None:  # positions of another layout: the remaining batches, afresh
+            left = max(0, batches - done)
+            return worker, left // num_workers + (worker < left % num_workers), 0
+        # the loader asks workers for batches round-robin from worker 0, and the uninterrupted run's
+        # next batch would have come from worker done % W: so worker w plays worker (w + done) % W
+        playing = (worker + done) % num_workers
+        position = resume["workers"][playing]
+        share = batches // num_workers + (playing < batches % num_workers)
+        return playing, share - position["batches"], position["items"]
 
     def _raw_samples(self, slot: int, num_slots: int, stats: Counter) -> Iterator[dict]:
         """Undecoded samples (dicts of extension -> bytes) for this slot, without end."""
@@ -204,11 +241,12 @@ class CaptionImageStream(IterableDataset):
 
         yield from wds.tarfile_samples(({"url": url} for url in shards), handler=count_and_continue)
 
-    def _decoded(self, raw: Iterator[dict], stats: Counter, rng: random.Random | None) -> Iterator[tuple]:
-        """(payload, caption, key) for each good sample; bad ones are counted in stats."""
+    def _decoded(self, raw: Iterator[dict], stats: Counter, drawn: int) -> Iterator[tuple]:
+        """(payload, caption, key, raw samples drawn so far) for each good sample, the first
+        `drawn` already gone; bad ones are counted in stats."""
         consecutive_skips = 0
-        for sample in raw:
-            reason, payload, caption = self._decode(sample, rng)
+        for drawn, sample in enumerate(raw, start=drawn + 1):
+            reason, payload, caption = self._decode(sample)
             if reason is not None:
                 stats[reason] += 1
                 consecutive_skips += 1
@@ -219,18 +257,22 @@ class CaptionImageStream(IterableDataset):
                     )
                 continue
             consecutive_skips = 0
-            yield payload, caption, sample["__key__"]
+            yield payload, caption, sample["__key__"], drawn
 
-    def _decode(self, sample: dict, rng: random.Random | None) -> tuple[str | None, np.ndarray | None, str]:
+    def _decode(self, sample: dict) -> tuple[str | None, np.ndarray | None, str]:
         """(skip reason or None, (H, W, 3) uint8 crop, caption)."""
         reason, image, caption = decode_sample(sample, self.image_size if self.jpeg_draft else None)
-        return reason, None if reason is not None else resize_and_crop(image, self.image_size, rng), caption
+        if reason is not None:
+            return reason, None, caption
+        # a crop of its own per sample and epoch: replaying skipped samples needs no decoding
+        rng = random.Random(f"{self.seed}:{self.epoch}:{sample['__url__']}:{sample['__key__']}") if self.random_crop else None
+        return None, resize_and_crop(image, self.image_size, rng), caption
 
     def _stack(self, payloads: tuple) -> dict:
         return {"images": torch.from_numpy(np.stack(payloads)).permute(0, 3, 1, 2)}  # (B, 3, H, W) uint8
 
-    def _collate(self, samples: list[tuple], stats: Counter) -> dict:
-        payloads, captions, keys = zip(*samples)
+    def _collate(self, samples: list[tuple], stats: Counter, worker: int) -> dict:
+        payloads, captions, keys, drawn = zip(*samples)
         tokens = self.captions(list(captions))
         if tokens.truncated:
             stats["truncated_captions"] += tokens.truncated
@@ -241,6 +283,7 @@ class CaptionImageStream(IterableDataset):
             "captions": list(captions),
             "keys": list(keys),
             "stats": dict(stats),
+            "position": {"worker": worker, "items": drawn[-1]},
         }
 
 
@@ -249,7 +292,7 @@ class CaptionTokenStream(CaptionImageStream):
     (B, h, w) or (B, h, w, D) long, read from KEY.tokens.npy, instead of "images". `image_size`
     and the crop options do not apply: the ids were made from validation crops."""
 
-    def _decode(self, sample: dict, rng: random.Random | None) -> tuple[str | None, np.ndarray | None, str]:
+    def _decode(self, sample: dict) -> tuple[str | None, np.ndarray | None, str]:
         caption = _caption(sample)
         if "tokens.npy" not in sample:
             return "missing_tokens", None, caption

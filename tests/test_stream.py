@@ -128,6 +128,14 @@ def test_bad_samples_are_skipped_and_counted(tmp_path, caption_tokenizer):
     assert "from the json" in batch["captions"]
 
 
+def test_bad_samples_are_counted_in_the_batch_they_were_skipped_for(tmp_path, caption_tokenizer):
+    broken = {"__key__": "broken", "png": b"not a png", "txt": "broken"}
+    samples = img2dataset_samples(0, 4) + [broken, {**broken, "__key__": "broken2"}] + img2dataset_samples(1, 4)
+    write_wds_shard(tmp_path / "00000.tar", samples)
+    stream = make_stream([str(tmp_path / "00000.tar")], caption_tokenizer, samples_per_epoch=8, shuffle=False)
+    assert [batch["stats"] for batch in stream] == [{}, {"corrupt_image": 2}]
+
+
 def test_truncated_captions_are_counted(shapes_urls):
     from datamodules.text import CaptionTokenizer
 
