@@ -1,15 +1,24 @@
-"""CaptionImageDataModule: caption-image WebDataset shards for both stages."""
+"""CaptionImageDataModule: caption-image WebDataset shards for both stages, resumable mid-epoch.
+
+Resume is exact: the training loader is one of Lightning's stateful loaders, so a checkpoint
+holds where every rank and loader worker stood in the epoch and each rank's global RNG states
+(see `EpochLoader`), and a run resumed from it trains on the same batches, in the same order,
+drawing the same random numbers, as the run that was stopped.
+"""
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections import Counter
 
 import lightning as L
 import torch
+import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from tessera.pixels import to_unit_range
+from tessera.rng import rng_states, set_rng_states
 from datamodules.stream import CaptionImageStream, CaptionTokenStream, check_shards, expand_urls, shard_sizes
 from datamodules.text import CLIP_BPE, CaptionTokenizer
 
@@ -22,6 +31,9 @@ class CaptionImageDataModule(L.LightningDataModule):
     Shards are local paths, `pipe:` commands (`pipe:aws s3 cp s3://bucket/00000.tar -`) or URLs,
     with brace patterns and `::` between lists. Images travel from the loader workers as uint8
     and become float on the device, which moves a quarter of the bytes through shared memory.
+
+    Exact resume needs the Trainer to use this datamodule's hooks (`fit(datamodule=...)`, as
+    LightningCLI does): `on_after_batch_transfer` is where a batch counts as trained on.
     """
 
     def __init__(
@@ -72,6 +84,7 @@ class CaptionImageDataModule(L.LightningDataModule):
         self.captions = CaptionTokenizer(text_tokenizer, text_length)
         self.train_stream: CaptionImageStream | None = None
         self.val_stream: CaptionImageStream | None = None
+        self.train_loader: EpochLoader | None = None
         self.data_stats: Counter = Counter()  # training samples skipped by reason, and truncations, on this rank
 
     def setup(self, stage: str | None = None) -> None:
@@ -100,7 +113,8 @@ class CaptionImageDataModule(L.LightningDataModule):
         if self.train_stream is None:
             self.setup("fit")
         first_epoch = self.trainer.current_epoch if self.trainer else 0
-        return EpochLoader(self.train_stream, first_epoch, **self._loader_options())
+        self.train_loader = EpochLoader(self.train_stream, first_epoch, **self._loader_options())
+        return self.train_loader
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val_stream is None:
@@ -121,6 +135,9 @@ class CaptionImageDataModule(L.LightningDataModule):
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         if self.trainer is None or self.trainer.training:
             self.data_stats.update(batch["stats"])
+            if self.train_loader is not None:
+                # here, not when the loader yields it: Lightning fetches one batch ahead
+                self.train_loader.trained_on(batch["position"])
         if "images" in batch:
             batch["images"] = to_unit_range(batch["images"])
         return batch
@@ -142,18 +159,91 @@ def epoch_samples(urls: list[str], configured: int | None, option: str) -> int:
 
 
 class EpochLoader(DataLoader):
-    """A DataLoader that tells its stream the epoch at each new iteration.
+    """A DataLoader that tells its stream the epoch at each new iteration, and can pick up an
+    epoch where a checkpoint left it.
 
     Lightning calls `set_epoch` on samplers only, and an IterableDataset has none, so the epoch
     that seeds shard order and shuffling is advanced here instead, starting from the trainer's
     epoch when the loader is made (which after a resume is the resumed epoch).
+
+    Lightning saves `state_dict()` in every checkpoint and, on resume, gives it to
+    `load_state_dict` before the first iteration. Each rank's part is, for the epoch under way:
+    the batches trained on, per loader worker the batches trained on and the stream position
+    ("items") after the last of them, and the global RNG states. Only rank 0 writes the checkpoint,
+    so the parts are gathered from all ranks; each rank takes back its own:
+
+        {"world_size": int, "workers": int (1 without worker processes),
+         "ranks": [{"epoch": int, "batches": int, "workers": [{"batches": int, "items": int}] | None,
+                    "rng": tessera.rng.rng_states()}, ...]}
+
+    Resumed with another world size or worker count, the positions mean nothing to the new
+    layout: the interrupted epoch's remaining batches come afresh from the start of its streams
+    (some samples again, others not at all), with a warning, and the RNG states are restored only
+    when the world size is the same. The RNG states are restored just before the first batch
+    after a resume is trained on: random numbers drawn between the checkpoint and the next
+    training batch of the uninterrupted run (by validation, say) are not replayed.
     """
 
     def __init__(self, stream: CaptionImageStream, first_epoch: int, **options):
-        super().__init__(stream, batch_size=None, **options)
+        # a generator of its own for the workers' base seed (the stream needs none): making an
+        # iterator then leaves the global torch RNG, which a resume restores, untouched
+        generator = torch.Generator().manual_seed(stream.seed)
+        super().__init__(stream, batch_size=None, generator=generator, **options)
         self.next_epoch = first_epoch
+        self.logical_workers = max(1, self.num_workers)  # no worker processes read as one worker
+        self._start_epoch(first_epoch, resume=None)
+        self._resume: dict | None = None
+        self._rng_to_restore: dict | None = None
 
     def __iter__(self):
+        resume = self._resume if self._resume is not None and self._resume["epoch"] == self.next_epoch else None
+        self._resume = None
         self.dataset.set_epoch(self.next_epoch)
+        self.dataset.resume = resume
+        self._start_epoch(self.next_epoch, resume)
         self.next_epoch += 1
         return super().__iter__()
+
+    def _start_epoch(self, epoch: int, resume: dict | None) -> None:
+        self.epoch = epoch
+        self.batches = resume["batches"] if resume else 0
+        fresh = [{"batches": 0, "items": 0} for _ in range(self.logical_workers)]
+        self.positions = copy.deepcopy(resume["workers"]) if resume else fresh
+
+    def trained_on(self, position: dict) -> None:
+        """Count a batch the model is about to train on, by the "position" it carries."""
+        if self._rng_to_restore is not None:
+            set_rng_states(self._rng_to_restore)
+            self._rng_to_restore = None
+        self.batches += 1
+        if self.positions is not None:
+            worker = self.positions[position["worker"]]
+            worker["batches"] += 1
+            worker["items"] = position["items"]
+
+    def state_dict(self) -> dict:
+        """Where training stands in the epoch, on every rank. A collective when a process group is
+        up: Lightning calls it on every rank as it saves a checkpoint."""
+        mine = {"epoch": self.epoch, "batches": self.batches, "workers": copy.deepcopy(self.positions),
+                "rng": rng_states()}
+        ranks = [mine]
+        if dist.is_available() and dist.is_initialized():
+            ranks = [None] * dist.get_world_size()
+            dist.all_gather_object(ranks, mine)
+        return {"world_size": len(ranks), "workers": self.logical_workers, "ranks": ranks}
+
+    def load_state_dict(self, state: dict) -> None:
+        rank, world_size = self.dataset.rank, self.dataset.world_size
+        same_layout = state["world_size"] == world_size and state["workers"] == self.logical_workers
+        mine = state["ranks"][rank if state["world_size"] == world_size else 0]
+        if not same_layout:
+            log.warning(
+                "resuming epoch %d with %d rank(s) x %d loader worker(s), but the checkpoint was saved with "
+                "%d x %d: the epoch's remaining %d batches start afresh from the start of its streams, so "
+                "some of its samples come again and others not at all",
+                mine["epoch"], world_size, self.logical_workers, state["world_size"], state["workers"],
+                max(0, len(self.dataset) - mine["batches"]),
+            )
+        self._resume = {"epoch": mine["epoch"], "batches": mine["batches"],
+                        "workers": mine["workers"] if same_layout else None}
+        self._rng_to_restore = mine["rng"] if state["world_size"] == world_size else None
