@@ -111,3 +111,12 @@ def test_persistent_loader_workers_follow_the_epoch(shapes_dir):
     assert epochs[0] != epochs[1]  # the workers saw the new epoch's shard order
     again = [k for batch in CaptionImageDataModule(**data.hparams).train_dataloader() for k in batch["keys"]]
     assert again == epochs[0]
+
+
+def test_starting_an_epoch_leaves_the_global_torch_rng_alone(shapes_dir):
+    # a resumed run restores the global RNG states: what the loaders draw must not depend on them, nor move them
+    data = CaptionImageDataModule(str(shapes_dir / "00000.tar"), val_shards=str(shapes_dir / "00002.tar"),
+                                  image_size=32, batch_size=10, num_workers=0, text_length=24)
+    before = torch.get_rng_state()
+    next(iter(data.train_dataloader())), next(iter(data.val_dataloader()))
+    assert torch.equal(torch.get_rng_state(), before)
