@@ -64,12 +64,13 @@ def fit_args(shards: list[str], run_dir: Path, max_steps: int, checkpoint_every:
     ]
 
 
-def submit(cwd: Path, run_dir: Path, args: list[str]) -> str:
-    """`tessera submit` of the tiny tokenizer config as 2 CPU tasks on one node; the job id."""
+def submit(cwd: Path, run_dir: Path, args: list[str], *options: str, path: Path = Path(sys.executable).parent) -> str:
+    """`tessera submit` of the tiny tokenizer config as 2 CPU tasks on one node (or `options`); the job id."""
+    options = options or (str(REPO / "configs/tokenizer/tiny_shapes.yaml"), "--tasks-per-node=2")
     command = [
-        sys.executable, "-m", "tessera.cli", "submit", str(REPO / "configs/tokenizer/tiny_shapes.yaml"),
-        "--nodes=1", "--gpus-per-node=0", "--tasks-per-node=2", "--cpus-per-task=1", "--time=10",
-        f"--run-dir={run_dir}", f"--setup=export PATH={shlex.quote(str(Path(sys.executable).parent))}:$PATH",
+        sys.executable, "-m", "tessera.cli", "submit", *options,
+        "--nodes=1", "--gpus-per-node=0", "--cpus-per-task=1", "--time=10",
+        f"--run-dir={run_dir}", f"--setup=export PATH={shlex.quote(str(path))}:$PATH",
         "--args", *args,
     ]
     result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=120)
@@ -155,3 +156,27 @@ def test_a_job_signalled_mid_run_requeues_itself_and_resumes_where_it_stopped(sl
     # every step logged exactly once across both runs' CSV logs: none lost, none trained twice
     steps = Counter(logged_steps(run_dir))
     assert sorted(steps) == list(range(max_steps)) and set(steps.values()) == {1}, steps
+
+
+def test_a_tokenize_job_signalled_in_its_batch_script_requeues_itself(slurm_cluster, tmp_path):
+    """The tokenize and evaluate templates: SIGUSR1 goes to the batch script (B:), which requeues."""
+    fake = tmp_path / "bin"  # a `tessera` that only waits: the script's trap is under test, not tokenize
+    fake.mkdir()
+    (fake / "tessera").write_text('#!/bin/sh\necho "tessera $*"\nexec sleep 120\n')
+    (fake / "tessera").chmod(0o755)
+    run_dir = tmp_path / "run"
+    job_id = submit(tmp_path, run_dir, ["--out", "tokens"], "--job=tokenize", path=fake)
+    output = run_dir / f"slurm-{job_id}.out"
+    try:
+        deadline = time.monotonic() + 60
+        while "tessera tokenize" not in (output.read_text() if output.exists() else ""):
+            assert time.monotonic() < deadline, job_info(job_id)
+            time.sleep(0.5)
+        subprocess.run(["scancel", "--batch", "--signal=USR1", job_id], check=True)
+        deadline = time.monotonic() + 60
+        while job_info(job_id)["Restarts"] == "0":
+            assert time.monotonic() < deadline, f"{job_info(job_id)}\n{output.read_text()}"
+            time.sleep(0.5)
+        assert "[slurm] time limit near: requeueing" in output.read_text()
+    finally:
+        subprocess.run(["scancel", job_id])
