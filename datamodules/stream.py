@@ -264,8 +264,9 @@ class CaptionImageStream(IterableDataset):
         reason, image, caption = decode_sample(sample, self.image_size if self.jpeg_draft else None)
         if reason is not None:
             return reason, None, caption
-        # a crop of its own per sample and epoch: replaying skipped samples needs no decoding
-        rng = random.Random(f"{self.seed}:{self.epoch}:{sample['__url__']}:{sample['__key__']}") if self.random_crop else None
+        rng = None
+        if self.random_crop:  # a crop of its own per sample and epoch: replaying skipped samples needs no decoding
+            rng = random.Random(f"{self.seed}:{self.epoch}:{sample['__url__']}:{sample['__key__']}")
         return None, resize_and_crop(image, self.image_size, rng), caption
 
     def _stack(self, payloads: tuple) -> dict:

@@ -43,7 +43,8 @@ def photo_urls(tmp_path_factory) -> list[str]:
     rng = np.random.default_rng(0)
     urls = []
     for shard in range(4):
-        samples = [{"__key__": f"{shard}_{i:02d}", "png": encode(Image.fromarray(rng.integers(0, 256, (40, 48, 3), np.uint8)), "PNG"),
+        pixels = rng.integers(0, 256, (16, 40, 48, 3), np.uint8)
+        samples = [{"__key__": f"{shard}_{i:02d}", "png": encode(Image.fromarray(pixels[i]), "PNG"),
                     "txt": f"sample {i} of shard {shard}"} for i in range(16)]
         samples.insert(2, {"__key__": f"{shard}_corrupt", "png": b"not a png", "txt": "broken"})
         write_wds_shard(out / f"{shard:05d}.tar", samples)
@@ -52,7 +53,8 @@ def photo_urls(tmp_path_factory) -> list[str]:
 
 
 def photo_stream(urls, captions) -> CaptionImageStream:
-    # 10 batches of 4: with 2 workers each draws at most 20 + 8 (buffer) + 2 (corrupt) of its 34 samples, so no key repeats
+    # 10 batches of 4; with 2 workers, each draws at most 20 + 8 (buffer) + 2 (corrupt) of its 34
+    # samples, so no key comes twice
     return CaptionImageStream(urls, captions, samples_per_epoch=40, batch_size=4, image_size=32,
                               shuffle_buffer=8, random_crop=True, seed=3)
 
@@ -69,7 +71,8 @@ def stop_and_resume(urls, captions, num_workers: int, stop: int, resumed_workers
     state = loader.state_dict()
     del batches
 
-    resumed = EpochLoader(photo_stream(urls, captions), 0, num_workers=num_workers if resumed_workers is None else resumed_workers)
+    resumed_workers = num_workers if resumed_workers is None else resumed_workers
+    resumed = EpochLoader(photo_stream(urls, captions), 0, num_workers=resumed_workers)
     resumed.load_state_dict(state)
     return trained + list(resumed)
 
@@ -82,7 +85,7 @@ def test_stream_resumed_mid_epoch_yields_the_rest_of_the_uninterrupted_epoch(pho
     assert [b["keys"] for b in resumed] == [b["keys"] for b in straight]
     assert all(torch.equal(r["images"], s["images"]) for r, s in zip(resumed, straight))
     keys = [k for b in straight for k in b["keys"]]
-    assert len(keys) == len(set(keys)) == 40 and "corrupt" not in keys
+    assert len(keys) == len(set(keys)) == 40 and not [k for k in keys if "corrupt" in k]
     skipped = [sum(b["stats"].get("corrupt_image", 0) for b in run) for run in (straight, resumed)]
     assert any(b["stats"] for b in straight[:3])  # a skip among the samples that are replayed
     assert skipped[0] == skipped[1] > 0  # counted once, not again while replaying
@@ -120,7 +123,7 @@ def write_token_shards(directory: Path) -> str:
 
 
 def vqgan_run(shards: str):
-    """The tokenizer with dropout and dead-code restarts (global RNG), and its data: 10 batches an epoch per rank."""
+    """The tokenizer with dropout and dead-code restarts (global RNG), and 40 samples an epoch in batches of 4."""
     torch.manual_seed(0)
     model = tiny_vqgan(
         image_size=32,
@@ -128,29 +131,34 @@ def vqgan_run(shards: str):
         autoencoder=AutoencoderConfig(ch=8, ch_mult=(1, 2), num_res_blocks=1, z_channels=8, image_size=32, dropout=0.2),
     )
     data = CaptionImageDataModule(shards, image_size=32, batch_size=4, num_workers=2, text_length=TEXT_LENGTH,
-                                  train_samples=40, shuffle_buffer=8, random_crop=True)
+                                  train_samples=40, shuffle_buffer=8)
     return model, data
 
 
 def prior_run(shards: str):
-    """The prior with dropout (global RNG) and caption dropout on token shards: 6 batches an epoch per rank."""
+    """The prior with dropout (global RNG) and caption dropout, and 24 token-shard samples an epoch in batches of 4."""
     torch.manual_seed(0)
-    config = TransformerConfig(text_length=TEXT_LENGTH, image_vocab_size=64, image_grid=4, n_layer=2, n_head=2, n_embd=32, dropout=0.2)
+    config = TransformerConfig(text_length=TEXT_LENGTH, image_vocab_size=64, image_grid=4, n_layer=2, n_head=2, n_embd=32,
+                               dropout=0.2)
     model = TextImagePrior(transformer=config, optimizer=PriorOptimizerConfig(lr=3e-3, warmup_steps=2, schedule="cosine"))
     data = CaptionImageDataModule(shards, batch_size=4, num_workers=1, text_length=TEXT_LENGTH, train_samples=24,
                                   shuffle_buffer=8, image_tokens=True)
     return model, data
 
 
-def fit(make_run, shards: str, root: Path, steps: int, checkpoint_at: int | None = None, ckpt_path: Path | None = None, **trainer_options):
-    """(final weights, keys trained on) of a run to `steps`, saving a checkpoint at `checkpoint_at` or resuming from `ckpt_path`."""
+def fit(make_run, shards: str, root: Path, steps: int, checkpoint_at: int | None = None, ckpt_path: Path | None = None,
+        **trainer_options):
+    """(final weights, keys trained on) of a run to `steps` that saves a checkpoint at step `checkpoint_at` or
+    resumes from `ckpt_path`."""
     model, data = make_run(shards)
     keys = RecordKeys()
     callbacks = [keys]
     if checkpoint_at is not None:
         callbacks.append(ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=checkpoint_at, save_top_k=-1))
     if ckpt_path is not None:  # a fresh process's RNGs would be anywhere: resume must not depend on them
-        torch.manual_seed(1234), random.seed(1234), np.random.seed(1234)
+        torch.manual_seed(1234)
+        random.seed(1234)
+        np.random.seed(1234)
     trainer = L.Trainer(accelerator="cpu", max_steps=steps, default_root_dir=root, logger=False, enable_progress_bar=False,
                         enable_model_summary=False, enable_checkpointing=checkpoint_at is not None, callbacks=callbacks,
                         **trainer_options)
