@@ -15,26 +15,34 @@ batch's text length and id grid are checked too. A mismatch is an error naming b
 Strategies: DDP, or FSDP with the `Block`s as wrapping units (configs/trainer/fsdp.yaml).
 The frozen tokenizer lives outside the module tree: not in checkpoints, not wrapped by DDP or
 FSDP, never cast by a precision plugin.
+
+On disk: `load_prior` reads a .ckpt file, an FSDP sharded checkpoint directory or a `tessera export`
+directory (`export_prior`: the transformer's weights as one safetensors file, plus config.json).
 """
 
 from __future__ import annotations
 
+import json
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
 import lightning as L
 import torch
+import torch.distributed.checkpoint as dcp
 import torch.nn as nn
 from lightning.pytorch.strategies import FSDPStrategy
+from safetensors.torch import load_file, save_file
 
 from datamodules.text import CLIP_BPE, CaptionTokenizer
+from lightning_modules.fsdp import checkpoint_hyperparameters, is_sharded_checkpoint
 from lightning_modules.nonfinite import NonFiniteLossGuard, drop_gradients
 from lightning_modules.vqgan import load_tokenizer
 from tessera.lr_schedule import lr_factor
 from tessera.nn.transformer import TextImageTransformer, TransformerConfig
-from tessera.nn.vq_tokenizer import VQTokenizer
+from tessera.nn.vq_tokenizer import CONFIG_FILE, WEIGHTS_FILE, VQTokenizer
 from tessera.sampling import SamplingConfig, sample_image_tokens
 
 # dense bf16 peak FLOP/s per GPU, for MFU (H100 and H200 SXM share the H100's compute)
@@ -315,3 +323,69 @@ def check_tokenizer_fits(tokenizer: VQTokenizer, config: TransformerConfig, path
             f"tokenizer {path} is residual ((h, w, depth) ids): this prior models one id per position; "
             "use a VectorQuantizer, LookupFreeQuantizer or FiniteScalarQuantizer tokenizer"
         )
+
+
+# -----------------------------------------------------------------------------
+# a prior on disk: a training checkpoint (.ckpt file or FSDP sharded directory) or an export
+# (model.safetensors: the transformer's fp32 weights; config.json: TextImagePrior's arguments)
+
+PREFIX = "transformer."  # the transformer's entries in the LightningModule's state dict
+
+
+def prior_config(path: str | Path) -> dict[str, Any]:
+    """TextImagePrior's constructor arguments, as a checkpoint or an export holds them."""
+    path = Path(path)
+    if (path / CONFIG_FILE).is_file():
+        config = json.loads((path / CONFIG_FILE).read_text())
+    else:
+        config = checkpoint_hyperparameters(path)
+    if "transformer" not in config:
+        raise ValueError(f"{path} is not a TextImagePrior checkpoint or export: its config has no transformer")
+    return config
+
+
+def load_transformer_weights(transformer: TextImageTransformer, path: str | Path) -> None:
+    """Copy the weights of a prior checkpoint or export at `path` into `transformer`."""
+    path = Path(path)
+    if (path / WEIGHTS_FILE).is_file():
+        transformer.load_state_dict(load_file(path / WEIGHTS_FILE))
+        return
+    if is_sharded_checkpoint(path):
+        # DCP reads into the tensors it is given, each whole from the shards of every rank that
+        # saved one; only the "model" entries are asked for, so the optimizer shards stay on disk.
+        # no_dist: this process alone, even where a process group exists (after a fit).
+        state = {"model": {PREFIX + name: tensor for name, tensor in transformer.state_dict().items()}}
+        dcp.load(state, checkpoint_id=path, no_dist=True)
+        weights = state["model"]
+    else:
+        weights = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["state_dict"]
+    transformer.load_state_dict({name.removeprefix(PREFIX): w for name, w in weights.items() if name.startswith(PREFIX)})
+
+
+def load_prior(
+    path: str | Path, map_location: str | torch.device = "cpu", tokenizer: str | Path | None = None
+) -> TextImagePrior:
+    """A TextImagePrior in eval mode from a .ckpt file, an FSDP sharded checkpoint directory or a
+    `tessera export` directory; `tokenizer` replaces the stage-1 tokenizer the checkpoint names."""
+    config = prior_config(path)
+    if tokenizer is not None:
+        config["tokenizer"] = str(tokenizer)
+    prior = TextImagePrior(**config)
+    load_transformer_weights(prior.transformer, path)
+    return prior.to(map_location).eval()
+
+
+def export_prior(checkpoint: str | Path, out: str | Path) -> dict[str, Any]:
+    """A prior checkpoint (.ckpt file or FSDP sharded directory) -> OUT/model.safetensors (the
+    transformer's weights in one file, fp32) + OUT/config.json (TextImagePrior's arguments), what
+    `load_prior(out)` reads. Returns the config."""
+    config = prior_config(checkpoint)
+    # the transformer alone, fp32 on the CPU (load_state_dict casts bf16 weights up to it):
+    # neither the stage-1 tokenizer nor a GPU need be here
+    transformer = TextImageTransformer(TransformerConfig(**config["transformer"]))
+    load_transformer_weights(transformer, checkpoint)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(transformer.state_dict(), str(out / WEIGHTS_FILE))
+    (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    return config

@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_coco_fid_parsers(evaluations)
 
     sample = commands.add_parser("sample", help="images from a prior checkpoint: PNGs, a grid and settings.json")
-    sample.add_argument("--prior", required=True, type=Path, help="a TextImagePrior checkpoint (.ckpt)")
+    sample.add_argument("--prior", required=True, type=Path, help="a TextImagePrior checkpoint (.ckpt, FSDP sharded) or export directory")
     prompts = sample.add_mutually_exclusive_group(required=True)
     prompts.add_argument("--prompt", nargs="+", help="one or more prompts")
     prompts.add_argument("--prompts-file", type=Path, help="a text file, one prompt a line")
@@ -99,8 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--out", required=True, type=Path)
     sample.set_defaults(run=_sample)
 
-    export = commands.add_parser("export", help="a VQGAN checkpoint -> model.safetensors + config.json for stage 2")
-    export.add_argument("--checkpoint", required=True, type=Path, help="a VQGAN training checkpoint (.ckpt)")
+    export = commands.add_parser("export", help="a VQGAN or prior checkpoint -> model.safetensors + config.json")
+    export.add_argument("--checkpoint", required=True, type=Path, help="a VQGAN or TextImagePrior checkpoint (.ckpt, FSDP sharded)")
     export.add_argument("--out", required=True, type=Path, help="directory to write")
     export.add_argument("--no-ema", action="store_true", help="export the live weights even if the run kept an EMA")
     export.set_defaults(run=_export)
@@ -151,7 +151,7 @@ def _sample(args: argparse.Namespace) -> int:
     from PIL import Image
 
     from callbacks.image_logging import image_grid
-    from lightning_modules.prior import TextImagePrior
+    from lightning_modules.prior import load_prior
     from tessera.clip_rerank import ClipScorer, rerank
     from tessera.launch import process_device
     from tessera.pixels import to_uint8, to_unit_range
@@ -164,8 +164,7 @@ def _sample(args: argparse.Namespace) -> int:
     if candidates > args.num_images and args.clip_weights is None:
         raise SystemExit("--candidates above --num-images reranks with CLIP: pass --clip-weights PATH")
     device = process_device(args.device)
-    overrides = {"tokenizer": str(args.tokenizer)} if args.tokenizer else {}
-    prior = TextImagePrior.load_from_checkpoint(args.prior, map_location=device, weights_only=True, **overrides).eval()
+    prior = load_prior(args.prior, map_location=device, tokenizer=args.tokenizer)
     sampling = SamplingConfig(top_k=args.top_k, top_p=args.top_p, temperature=args.temperature, cfg_scale=args.cfg_scale)
     scorer = ClipScorer(args.clip_model, args.clip_weights, device) if candidates > args.num_images else None
 
@@ -201,8 +200,15 @@ def _sample(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    from lightning_modules.fsdp import checkpoint_hyperparameters
+    from lightning_modules.prior import export_prior
     from lightning_modules.vqgan import load_tokenizer
 
+    # a TextImagePrior's hyperparameters hold its transformer's config, a VQGAN's its quantizer's
+    if "transformer" in checkpoint_hyperparameters(args.checkpoint):
+        shape = export_prior(args.checkpoint, args.out)["transformer"]
+        print(f"[export] prior, {shape['n_layer']} blocks of width {shape['n_embd']}: {args.out}")
+        return 0
     tokenizer = load_tokenizer(args.checkpoint, use_ema=not args.no_ema)
     tokenizer.save_pretrained(args.out)
     print(f"[export] {tokenizer.codebook_size} codes, f{tokenizer.downsample_factor}: {args.out}")

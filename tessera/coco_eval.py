@@ -152,7 +152,7 @@ def evaluate_coco(
 
     Returns the results on rank 0, None on the others. See the module docstring for the protocol."""
     from tessera.pixels import to_uint8, to_unit_range
-    from lightning_modules.prior import TextImagePrior
+    from lightning_modules.prior import load_prior
     from tessera.clip_score import CONVENTIONS, ClipScore, with_prefix
     from tessera.fid import add_images, frechet_distance, image_batches, reference_statistics, sha256
     from tessera.clip_rerank import ClipScorer, rerank
@@ -190,8 +190,7 @@ def evaluate_coco(
     todo = [(k, block) for k, block in mine if not all(sample_path(out, i).exists() for i in block)]
     generated, generation_started = 0, time.perf_counter()
     if todo:
-        overrides = {"tokenizer": str(tokenizer)} if tokenizer else {}
-        model = TextImagePrior.load_from_checkpoint(prior, map_location=device_, weights_only=True, **overrides).eval()
+        model = load_prior(prior, map_location=device_, tokenizer=tokenizer)
         scorer = ClipScorer(clip_model, clip_weights, device_) if candidates > 1 else None
         for k, block in todo:
             prompts = [samples[i]["caption"] for i in block]
