@@ -307,8 +307,15 @@ def reference_statistics(metric: FrechetDistance, directory: str | Path, cache: 
 
 
 def sha256(path: str | Path, chunk: int = 1 << 24) -> str:
+    """Of a file's bytes; of a directory (a sharded checkpoint, an export), of its files' relative
+    paths and bytes in sorted order."""
+    path = Path(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
+    for file in files:
+        if path.is_dir():
+            digest.update(file.relative_to(path).as_posix().encode() + b"\0")
+        with open(file, "rb") as f:
+            while block := f.read(chunk):
+                digest.update(block)
     return digest.hexdigest()

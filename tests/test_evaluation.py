@@ -338,3 +338,17 @@ def test_fid_and_stats_commands(tmp_path, capsys):
     from_stats = json.loads(capsys.readouterr().out)
     assert from_stats["fid"] == pytest.approx(folders["fid"], rel=1e-12) and folders["fid"] > 0
     assert folders["fid"] == pytest.approx(fid_of(image_set(12, 7), image_set(12, 8, low=80)), rel=1e-9)
+
+
+def test_a_directory_checkpoint_hashes_its_files_names_and_bytes(tmp_path):
+    from tessera.fid import sha256
+
+    (tmp_path / "ckpt" / "sub").mkdir(parents=True)
+    (tmp_path / "ckpt" / "meta.pt").write_bytes(b"meta")
+    (tmp_path / "ckpt" / "sub" / "__0_0.distcp").write_bytes(b"shard")
+    first = sha256(tmp_path / "ckpt")
+    assert first == sha256(tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "sub" / "__0_0.distcp").write_bytes(b"shard!")
+    assert sha256(tmp_path / "ckpt") != first
+    (tmp_path / "file").write_bytes(b"meta")
+    assert sha256(tmp_path / "file") != first
