@@ -55,7 +55,11 @@ def fit(run_dir: Path, shards: list[str]) -> subprocess.CompletedProcess:
         "--trainer.val_check_interval=4", "--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false",
         f"--trainer.default_root_dir={run_dir}",  # the logger's save_dir follows it
     ]
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_API_KEY": FAKE_KEY, "OMP_NUM_THREADS": "1"}
+    # each launch a fresh process as a requeued job is: not attached to a W&B service an earlier
+    # in-process test (the quickstart) started and advertised in WANDB_SERVICE, which would still
+    # hold the first launch's run open when the second resumes it
+    inherited = {name: value for name, value in os.environ.items() if name != "WANDB_SERVICE"}
+    env = {**inherited, "WANDB_MODE": "offline", "WANDB_API_KEY": FAKE_KEY, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     return result
