@@ -63,7 +63,7 @@ def swap_in(staging: Path, target: Path) -> None:
     if target.exists():
         target.rename(trash)  # a file as well: a `full` checkpoint written under the same name
     staging.rename(target)
-    _fsync(target.parent)  # makes both renames durable
+    fsync(target.parent)  # makes both renames durable
     _remove(trash)
 
 
@@ -88,8 +88,8 @@ class AtomicFSDPStrategy(FSDPStrategy):
         self.barrier("AtomicFSDPStrategy.save_checkpoint: every rank's shards written")
         if self.global_rank == 0:
             # DCP fsyncs the shard files it writes; meta.pt and the directory entries are ours
-            _fsync(staging / SHARDED_METADATA)
-            _fsync(staging)
+            fsync(staging / SHARDED_METADATA)
+            fsync(staging)
             swap_in(staging, target)
         self.barrier("AtomicFSDPStrategy.save_checkpoint: swapped in")
 
@@ -101,7 +101,7 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def _fsync(path: Path) -> None:
+def fsync(path: Path) -> None:
     """Flush a file's data, or a directory's entries, to disk."""
     descriptor = os.open(path, os.O_RDONLY)
     try:

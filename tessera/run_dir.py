@@ -29,6 +29,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from callbacks.preemption import Requeue
+from lightning_modules.fsdp import fsync
 from tessera.loggers import RunDirWandbLogger
 from tessera.submit import check_slurm_layout
 
@@ -69,15 +70,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             os.replace(temporary, path)
         finally:
             temporary.unlink(missing_ok=True)
-        _fsync_directory(path.parent)  # makes the rename itself durable
-
-
-def _fsync_directory(directory: Path) -> None:
-    descriptor = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
+        fsync(path.parent)  # makes the rename itself durable
 
 
 class SaveOnTrainEnd(L.Callback):
