@@ -43,7 +43,7 @@ SAMPLE_PROMPTS = [
     "a large yellow diamond",
 ]
 
-FINAL = "final.ckpt"
+FINAL = Path("checkpoints") / "last.ckpt"  # written by `tessera fit` when training ends
 # shares of the training budget
 TOKENIZER_SHARE, PRIOR_SHARE = 0.55, 0.35
 
@@ -146,14 +146,13 @@ def overlay(out: Path, stage: str, run_dir: Path, seconds: float, sections: dict
 
 
 def fit(run_dir: Path, argv: list[str]) -> None:
-    """`tessera fit ARGV`, then the weights as training left them in RUN_DIR/final.ckpt (the
-    configs' ModelCheckpoint keeps every 500th step, and the time budget ends between them)."""
+    """`tessera fit ARGV`; the weights training ended with are in RUN_DIR/checkpoints/last.ckpt."""
     from tessera.cli import lightning_cli
 
     # the quickstart trains from scratch each time; `tessera fit` would resume from a previous
     # quickstart's checkpoints in the same run directory
     shutil.rmtree(run_dir, ignore_errors=True)
-    lightning_cli(argv).trainer.save_checkpoint(run_dir / FINAL)
+    lightning_cli(argv)
 
 
 def last_step(run_dir: Path) -> int:
