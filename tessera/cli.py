@@ -5,7 +5,7 @@
     tessera shards coco --annotations FILE --images DIR --out DIR
     tessera data check SHARDS [--text-length N]
     tessera quickstart [--out DIR] [--minutes M]
-    tessera fit --config configs/tokenizer/tiny_shapes.yaml --config configs/data/shapes64.yaml
+    tessera fit --config configs/tokenizer/tiny_shapes.yaml --config configs/data/shapes.yaml
     tessera validate|test|predict ... (LightningCLI: `tessera fit --help` lists every option)
     tessera export --checkpoint RUN.ckpt --out DIR
     tessera tokenize --tokenizer CKPT_OR_EXPORT_DIR --shards PATTERN --out DIR [--rank R --world-size W]
@@ -69,7 +69,6 @@ def build_parser() -> argparse.ArgumentParser:
     quickstart = commands.add_parser("quickstart", help="the end-to-end example on synthetic data, on a CPU")
     quickstart.add_argument("--out", default="quickstart", type=Path)
     quickstart.add_argument("--num-samples", type=int, default=4096)
-    quickstart.add_argument("--image-size", type=int, default=64)
     quickstart.add_argument("--minutes", type=float, default=12.0, help="wall-clock budget of the two training stages together (x1/0.9)")
     quickstart.add_argument("--fidelity-samples", type=int, default=200, help="images generated to measure caption fidelity")
     quickstart.set_defaults(run=_quickstart)
@@ -271,7 +270,7 @@ def _quickstart(args: argparse.Namespace) -> int:
     """Data, tokenizer, token shards, prior, samples, evaluation and a report: see tessera/quickstart.py."""
     from tessera.quickstart import run_quickstart
 
-    run_quickstart(args.out, args.minutes, args.num_samples, args.image_size, args.fidelity_samples)
+    run_quickstart(args.out, args.minutes, args.num_samples, args.fidelity_samples)
     return 0
 
 

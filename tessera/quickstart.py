@@ -2,8 +2,8 @@
 `tessera quickstart`: the whole pipeline on a CPU in minutes, each stage the command a cluster
 run would use, with the same configs:
 
-    1. tessera shards synthetic       captioned-shapes shards, 64 px, train and val
-    2. tessera fit (tokenizer)        configs/tokenizer/tiny_shapes.yaml + configs/data/shapes64.yaml
+    1. tessera shards synthetic       captioned-shapes shards at configs/data/shapes.yaml's size
+    2. tessera fit (tokenizer)        configs/tokenizer/tiny_shapes.yaml + configs/data/shapes.yaml
     3. tessera export + tokenize      the tokenizer for stage 2, and token shards of both splits
     4. tessera fit (prior)            configs/prior/tiny_shapes.yaml on the token shards
     5. tessera sample / evaluate      samples for seen and held-out prompts, caption fidelity,
@@ -31,6 +31,7 @@ import yaml
 from PIL import Image
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+DATA_CONFIG = CONFIGS / "data" / "shapes.yaml"  # both stages' data; its image_size is the shards'
 
 # prompts for the samples grid: combinations the generator makes all the time, and some it makes
 # rarely (three shapes of one kind and colour in a column)
@@ -44,6 +45,7 @@ SAMPLE_PROMPTS = [
 ]
 
 FINAL = Path("checkpoints") / "last.ckpt"  # written by `tessera fit` when training ends
+DISPLAY_SCALE = 4  # report grids: each pixel drawn as a 4x4 block
 # shares of the training budget
 TOKENIZER_SHARE, PRIOR_SHARE = 0.55, 0.35
 
@@ -61,20 +63,21 @@ class StageLog:
         self.lines.append(line)
 
 
-def run_quickstart(out: Path, minutes: float, num_samples: int, image_size: int, fidelity_samples: int) -> dict:
+def run_quickstart(out: Path, minutes: float, num_samples: int, fidelity_samples: int) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("WANDB_SILENT", "true")
     log = StageLog()
     budget_s = minutes * 60
+    image_size = yaml.safe_load(DATA_CONFIG.read_text())["data"]["init_args"]["image_size"]
 
     train, val = write_data(out, num_samples, image_size, log)
 
     tokenizer_run = out / "tokenizer_run"
     fit(tokenizer_run, ["fit", "--config", str(CONFIGS / "tokenizer" / "tiny_shapes.yaml"),
-                        "--config", str(CONFIGS / "data" / "shapes64.yaml"),
+                        "--config", str(DATA_CONFIG),
                         "--config", str(overlay(out, "tokenizer", tokenizer_run, TOKENIZER_SHARE * budget_s, {
-                            "data": {"init_args": {"train_shards": train, "val_shards": val, "image_size": image_size}},
+                            "data": {"init_args": {"train_shards": train, "val_shards": val}},
                         }))])
     log("tokenizer", f"trained: {last_step(tokenizer_run)} steps")
 
@@ -91,7 +94,7 @@ def run_quickstart(out: Path, minutes: float, num_samples: int, image_size: int,
 
     prior_run = out / "prior_run"
     fit(prior_run, ["fit", "--config", str(CONFIGS / "prior" / "tiny_shapes.yaml"),
-                    "--config", str(CONFIGS / "data" / "shapes64.yaml"),
+                    "--config", str(DATA_CONFIG),
                     "--config", str(overlay(out, "prior", prior_run, PRIOR_SHARE * budget_s, {
                         "model": {"init_args": {"tokenizer": str(out / "tokenizer")}},
                         "data": {"init_args": {"train_shards": token_shards["train"], "val_shards": token_shards["val"],
@@ -172,8 +175,7 @@ def evaluate(out: Path, tokenizer, prior_checkpoint: Path, val_pattern: str, ima
     images = data.on_after_batch_transfer(next(iter(data.train_dataloader())), 0)["images"]
     ids = tokenizer.encode(images)
     reconstructions = tokenizer.decode(ids)
-    grid = image_grid(torch.cat([images[:8], reconstructions[:8]]), nrow=8)
-    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(out / "reconstructions.png")
+    save_grid(image_grid(torch.cat([images[:8], reconstructions[:8]]), nrow=8), out / "reconstructions.png")
     train_ids = token_ids(out / "data" / "train_tokens")
     numbers = {
         "reconstruction_psnr_db": round(psnr(images, reconstructions).mean().item(), 2),
@@ -184,13 +186,19 @@ def evaluate(out: Path, tokenizer, prior_checkpoint: Path, val_pattern: str, ima
     prior = TextImagePrior.load_from_checkpoint(prior_checkpoint, map_location="cpu", weights_only=True).eval()
     sampling = SamplingConfig(top_k=64, cfg_scale=3.0)
     samples = prior.generate([p for p in SAMPLE_PROMPTS for _ in range(4)], sampling, seed=0)
-    grid = image_grid(samples, nrow=4)
-    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(out / "samples.png")
+    save_grid(image_grid(samples, nrow=4), out / "samples.png")
     fidelity = evaluate_shapes(prior, num_samples=fidelity_samples, seed=1234, sampling=sampling, image_size=image_size)
     numbers["caption_fidelity"] = fidelity
     (out / "caption_fidelity.json").write_text(json.dumps(fidelity, indent=2) + "\n")
     log("evaluate", f"caption fidelity: {json.dumps(headline(fidelity))}")
     return numbers
+
+
+def save_grid(grid: torch.Tensor, path: Path) -> None:
+    """A (3, H, W) uint8 grid as a PNG, its pixels repeated to 4x4 blocks: 32 px images are
+    stamps on a screen, and nearest-neighbour scaling keeps their flat colours and hard edges."""
+    image = Image.fromarray(grid.permute(1, 2, 0).numpy())
+    image.resize((image.width * DISPLAY_SCALE, image.height * DISPLAY_SCALE), Image.Resampling.NEAREST).save(path)
 
 
 def token_ids(directory: Path) -> torch.Tensor:

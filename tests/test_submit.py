@@ -55,7 +55,7 @@ def test_the_template_follows_the_model_class_and_the_other_jobs_take_their_opti
     ((TOKENIZER, "--gpus-per-node=8", "--tasks-per-node=4"), "one task per GPU"),
     (("--job=prior",), "needs its config files"),
     (("--job=tokenize", TOKENIZER), "takes no config files"),
-    ((str(REPO / "configs/data/shapes64.yaml"),), "cannot tell the job"),
+    ((str(REPO / "configs/data/shapes.yaml"),), "cannot tell the job"),
 ])
 def test_a_job_that_cannot_run_is_refused_before_sbatch(argv, message):
     with pytest.raises(SystemExit, match=message):
