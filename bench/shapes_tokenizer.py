@@ -27,24 +27,22 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
 from datamodules.shapes import BACKGROUND, SyntheticShapes, render, sample_scene
 from datamodules.shard_writer import write_shards
 from lightning_modules.vqgan import load_tokenizer
 from tessera.caption_fidelity import evaluation_scenes, fractions, judge
-from tessera.pixels import psnr, to_uint8
+from tessera.pixels import psnr, to_uint8, to_unit_range
+from tessera.quickstart import CONFIGS, DATA_CONFIG, shapes_image_size
 
 REPO = Path(__file__).resolve().parents[1]
-
-DATA_CONFIG = REPO / "configs" / "data" / "shapes.yaml"
-TOKENIZER_CONFIG = REPO / "configs" / "tokenizer" / "tiny_shapes.yaml"
+TOKENIZER_CONFIG = CONFIGS / "tokenizer" / "tiny_shapes.yaml"
 
 
 def renders(scenes, image_size: int) -> torch.Tensor:
     """(N, 3, S, S) renders in [-1, 1]."""
     pixels = np.stack([np.asarray(render(scene, image_size).convert("RGB")) for scene in scenes])
-    return torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return to_unit_range(torch.from_numpy(pixels).permute(0, 3, 1, 2))
 
 
 def entropy(ids: torch.Tensor, vocabulary: int) -> float:
@@ -60,7 +58,7 @@ def token_noise(tokenizer, image_size: int, num_scenes: int = 2048) -> dict:
         ids = torch.cat([tokenizer.encode(images[i : i + 256]) for i in range(0, num_scenes, 256)])  # (N, h, w)
     N, h, w = ids.shape
     f = image_size // h
-    background = torch.tensor(BACKGROUND, dtype=torch.float32).view(1, 3, 1, 1) / 127.5 - 1
+    background = to_unit_range(torch.tensor(BACKGROUND, dtype=torch.uint8)).view(1, 3, 1, 1)
     patches = (images - background).abs().reshape(N, 3, h, f, w, f).amax(dim=(1, 3, 5))  # (N, h, w)
     plain = (patches < 1e-3).reshape(N, h * w)  # (N, h*w): the patch is all background
     ids = ids.reshape(N, h * w)
@@ -81,7 +79,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=4096, help="training scenes, as the quickstart's")
     parser.add_argument("fit_args", nargs="*", help="further `tessera fit` arguments, after --")
     args = parser.parse_args()
-    image_size = yaml.safe_load(DATA_CONFIG.read_text())["data"]["init_args"]["image_size"]
+    image_size = shapes_image_size()
     work = Path(tempfile.mkdtemp(prefix="tessera-shapes-tokenizer-"))
     try:
         for split, count, seed in (("train", args.samples, 0), ("val", 256, 1)):

@@ -69,7 +69,7 @@ def run_quickstart(out: Path, minutes: float, num_samples: int, fidelity_samples
     os.environ.setdefault("WANDB_SILENT", "true")
     log = StageLog()
     budget_s = minutes * 60
-    image_size = yaml.safe_load(DATA_CONFIG.read_text())["data"]["init_args"]["image_size"]
+    image_size = shapes_image_size()
 
     train, val = write_data(out, num_samples, image_size, log)
 
@@ -107,6 +107,11 @@ def run_quickstart(out: Path, minutes: float, num_samples: int, fidelity_samples
     write_report(out, numbers, tokenizer_run, prior_run, log)
     log("report", f"{out / 'report.md'} and {out / 'report.html'}")
     return numbers
+
+
+def shapes_image_size() -> int:
+    """The side of the quickstart's images: the one both stage configs are built for."""
+    return yaml.safe_load(DATA_CONFIG.read_text())["data"]["init_args"]["image_size"]
 
 
 def write_data(out: Path, num_samples: int, image_size: int, log: StageLog) -> tuple[str, str]:
