@@ -33,15 +33,17 @@ from PIL import Image
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 DATA_CONFIG = CONFIGS / "data" / "shapes.yaml"  # both stages' data; its image_size is the shards'
 
-# prompts for the samples grid: combinations the generator makes all the time, and some it makes
-# rarely (three shapes of one kind and colour in a column)
+# prompts for the samples grid, in the captions' grammar: two of each layout the training data
+# holds, then two held-out captions (combinations absent from the training data)
 SAMPLE_PROMPTS = [
-    "a large red circle",
-    "a small blue square",
-    "a green triangle above a yellow diamond",
-    "three purple circles in a column",
-    "an orange square left of a red triangle",
-    "a large yellow diamond",
+    "a large red circle on the left",
+    "a small blue square at the top",
+    "a small green triangle above a large yellow diamond",
+    "a large orange square to the left of a small purple circle",
+    "a small yellow circle, a large blue diamond and a small red square from left to right",
+    "a large green square, a small orange triangle and a large blue circle from top to bottom",
+    "a small red circle above a large blue square",
+    "a small red circle, a small red square and a small red triangle from left to right",
 ]
 
 FINAL = Path("checkpoints") / "last.ckpt"  # written by `tessera fit` when training ends

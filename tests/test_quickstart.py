@@ -31,3 +31,21 @@ def test_quickstart_runs_every_stage_and_writes_a_complete_report(tmp_path, monk
     printed = capsys.readouterr().out
     for stage in ("[data]", "[tokenizer]", "[tokenize]", "[prior]", "[evaluate]", "[report]"):
         assert stage in printed
+
+
+def test_showcase_prompts_are_captions_of_the_training_grammar():
+    """A prompt outside the grammar asks the prior for what it never saw: the grids must not show that."""
+    import yaml
+
+    from datamodules.shapes import caption
+    from datamodules.shapes_analysis import parse_prompt
+    from tessera.caption_fidelity import HELD_OUT_SCENES
+    from tessera.quickstart import CONFIGS, SAMPLE_PROMPTS
+
+    config = yaml.safe_load((CONFIGS / "prior" / "tiny_shapes.yaml").read_text())
+    logger_prompts = next(c["init_args"]["prompts"] for c in config["trainer"]["callbacks"] if c["class_path"].endswith("SampleLogger"))
+    for prompt in SAMPLE_PROMPTS + logger_prompts:
+        parse_prompt(prompt)  # raises for text outside the grammar
+    held_out = {caption(scene) for scene in HELD_OUT_SCENES}
+    assert any(p in held_out for p in SAMPLE_PROMPTS) and not all(p in held_out for p in SAMPLE_PROMPTS)
+    assert {parse_prompt(p)["layout"] for p in SAMPLE_PROMPTS} == {"single", "pair", "row", "column"}
