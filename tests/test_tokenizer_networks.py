@@ -87,6 +87,30 @@ def test_group_norm_uses_the_largest_divisor_of_channels_up_to_32(channels, grou
     assert group_norm(channels).num_groups == groups
 
 
+@pytest.mark.parametrize("local", [False, True])
+def test_only_a_local_encoder_keeps_ids_of_a_far_region_when_another_region_changes(local):
+    """GroupNorm's statistics and attention span the image: a far-away change moves every latent.
+    A local encoder's latents depend on their receptive field (~40 px here) alone."""
+    torch.manual_seed(0)
+    encoder = Encoder(tiny_config((1, 2), image_size=96, local_encoder=local)).eval()
+    image = torch.rand(1, 3, 96, 96) * 2 - 1
+    changed = image.clone()
+    changed[..., :16, :16] = -1.0  # the top-left corner
+    with torch.no_grad():
+        before, after = encoder(image), encoder(changed)  # (1, 4, 48, 48)
+    far = (slice(None), slice(None), slice(32, None), slice(32, None))  # latents 64+ px from the corner
+    assert torch.equal(before[far], after[far]) == local
+    assert not torch.equal(before[..., :4, :4], after[..., :4, :4])
+
+
+def test_local_encoder_has_no_attention_and_no_group_norm_while_its_decoder_keeps_them():
+    config = tiny_config((1, 2), local_encoder=True)
+    encoder_types = {type(m) for m in Encoder(config).modules()}
+    decoder_types = {type(m) for m in Decoder(config).modules()}
+    assert AttnBlock not in encoder_types and torch.nn.GroupNorm not in encoder_types
+    assert {AttnBlock, torch.nn.GroupNorm} <= decoder_types
+
+
 def test_decoder_last_layer_is_conv_out_weight_and_receives_gradient():
     config = tiny_config((1, 2, 2))
     decoder = Decoder(config)

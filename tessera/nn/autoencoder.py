@@ -12,6 +12,11 @@ The layout is taming's: conv_in, then one level per entry of `ch_mult` (res bloc
 attention, a stride-2 downsample between levels), a middle res-attn-res block at the lowest
 resolution, then GroupNorm, SiLU and conv_out. The decoder mirrors it with one more res block per
 level and nearest-neighbour upsampling. PyTorch default init, as taming.
+
+`local_encoder` trades taming's encoder for one of convolutions only, normalised per position
+(ConvNeXt's channels-first LayerNorm): GroupNorm's statistics and attention span the whole image,
+so an id of a plain region changes with whatever else the image holds, and a prior has to learn
+that noise. A local encoder's ids depend on their neighbourhood alone.
 """
 
 from __future__ import annotations
@@ -27,6 +32,20 @@ def group_norm(channels: int) -> nn.GroupNorm:
     """GroupNorm with 32 groups, or the largest divisor of `channels` below 32 for thin test nets."""
     num_groups = max(g for g in range(1, min(32, channels) + 1) if channels % g == 0)
     return nn.GroupNorm(num_groups, channels, eps=1e-6)  # taming's eps
+
+
+class ChannelNorm(nn.LayerNorm):
+    """LayerNorm over the channels of each position of a (B, C, H, W) map: no statistics across positions."""
+
+    def __init__(self, channels: int):
+        super().__init__(channels, eps=1e-6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # (B, C, H, W)
+
+
+def norm_layer(channels: int, local: bool) -> nn.Module:
+    return ChannelNorm(channels) if local else group_norm(channels)
 
 
 @dataclass
@@ -52,6 +71,10 @@ class AutoencoderConfig:
     """Dropout inside every res block."""
     image_size: int = 256
     """Training image size; must be divisible by the downsampling factor."""
+    local_encoder: bool = False
+    """An encoder without attention and with per-position normalisation (ChannelNorm), so each id
+    depends on its receptive field only: plain regions get the same ids wherever they are. The
+    decoder keeps taming's layout."""
 
     def __post_init__(self) -> None:
         # YAML and the CLI hand over lists
@@ -86,11 +109,11 @@ class AutoencoderConfig:
 class ResnetBlock(nn.Module):
     """norm-SiLU-conv3x3 twice, with a 1x1 conv on the shortcut when the channel count changes."""
 
-    def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0):
+    def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0, local: bool = False):
         super().__init__()
-        self.norm1 = group_norm(in_channels)
+        self.norm1 = norm_layer(in_channels, local)
         self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
-        self.norm2 = group_norm(out_channels)
+        self.norm2 = norm_layer(out_channels, local)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1)
         self.shortcut = (
@@ -144,21 +167,24 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))  # (B, C, 2H, 2W)
 
 
-def _level(in_channels: int, out_channels: int, num_blocks: int, attention: bool, dropout: float) -> list[nn.Module]:
+def _level(
+    in_channels: int, out_channels: int, num_blocks: int, attention: bool, dropout: float, local: bool = False
+) -> list[nn.Module]:
     """`num_blocks` res blocks, each followed by attention when asked."""
     layers: list[nn.Module] = []
     for _ in range(num_blocks):
-        layers.append(ResnetBlock(in_channels, out_channels, dropout))
+        layers.append(ResnetBlock(in_channels, out_channels, dropout, local))
         if attention:
             layers.append(AttnBlock(out_channels))
         in_channels = out_channels
     return layers
 
 
-def _mid_block(channels: int, dropout: float) -> nn.Sequential:
-    """res-attn-res at the lowest resolution, where attention over all positions is cheap."""
+def _mid_block(channels: int, dropout: float, local: bool = False) -> nn.Sequential:
+    """res-attn-res at the lowest resolution, where attention over all positions is cheap; res-res when local."""
+    attention = [] if local else [AttnBlock(channels)]
     return nn.Sequential(
-        ResnetBlock(channels, channels, dropout), AttnBlock(channels), ResnetBlock(channels, channels, dropout)
+        ResnetBlock(channels, channels, dropout, local), *attention, ResnetBlock(channels, channels, dropout, local)
     )
 
 
@@ -168,18 +194,20 @@ class Encoder(nn.Module):
     def __init__(self, config: AutoencoderConfig):
         super().__init__()
         self.config = config
+        local = config.local_encoder
         widths = [config.ch * m for m in config.ch_mult]
         self.conv_in = nn.Conv2d(config.in_channels, config.ch, kernel_size=3, padding=1)
         self.down = nn.ModuleList()
         in_channels = config.ch
         for level, width in enumerate(widths):
-            layers = _level(in_channels, width, config.num_res_blocks, config.has_attention(level), config.dropout)
+            attention = config.has_attention(level) and not local
+            layers = _level(in_channels, width, config.num_res_blocks, attention, config.dropout, local)
             if level != len(widths) - 1:
                 layers.append(Downsample(width))
             self.down.append(nn.Sequential(*layers))
             in_channels = width
-        self.mid = _mid_block(in_channels, config.dropout)
-        self.norm_out = group_norm(in_channels)
+        self.mid = _mid_block(in_channels, config.dropout, local)
+        self.norm_out = norm_layer(in_channels, local)
         self.conv_out = nn.Conv2d(in_channels, config.z_channels, kernel_size=3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
