@@ -275,7 +275,9 @@ class TextImagePrior(L.LightningModule):
             {"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},  # norms and biases
         ]
-        fused = {"fused": True} if self.device.type == "cuda" else {}
+        # fused kernels on CUDA and CPU: on two CPU cores the tiny prior's step is ~20% faster, its
+        # optimizer step 7x (the 6.3M-entry caption embedding dominates the per-tensor foreach path)
+        fused = {"fused": True} if self.device.type in ("cuda", "cpu") else {}
         optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, **fused)
         if config.schedule == "cosine" and self.trainer.max_steps < 0:
             raise ValueError("optimizer.schedule 'cosine' needs Trainer(max_steps=...): the step it decays to")
