@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     quickstart = commands.add_parser("quickstart", help="the end-to-end example on synthetic data, on a CPU")
     quickstart.add_argument("--out", default="quickstart", type=Path)
-    quickstart.add_argument("--num-samples", type=int, default=4096)
+    quickstart.add_argument("--num-samples", type=int, default=16384, help="training scenes (validation: a 64th, at least 64)")
     quickstart.add_argument("--minutes", type=float, default=12.0, help="wall-clock budget of the two training stages together (x1/0.9)")
     quickstart.add_argument("--fidelity-samples", type=int, default=200, help="images generated to measure caption fidelity")
     quickstart.set_defaults(run=_quickstart)

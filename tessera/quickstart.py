@@ -122,7 +122,7 @@ def write_data(out: Path, num_samples: int, image_size: int, log: StageLog) -> t
     from datamodules.shard_writer import write_shards
 
     patterns = []
-    for split, count, seed in (("train", num_samples, 0), ("val", max(64, num_samples // 16), 1)):
+    for split, count, seed in (("train", num_samples, 0), ("val", max(64, num_samples // 64), 1)):
         directory = out / "data" / split
         write_shards(SyntheticShapes(count, image_size, seed), directory, samples_per_shard=512, image_format="png")
         shards = sorted(directory.glob("[0-9]*.tar"))
