@@ -12,7 +12,7 @@ import torch
 import torchvision
 
 from tessera.nn import lpips as lpips_module
-from tessera.nn.autoencoder import AttnBlock, AutoencoderConfig, Decoder, Encoder, group_norm
+from tessera.nn.autoencoder import AttnBlock, AutoencoderConfig, Decoder, Encoder, build_encoder, group_norm
 from tessera.nn.discriminator import PatchDiscriminator
 from tessera.nn.gan_losses import (
     LeCAMRegularizer,
@@ -87,28 +87,33 @@ def test_group_norm_uses_the_largest_divisor_of_channels_up_to_32(channels, grou
     assert group_norm(channels).num_groups == groups
 
 
-@pytest.mark.parametrize("local", [False, True])
-def test_only_a_local_encoder_keeps_ids_of_a_far_region_when_another_region_changes(local):
-    """GroupNorm's statistics and attention span the image: a far-away change moves every latent.
-    A local encoder's latents depend on their receptive field (~40 px here) alone."""
+@pytest.mark.parametrize("encoder", ["taming", "patch"])
+def test_only_a_patch_encoder_keeps_every_other_latent_when_one_pixel_changes(encoder):
+    """Taming's receptive field, GroupNorm and attention span the image: one pixel moves every latent.
+    A patch encoder's latent depends on its own f x f pixels alone."""
     torch.manual_seed(0)
-    encoder = Encoder(tiny_config((1, 2), image_size=96, local_encoder=local)).eval()
-    image = torch.rand(1, 3, 96, 96) * 2 - 1
+    network = build_encoder(tiny_config((1, 2, 2), encoder=encoder)).eval()  # f4: 8x8 latents
+    image = torch.rand(1, 3, 32, 32) * 2 - 1
     changed = image.clone()
-    changed[..., :16, :16] = -1.0  # the top-left corner
+    changed[..., 13, 22] = -image[..., 13, 22]  # in patch (row 3, col 5)
     with torch.no_grad():
-        before, after = encoder(image), encoder(changed)  # (1, 4, 48, 48)
-    far = (slice(None), slice(None), slice(32, None), slice(32, None))  # latents 64+ px from the corner
-    assert torch.equal(before[far], after[far]) == local
-    assert not torch.equal(before[..., :4, :4], after[..., :4, :4])
+        moved = (network(image) - network(changed)).abs().amax(dim=1)[0] > 0  # (8, 8)
+    assert moved[3, 5]
+    assert moved.sum() == (1 if encoder == "patch" else 64)
 
 
-def test_local_encoder_has_no_attention_and_no_group_norm_while_its_decoder_keeps_them():
-    config = tiny_config((1, 2), local_encoder=True)
-    encoder_types = {type(m) for m in Encoder(config).modules()}
-    decoder_types = {type(m) for m in Decoder(config).modules()}
-    assert AttnBlock not in encoder_types and torch.nn.GroupNorm not in encoder_types
-    assert {AttnBlock, torch.nn.GroupNorm} <= decoder_types
+def test_patch_encoder_maps_images_to_the_decoders_latent_grid():
+    config = tiny_config((1, 2, 2, 2), encoder="patch")  # f8
+    z = build_encoder(config)(torch.randn(2, 3, 32, 32))
+    assert z.shape == (2, 4, 4, 4)
+    assert Decoder(config)(z).shape == (2, 3, 32, 32)
+    with pytest.raises(ValueError, match=r"30x32.*factor 8"):
+        build_encoder(config)(torch.randn(1, 3, 30, 32))
+
+
+def test_config_rejects_an_unknown_encoder_naming_the_choices():
+    with pytest.raises(ValueError, match=r"taming.*patch.*'local'"):
+        AutoencoderConfig(encoder="local")
 
 
 def test_decoder_last_layer_is_conv_out_weight_and_receives_gradient():

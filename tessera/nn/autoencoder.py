@@ -13,39 +13,30 @@ attention, a stride-2 downsample between levels), a middle res-attn-res block at
 resolution, then GroupNorm, SiLU and conv_out. The decoder mirrors it with one more res block per
 level and nearest-neighbour upsampling. PyTorch default init, as taming.
 
-`local_encoder` trades taming's encoder for one of convolutions only, normalised per position
-(ConvNeXt's channels-first LayerNorm): GroupNorm's statistics and attention span the whole image,
-so an id of a plain region changes with whatever else the image holds, and a prior has to learn
-that noise. A local encoder's ids depend on their neighbourhood alone.
+`encoder: "patch"` swaps taming's encoder for `PatchEncoder`: each latent a function of its own
+f x f pixels alone. Taming's receptive field, GroupNorm statistics and attention span the image,
+so the id of a plain patch changes with whatever else the image holds, and a prior has to learn
+that noise; on flat-coloured synthetic scenes every plain patch gets one and the same id instead.
+The decoder is taming's either way: it reads each id in its neighbours' context.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 
+ENCODERS = ("taming", "patch")
+
+
 def group_norm(channels: int) -> nn.GroupNorm:
     """GroupNorm with 32 groups, or the largest divisor of `channels` below 32 for thin test nets."""
     num_groups = max(g for g in range(1, min(32, channels) + 1) if channels % g == 0)
     return nn.GroupNorm(num_groups, channels, eps=1e-6)  # taming's eps
-
-
-class ChannelNorm(nn.LayerNorm):
-    """LayerNorm over the channels of each position of a (B, C, H, W) map: no statistics across positions."""
-
-    def __init__(self, channels: int):
-        super().__init__(channels, eps=1e-6)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # (B, C, H, W)
-
-
-def norm_layer(channels: int, local: bool) -> nn.Module:
-    return ChannelNorm(channels) if local else group_norm(channels)
 
 
 @dataclass
@@ -71,10 +62,9 @@ class AutoencoderConfig:
     """Dropout inside every res block."""
     image_size: int = 256
     """Training image size; must be divisible by the downsampling factor."""
-    local_encoder: bool = False
-    """An encoder without attention and with per-position normalisation (ChannelNorm), so each id
-    depends on its receptive field only: plain regions get the same ids wherever they are. The
-    decoder keeps taming's layout."""
+    encoder: Literal["taming", "patch"] = "taming"
+    """"taming": the encoder mirroring the decoder. "patch": `PatchEncoder`, whose every latent
+    depends on its own f x f pixels only (width ch * ch_mult[-1], num_res_blocks + 2 blocks)."""
 
     def __post_init__(self) -> None:
         # YAML and the CLI hand over lists
@@ -84,6 +74,8 @@ class AutoencoderConfig:
             raise ValueError("ch_mult needs at least one level")
         if self.num_res_blocks < 1:
             raise ValueError(f"num_res_blocks must be >= 1, got {self.num_res_blocks}")
+        if self.encoder not in ENCODERS:
+            raise ValueError(f"encoder must be one of {list(ENCODERS)}, got {self.encoder!r}")
         if self.image_size % self.downsample_factor != 0:
             raise ValueError(
                 f"image_size {self.image_size} is not divisible by the downsampling factor "
@@ -109,11 +101,11 @@ class AutoencoderConfig:
 class ResnetBlock(nn.Module):
     """norm-SiLU-conv3x3 twice, with a 1x1 conv on the shortcut when the channel count changes."""
 
-    def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0, local: bool = False):
+    def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0):
         super().__init__()
-        self.norm1 = norm_layer(in_channels, local)
+        self.norm1 = group_norm(in_channels)
         self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
-        self.norm2 = norm_layer(out_channels, local)
+        self.norm2 = group_norm(out_channels)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1)
         self.shortcut = (
@@ -167,25 +159,31 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))  # (B, C, 2H, 2W)
 
 
-def _level(
-    in_channels: int, out_channels: int, num_blocks: int, attention: bool, dropout: float, local: bool = False
-) -> list[nn.Module]:
+def _level(in_channels: int, out_channels: int, num_blocks: int, attention: bool, dropout: float) -> list[nn.Module]:
     """`num_blocks` res blocks, each followed by attention when asked."""
     layers: list[nn.Module] = []
     for _ in range(num_blocks):
-        layers.append(ResnetBlock(in_channels, out_channels, dropout, local))
+        layers.append(ResnetBlock(in_channels, out_channels, dropout))
         if attention:
             layers.append(AttnBlock(out_channels))
         in_channels = out_channels
     return layers
 
 
-def _mid_block(channels: int, dropout: float, local: bool = False) -> nn.Sequential:
-    """res-attn-res at the lowest resolution, where attention over all positions is cheap; res-res when local."""
-    attention = [] if local else [AttnBlock(channels)]
+def _mid_block(channels: int, dropout: float) -> nn.Sequential:
+    """res-attn-res at the lowest resolution, where attention over all positions is cheap."""
     return nn.Sequential(
-        ResnetBlock(channels, channels, dropout, local), *attention, ResnetBlock(channels, channels, dropout, local)
+        ResnetBlock(channels, channels, dropout), AttnBlock(channels), ResnetBlock(channels, channels, dropout)
     )
+
+
+def check_divisible(images: torch.Tensor, factor: int) -> None:
+    H, W = images.shape[-2:]
+    if H % factor or W % factor:
+        raise ValueError(
+            f"image size {H}x{W} is not divisible by the encoder's downsampling factor {factor} "
+            f"(f{factor}: ch_mult has {factor.bit_length()} levels); resize or crop to a multiple of {factor}"
+        )
 
 
 class Encoder(nn.Module):
@@ -194,35 +192,74 @@ class Encoder(nn.Module):
     def __init__(self, config: AutoencoderConfig):
         super().__init__()
         self.config = config
-        local = config.local_encoder
         widths = [config.ch * m for m in config.ch_mult]
         self.conv_in = nn.Conv2d(config.in_channels, config.ch, kernel_size=3, padding=1)
         self.down = nn.ModuleList()
         in_channels = config.ch
         for level, width in enumerate(widths):
-            attention = config.has_attention(level) and not local
-            layers = _level(in_channels, width, config.num_res_blocks, attention, config.dropout, local)
+            layers = _level(in_channels, width, config.num_res_blocks, config.has_attention(level), config.dropout)
             if level != len(widths) - 1:
                 layers.append(Downsample(width))
             self.down.append(nn.Sequential(*layers))
             in_channels = width
-        self.mid = _mid_block(in_channels, config.dropout, local)
-        self.norm_out = norm_layer(in_channels, local)
+        self.mid = _mid_block(in_channels, config.dropout)
+        self.norm_out = group_norm(in_channels)
         self.conv_out = nn.Conv2d(in_channels, config.z_channels, kernel_size=3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        f = self.config.downsample_factor
-        H, W = x.shape[-2:]
-        if H % f or W % f:
-            raise ValueError(
-                f"image size {H}x{W} is not divisible by the encoder's downsampling factor {f} "
-                f"(f{f}: ch_mult has {len(self.config.ch_mult)} levels); resize or crop to a multiple of {f}"
-            )
+        check_divisible(x, self.config.downsample_factor)
         h = self.conv_in(x)  # (B, ch, H, W)
         for level in self.down:
             h = level(h)
         h = self.mid(h)  # (B, ch * ch_mult[-1], H/f, W/f)
         return self.conv_out(F.silu(self.norm_out(h)))  # (B, z_channels, H/f, W/f)
+
+
+class ChannelNorm(nn.LayerNorm):
+    """LayerNorm over the channels of each position of a (B, C, H, W) map: no statistics across positions."""
+
+    def __init__(self, channels: int):
+        super().__init__(channels, eps=1e-6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # (B, C, H, W)
+
+
+class PointwiseBlock(nn.Module):
+    """A residual MLP applied at every position on its own: norm, 1x1 conv to 2C, SiLU, 1x1 conv back."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.norm = ChannelNorm(channels)
+        self.fc = nn.Conv2d(channels, 2 * channels, kernel_size=1)
+        self.proj = nn.Conv2d(2 * channels, channels, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.proj(F.silu(self.fc(self.norm(x))))
+
+
+class PatchEncoder(nn.Module):
+    """(B, in_channels, H, W) images -> (B, z_channels, H/f, W/f) latents, each from its f x f patch alone:
+    a stride-f patch embedding, then pointwise blocks (ViT's patchify without attention)."""
+
+    def __init__(self, config: AutoencoderConfig):
+        super().__init__()
+        self.config = config
+        f = config.downsample_factor
+        width = config.ch * config.ch_mult[-1]
+        self.patchify = nn.Conv2d(config.in_channels, width, kernel_size=f, stride=f)
+        self.blocks = nn.Sequential(*(PointwiseBlock(width) for _ in range(config.num_res_blocks + 2)))
+        self.norm_out = ChannelNorm(width)
+        self.conv_out = nn.Conv2d(width, config.z_channels, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_divisible(x, self.config.downsample_factor)
+        h = self.blocks(self.patchify(x))  # (B, width, H/f, W/f)
+        return self.conv_out(F.silu(self.norm_out(h)))  # (B, z_channels, H/f, W/f)
+
+
+def build_encoder(config: AutoencoderConfig) -> nn.Module:
+    return PatchEncoder(config) if config.encoder == "patch" else Encoder(config)
 
 
 class Decoder(nn.Module):

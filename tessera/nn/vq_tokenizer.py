@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from tessera.nn.autoencoder import AutoencoderConfig, Decoder, Encoder
+from tessera.nn.autoencoder import AutoencoderConfig, Decoder, build_encoder
 from tessera.nn.quantizer_base import Quantizer, QuantizerOutput, build_quantizer, quantizer_spec
 
 WEIGHTS_FILE = "model.safetensors"
@@ -41,7 +41,7 @@ class VQTokenizer(nn.Module):
     def __init__(self, config: AutoencoderConfig, quantizer: Quantizer):
         super().__init__()
         self.config = config
-        self.encoder = Encoder(config)
+        self.encoder = build_encoder(config)
         self.quant_conv = nn.Conv2d(config.z_channels, quantizer.dim, kernel_size=1)
         self.quantizer = quantizer
         self.post_quant_conv = nn.Conv2d(quantizer.dim, config.z_channels, kernel_size=1)
