@@ -15,8 +15,11 @@ follows a small grammar in which every object is a noun phrase "a SIZE COLOR SHA
 Images are drawn so that a deterministic analyser can read every attribute back: exact colours
 from a well-separated palette on a dark grey background with no antialiasing, each shape inside
 its own cell with at least two background pixels between neighbours, and two sizes far apart.
-A scene holds no pixels (jitter is a fraction of a cell's slack), so one scene renders at any
-`image_size` from 32 up; `to_json` gives each object's bbox in pixels for one size.
+A shape sits at the centre of its cell, or with `jitter` anywhere in the cell's slack: centred,
+an object is one fixed pattern of pixels, and a tiny CPU-trained prior learns the binding of words
+to objects instead of every sub-cell offset (the quickstart's caption fidelity 20% -> 50%). A scene
+holds no pixels (jitter is a fraction of a cell's slack), so one scene renders at any `image_size`
+from 32 up; `to_json` gives each object's bbox in pixels for one size.
 
 Sample i of `SyntheticShapes` draws from its own `random.Random(f"{seed}:{i}")`, so a sample does
 not depend on which shard, worker or order produced it.
@@ -148,8 +151,11 @@ def relation_between(first: tuple[int, int], second: tuple[int, int]) -> str | N
     return None
 
 
-def sample_scene(rng: random.Random) -> Scene:
-    """1 to 3 objects (uniform), layout and attributes uniform; the same `rng` draws give the same scene."""
+def sample_scene(rng: random.Random, jitter: bool = False) -> Scene:
+    """1 to 3 objects (uniform), layout and attributes uniform; the same `rng` draws give the same scene.
+
+    Shapes sit at the centre of their cells, or with `jitter` anywhere in the cell's slack. The
+    jitter is drawn either way, so a seed gives the same captions with it or without."""
     num_objects = rng.randint(1, 3)
     relation = None
     if num_objects == 1:
@@ -172,12 +178,17 @@ def sample_scene(rng: random.Random) -> Scene:
             size=rng.choice(SIZES),
             row=row,
             col=col,
-            jitter_x=rng.random(),
-            jitter_y=rng.random(),
+            jitter_x=_offset(rng, jitter),
+            jitter_y=_offset(rng, jitter),
         )
         for row, col in cells
     )
     return Scene(objects, layout, relation)
+
+
+def _offset(rng: random.Random, jitter: bool) -> float:
+    offset = rng.random()
+    return offset if jitter else 0.5
 
 
 def caption(scene: Scene) -> str:
@@ -229,15 +240,17 @@ def render(scene: Scene, image_size: int) -> Image.Image:
 
 
 class SyntheticShapes:
-    """`num_samples` captioned scenes as a shard writer `Source`; sample i is the same wherever drawn."""
+    """`num_samples` captioned scenes as a shard writer `Source`; sample i is the same wherever drawn.
+    `jitter` moves shapes off their cells' centres (`sample_scene`); the captions stay the same."""
 
-    def __init__(self, num_samples: int, image_size: int = 64, seed: int = 0) -> None:
+    def __init__(self, num_samples: int, image_size: int = 64, seed: int = 0, jitter: bool = False) -> None:
         if num_samples < 0:
             raise ValueError(f"num_samples must be non-negative, got {num_samples}")
         _check_image_size(image_size)
         self.num_samples = num_samples
         self.image_size = image_size
         self.seed = seed
+        self.jitter = jitter
 
     def __len__(self) -> int:
         return self.num_samples
@@ -245,8 +258,8 @@ class SyntheticShapes:
     def __getitem__(self, index: int) -> SourceSample:
         if not 0 <= index < self.num_samples:
             raise IndexError(f"index {index} is outside [0, {self.num_samples})")
-        scene = sample_scene(random.Random(f"{self.seed}:{index}"))
-        meta = {"source": "synthetic", "seed": self.seed, "index": index, **to_json(scene, self.image_size)}
+        scene = sample_scene(random.Random(f"{self.seed}:{index}"), self.jitter)
+        meta = {"source": "synthetic", "seed": self.seed, "index": index, "jitter": self.jitter, **to_json(scene, self.image_size)}
         return SourceSample(caption(scene), render(scene, self.image_size), meta)
 
 

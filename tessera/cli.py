@@ -1,6 +1,6 @@
 """The `tessera` command line.
 
-    tessera shards synthetic --out DIR [--num-samples N] [--image-size S] [--seed X]
+    tessera shards synthetic --out DIR [--num-samples N] [--image-size S] [--seed X] [--jitter]
     tessera shards folder --images DIR --captions FILE --out DIR
     tessera shards coco --annotations FILE --images DIR --out DIR
     tessera data check SHARDS [--text-length N]
@@ -50,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     synthetic.add_argument("--num-samples", type=int, default=10_000)
     synthetic.add_argument("--image-size", type=int, default=64)
     synthetic.add_argument("--seed", type=int, default=0)
+    synthetic.add_argument("--jitter", action="store_true", help="shapes anywhere in their cells' slack, not centred")
     folder = _shard_writer_parser(kinds, "folder", "a directory of images and a JSONL or CSV captions file", "jpg")
     folder.add_argument("--images", required=True, help="directory the captions file's paths are relative to")
     folder.add_argument("--captions", required=True, help="JSONL or CSV with `file` and `caption` fields")
@@ -247,7 +248,7 @@ def _write_shards(args: argparse.Namespace) -> int:
     from datamodules.sources import CocoSource, FolderSource
 
     if args.kind == "synthetic":
-        source = SyntheticShapes(args.num_samples, args.image_size, args.seed)
+        source = SyntheticShapes(args.num_samples, args.image_size, args.seed, args.jitter)
     elif args.kind == "folder":
         source = FolderSource(args.images, args.captions)
     else:

@@ -88,6 +88,19 @@ def test_different_seeds_give_different_samples():
     assert any(seed_0[i].image.tobytes() != seed_1[i].image.tobytes() for i in range(20))
 
 
+def test_shapes_are_centred_in_their_cells_unless_jittered_and_captions_do_not_change():
+    centred, jittered = SyntheticShapes(40, image_size=32, seed=0), SyntheticShapes(40, image_size=32, seed=0, jitter=True)
+    assert [centred[i].caption for i in range(40)] == [jittered[i].caption for i in range(40)]
+    boxes = {"centred": set(), "jittered": set()}
+    for index in range(40):
+        for name, dataset in (("centred", centred), ("jittered", jittered)):
+            boxes[name] |= {(o["size"], o["row"], o["col"], tuple(o["bbox"])) for o in dataset[index].meta["objects"]}
+    # centred: one box per size and cell; jittered: several
+    assert len(boxes["centred"]) == len({box[:3] for box in boxes["centred"]})
+    assert len(boxes["jittered"]) > len({box[:3] for box in boxes["jittered"]})
+    assert jittered[0].meta["jitter"] and not centred[0].meta["jitter"]
+
+
 def test_caption_examples_follow_the_grammar():
     red_circle = ShapeObject("circle", "red", "large", 1, 0)
     assert caption(Scene((red_circle,), "single")) == "a large red circle on the left"
