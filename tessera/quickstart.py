@@ -49,7 +49,7 @@ SAMPLE_PROMPTS = [
 FINAL = Path("checkpoints") / "last.ckpt"  # written by `tessera fit` when training ends
 DISPLAY_SCALE = 4  # report grids: each pixel drawn as a 4x4 block
 # shares of the training budget
-TOKENIZER_SHARE, PRIOR_SHARE = 0.55, 0.35
+TOKENIZER_SHARE, PRIOR_SHARE = 0.35, 0.55
 
 
 @dataclass
@@ -172,7 +172,7 @@ def last_step(run_dir: Path) -> int:
 def evaluate(out: Path, tokenizer, prior_checkpoint: Path, val_pattern: str, image_size: int, fidelity_samples: int, log: StageLog) -> dict:
     from callbacks.image_logging import image_grid
     from datamodules.caption_image import CaptionImageDataModule
-    from tessera.caption_fidelity import evaluate_shapes, headline
+    from tessera.caption_fidelity import DEFAULT_CFG_SCALE, evaluate_shapes, headline
     from tessera.pixels import psnr
     from lightning_modules.prior import TextImagePrior
     from tessera.sampling import SamplingConfig
@@ -191,11 +191,12 @@ def evaluate(out: Path, tokenizer, prior_checkpoint: Path, val_pattern: str, ima
     log("evaluate", f"tokenizer: PSNR {numbers['reconstruction_psnr_db']} dB, codebook usage {numbers['codebook_usage']:.0%}")
 
     prior = TextImagePrior.load_from_checkpoint(prior_checkpoint, map_location="cpu", weights_only=True).eval()
-    sampling = SamplingConfig(top_k=64, cfg_scale=3.0)
+    sampling = SamplingConfig(top_k=64, cfg_scale=DEFAULT_CFG_SCALE)
     samples = prior.generate([p for p in SAMPLE_PROMPTS for _ in range(4)], sampling, seed=0)
     save_grid(image_grid(samples, nrow=4), out / "samples.png")
     fidelity = evaluate_shapes(prior, num_samples=fidelity_samples, seed=1234, sampling=sampling, image_size=image_size)
     numbers["caption_fidelity"] = fidelity
+    numbers["sampling"] = f"top-k {sampling.top_k}, guidance scale {sampling.cfg_scale}"
     (out / "caption_fidelity.json").write_text(json.dumps(fidelity, indent=2) + "\n")
     log("evaluate", f"caption fidelity: {json.dumps(headline(fidelity))}")
     return numbers
@@ -261,7 +262,7 @@ VQ-GAN tokenizer, token shards, a tiny prior, samples and their evaluation.
 
 Reconstruction PSNR {numbers['reconstruction_psnr_db']} dB; {numbers['codebook_usage']:.0%} of the codebook in use on the training set.
 
-## Prior: samples (a row per prompt, top-k 64, guidance scale 3)
+## Prior: samples (a row per prompt, {numbers['sampling']})
 
 ![samples](samples.png)
 
