@@ -259,7 +259,8 @@ class SyntheticShapes:
         if not 0 <= index < self.num_samples:
             raise IndexError(f"index {index} is outside [0, {self.num_samples})")
         scene = sample_scene(random.Random(f"{self.seed}:{index}"), self.jitter)
-        meta = {"source": "synthetic", "seed": self.seed, "index": index, "jitter": self.jitter, **to_json(scene, self.image_size)}
+        meta = {"source": "synthetic", "seed": self.seed, "index": index, "jitter": self.jitter}
+        meta |= to_json(scene, self.image_size)
         return SourceSample(caption(scene), render(scene, self.image_size), meta)
 
 

@@ -144,6 +144,10 @@ def test_a_job_signalled_mid_run_requeues_itself_and_resumes_where_it_stopped(sl
         time.sleep(0.5)
         info = job_info(job_id)
     if info["JobState"] == "PENDING":
+        # slurmd revokes the killed run's credential at a whole second and refuses the job's new one
+        # if it is issued within that second ("Killing non-startable batch job: Job credential
+        # revoked"): start it in a later second
+        time.sleep(2)
         subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
     wait_for_state(job_id, {"COMPLETED"}, timeout=300, output=output)
 
