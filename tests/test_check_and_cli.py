@@ -1,4 +1,5 @@
 import json
+import tarfile
 
 import pytest
 
@@ -65,6 +66,15 @@ def test_shards_synthetic_command_writes_a_checkable_dataset(tmp_path, capsys):
     assert json.loads((out / "sizes.json").read_text()) == {"00000.tar": 16, "00001.tar": 14}
     report = check_shards(str(out / "{00000..00001}.tar"), workers=1)
     assert report["readable"] == 30 and report["image_size"]["min"] == 32
+
+
+def test_shards_synthetic_jitter_flag_reaches_the_samples(tmp_path, capsys):
+    for flags in ([], ["--jitter"]):
+        out = tmp_path / ("jittered" if flags else "centred")
+        assert main(["shards", "synthetic", "--out", str(out), "--num-samples", "2", "--image-size", "32", *flags]) == 0
+        with tarfile.open(out / "00000.tar") as tar:
+            records = [json.load(tar.extractfile(m)) for m in tar.getmembers() if m.name.endswith(".json")]
+        assert len(records) == 2 and all(record["jitter"] == bool(flags) for record in records)
 
 
 def test_unknown_command_exits_with_usage(capsys):

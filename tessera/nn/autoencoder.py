@@ -177,12 +177,12 @@ def _mid_block(channels: int, dropout: float) -> nn.Sequential:
     )
 
 
-def check_divisible(images: torch.Tensor, factor: int) -> None:
-    H, W = images.shape[-2:]
-    if H % factor or W % factor:
+def check_divisible(images: torch.Tensor, config: AutoencoderConfig) -> None:
+    f, H, W = config.downsample_factor, *images.shape[-2:]
+    if H % f or W % f:
         raise ValueError(
-            f"image size {H}x{W} is not divisible by the encoder's downsampling factor {factor} "
-            f"(f{factor}: ch_mult has {factor.bit_length()} levels); resize or crop to a multiple of {factor}"
+            f"image size {H}x{W} is not divisible by the encoder's downsampling factor {f} "
+            f"(f{f}: ch_mult has {len(config.ch_mult)} levels); resize or crop to a multiple of {f}"
         )
 
 
@@ -207,7 +207,7 @@ class Encoder(nn.Module):
         self.conv_out = nn.Conv2d(in_channels, config.z_channels, kernel_size=3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_divisible(x, self.config.downsample_factor)
+        check_divisible(x, self.config)
         h = self.conv_in(x)  # (B, ch, H, W)
         for level in self.down:
             h = level(h)
@@ -253,7 +253,7 @@ class PatchEncoder(nn.Module):
         self.conv_out = nn.Conv2d(width, config.z_channels, kernel_size=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_divisible(x, self.config.downsample_factor)
+        check_divisible(x, self.config)
         h = self.blocks(self.patchify(x))  # (B, width, H/f, W/f)
         return self.conv_out(F.silu(self.norm_out(h)))  # (B, z_channels, H/f, W/f)
 
