@@ -29,15 +29,35 @@ from tessera.submit import add_submit_parser
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
 
+# the project's top-level packages, whose loggers the command line shows at INFO
+PACKAGES = ("tessera", "datamodules", "lightning_modules", "callbacks")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    configure_logging()
     if argv and argv[0] in LIGHTNING_COMMANDS:
         lightning_cli(argv)
         return 0
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return args.run(args) or 0
+
+
+def configure_logging() -> None:
+    """Show this project's INFO lines, each once.
+
+    A handler on the root logger would print every Lightning line a second time: Lightning
+    gives its own loggers a handler of their own and lets them propagate. So the handler goes on
+    this project's packages only."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.set_name("tessera")
+    for name in PACKAGES:
+        logger = logging.getLogger(name)
+        logger.setLevel(logging.INFO)
+        if not any(existing.get_name() == "tessera" for existing in logger.handlers):
+            logger.addHandler(handler)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -141,8 +161,7 @@ def lightning_cli(argv: list[str]):
         # a requeued SLURM job starts again in the same directory, where config.yaml already is
         save_config_callback=SaveAndLogConfig,
         save_config_kwargs={"overwrite": True},
-        # from the command line itself LightningCLI reads sys.argv (given both, it warns on every launch)
-        args=None if argv == sys.argv[1:] else argv,
+        args=argv,
     )
 
 

@@ -126,6 +126,9 @@ class RunDirWandbLogger(WandbLogger):
             save_dir=save_dir, project=project, entity=entity, name=name, group=group, tags=tags, notes=notes,
             id=id, offline=offline, **kwargs,
         )
+        if self._wandb_init.get("anonymous") is None:
+            # WandbLogger always passes it, and W&B warns that the setting is gone whatever its value
+            del self._wandb_init["anonymous"]
 
     @property
     def run_id_file(self) -> Path:

@@ -18,16 +18,19 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+from jsonargparse import Namespace
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from callbacks.console import replace_default_console_callbacks
 from callbacks.preemption import Requeue
 from lightning_modules.fsdp import fsync
 from tessera.loggers import RunDirWandbLogger
@@ -101,6 +104,7 @@ def prepare_trainer(trainer: L.Trainer) -> None:
             # a relaunch resumed from requeue.ckpt does not know last.ckpt as its own: overwrite it, no last-v1.ckpt
             callback._enable_version_counter = False
     trainer.callbacks.append(SaveOnTrainEnd())
+    replace_default_console_callbacks(trainer)
     if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # leave a user's own plugin alone
         trainer.strategy.checkpoint_io = AtomicCheckpointIO()
     # the object Lightning's signal connector reads (no public accessor covers single-device runs)
@@ -122,13 +126,49 @@ def resume_checkpoint(run_dir: str | Path, ckpt_path: str | Path | None) -> str 
     return newest
 
 
+# warnings Lightning gives on every Tessera run, about choices made on purpose
+EXPECTED_WARNINGS = (
+    # frozen parts (LPIPS, the EMA copy, a prior's tokenizer) stay in eval mode while training
+    r"Found \d+ module\(s\) in eval mode at the start of training",
+    # the shard stream's length is exact per rank: every rank yields the same number of batches
+    r"Your `IterableDataset` has `__len__` defined",
+    # a relaunch into its run directory resumes from the checkpoints there
+    r"Checkpoint directory .* exists and is not empty",
+    # Lightning 2.6's own use of a torch API that torch deprecated: nothing a user can change
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+)
+
+
+def not_an_advertisement(record: logging.LogRecord) -> bool:
+    """False for Lightning's tip to install its hosted logger, printed at the start of every run."""
+    return "litlogger" not in record.getMessage()
+
+
 class TesseraCLI(LightningCLI):
     """LightningCLI that prepares every trainer for the run directory and resumes into it."""
 
+    def __init__(self, *args, **kwargs):
+        for message in EXPECTED_WARNINGS:
+            warnings.filterwarnings("ignore", message=message)
+        logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(not_an_advertisement)
+        # a fixed default seed, recorded in config.yaml (Lightning's default draws 0 and warns that it did)
+        kwargs.setdefault("seed_everything_default", 0)
+        super().__init__(*args, **kwargs)
+
+    def parse_arguments(self, parser, args) -> None:
+        # `tessera` always hands LightningCLI the arguments after its verb, so Lightning's warning
+        # about getting both `args` and sys.argv would be printed on every launch
+        self.config = parser.parse_object(args) if isinstance(args, (dict, Namespace)) else parser.parse_args(args)
+
     def before_instantiate_classes(self) -> None:
-        # one run directory, one W&B run: the logger keeps its run id there unless told otherwise
         config = self.config[self.subcommand] if self.subcommand else self.config
         run_dir = config.trainer.default_root_dir or os.getcwd()
+        if config.trainer.logger in (None, True):
+            # Lightning's own fallback without TensorBoard installed, without its warning
+            config.trainer.logger = Namespace(
+                class_path="lightning.pytorch.loggers.CSVLogger", init_args=Namespace(save_dir=str(run_dir))
+            )
+        # one run directory, one W&B run: the logger keeps its run id there unless told otherwise
         loggers = config.trainer.logger
         for logger in loggers if isinstance(loggers, list) else [loggers]:
             if getattr(logger, "class_path", None) == f"{RunDirWandbLogger.__module__}.{RunDirWandbLogger.__name__}":

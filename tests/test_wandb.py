@@ -158,6 +158,12 @@ def test_the_api_key_is_written_nowhere(launches):
     assert all(FAKE_KEY not in result.stdout + result.stderr for result in results)
 
 
+def test_launches_print_no_warning_about_the_anonymous_setting(launches):
+    _, results = launches
+    # WandbLogger passes `anonymous` whatever its value, and W&B warns that the setting is gone
+    assert all("anonymous" not in result.stdout + result.stderr for result in results)
+
+
 def test_other_ranks_start_no_run_and_write_no_run_id(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setattr(rank_zero_only, "rank", 1)
