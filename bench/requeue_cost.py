@@ -95,7 +95,7 @@ def main() -> None:
         ],
     }}))
     command = [
-        sys.executable, "-m", "tessera.cli", "fit", "--config", str(config), "--config", str(overlay),
+        sys.executable, "-m", "tessera.commands.cli", "fit", "--config", str(config), "--config", str(overlay),
         "--model.init_args.tokenizer=null",
         "--data=datamodules.caption_image.CaptionImageDataModule", f"--data.train_shards={shards}",
         "--data.image_tokens=true", f"--data.batch_size={args.batch_size}", "--data.num_workers=2",

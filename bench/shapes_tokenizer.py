@@ -31,9 +31,9 @@ import torch
 from datamodules.shapes import BACKGROUND, SyntheticShapes, render, sample_scene
 from datamodules.shard_writer import write_shards
 from lightning_modules.vqgan import load_tokenizer
-from tessera.caption_fidelity import evaluation_scenes, fractions, judge
+from tessera.commands.evaluate_shapes import evaluation_scenes, fractions, judge
 from tessera.pixels import psnr, to_uint8, to_unit_range
-from tessera.quickstart import CONFIGS, DATA_CONFIG, shapes_image_size
+from tessera.commands.quickstart import CONFIGS, DATA_CONFIG, shapes_image_size
 
 REPO = Path(__file__).resolve().parents[1]
 TOKENIZER_CONFIG = CONFIGS / "tokenizer" / "tiny_shapes.yaml"
@@ -87,7 +87,7 @@ def main() -> None:
         shards = sorted((work / "train").glob("[0-9]*.tar"))
         minutes, seconds = divmod(args.seconds, 60)
         command = [
-            sys.executable, "-m", "tessera.cli", "fit", "--config", str(TOKENIZER_CONFIG), "--config", str(DATA_CONFIG),
+            sys.executable, "-m", "tessera.commands.cli", "fit", "--config", str(TOKENIZER_CONFIG), "--config", str(DATA_CONFIG),
             f"--data.init_args.train_shards={work}/train/{{{shards[0].stem}..{shards[-1].stem}}}.tar",
             f"--data.init_args.val_shards={work}/val/00000.tar",
             f"--trainer.max_time=00:00:{minutes:02d}:{seconds:02d}", f"--trainer.default_root_dir={work}/run",

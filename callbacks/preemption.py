@@ -7,7 +7,7 @@ one DDP rank while another is in a collective). Here the handler only raises a f
 end of the next optimizer step all ranks agree (one all-reduce), write
 `<checkpoints>/requeue.ckpt` together, stop training cleanly, and rank 0 runs
 `scontrol requeue $SLURM_JOB_ID`. The requeued job runs the same command, which resumes from
-the newest checkpoint in the run directory (see tessera/run_dir.py).
+the newest checkpoint in the run directory (see tessera/commands/fit.py).
 
 Outside SLURM the signal still checkpoints and stops (rank 0 logs that nothing was requeued),
 so `kill -USR1` works as a "save and stop" on any machine.

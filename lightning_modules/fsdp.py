@@ -73,7 +73,7 @@ class AtomicFSDPStrategy(FSDPStrategy):
     Every rank writes its shards into `.NAME.tmp` beside the target; after a barrier rank 0 swaps
     the staging directory in (`swap_in`), and a second barrier keeps any rank from reading the
     checkpoint before it is there. `full` state dicts are one file, written by rank 0 through the
-    CheckpointIO plugin (tessera.run_dir.AtomicCheckpointIO under `tessera fit`).
+    CheckpointIO plugin (tessera.commands.fit.AtomicCheckpointIO under `tessera fit`).
     """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath, storage_options: Any | None = None) -> None:

@@ -4,7 +4,7 @@ import tarfile
 import pytest
 
 from datamodules.check import check_shards
-from tessera.cli import main
+from tessera.commands.cli import main
 from tests.samples import encode, gradient_image, img2dataset_samples, write_wds_shard
 
 

@@ -20,7 +20,7 @@ def run(command: list[str], cwd: Path) -> str:
 def test_lightning_and_tessera_log_lines_are_printed_once(tmp_path):
     script = (
         "import logging\n"
-        "from tessera.cli import configure_logging\n"
+        "from tessera.commands.cli import configure_logging\n"
         "configure_logging(); configure_logging()\n"
         "from lightning.pytorch.utilities import rank_zero_info\n"
         "rank_zero_info('a line from lightning')\n"
@@ -34,7 +34,7 @@ def test_lightning_and_tessera_log_lines_are_printed_once(tmp_path):
 @pytest.mark.slow
 def test_fit_prints_a_summary_and_progress_without_noise(tmp_path, shapes_dir):
     output = run([
-        sys.executable, "-m", "tessera.cli", "fit",
+        sys.executable, "-m", "tessera.commands.cli", "fit",
         "--config", str(REPO / "configs/tokenizer/tiny_shapes.yaml"),
         "--model.init_args.autoencoder.image_size=32", "--model.init_args.autoencoder.ch_mult=[1,2]",
         "--data=datamodules.caption_image.CaptionImageDataModule",

@@ -252,8 +252,8 @@ class CountGenerate:
 
 
 def test_coco_command_end_to_end_deterministic_and_resumable(tmp_path, coco, prior_checkpoint, tiny_clip, monkeypatch):
-    from tessera.cli import main
-    from tessera.coco_eval import evaluate_coco
+    from tessera.commands.cli import main
+    from tessera.commands.evaluate_coco import evaluate_coco
     from tessera.fid import sha256
 
     annotations, images = coco
@@ -311,7 +311,7 @@ def test_coco_command_end_to_end_deterministic_and_resumable(tmp_path, coco, pri
 
 
 def test_coco_chooses_images_and_captions_with_the_seed(coco):
-    from tessera.coco_eval import choose_samples
+    from tessera.commands.evaluate_coco import choose_samples
 
     annotations, images = coco
     chosen = choose_samples(annotations, images, 9, seed=1)
@@ -326,7 +326,7 @@ def test_coco_chooses_images_and_captions_with_the_seed(coco):
 
 
 def test_fid_and_stats_commands(tmp_path, capsys):
-    from tessera.cli import main
+    from tessera.commands.cli import main
 
     real, fake = write_images(tmp_path / "real", image_set(12, 7)), write_images(tmp_path / "fake", image_set(12, 8, low=80))
     extractor = ["--feature-extractor", "tests.test_evaluation:tiny_extractor", "--image-size", "24", "--workers", "0"]

@@ -25,9 +25,9 @@ import lightning.pytorch.strategies.fsdp
 import lightning_modules.fsdp
 from lightning_modules.fsdp import SHARDED_METADATA, AtomicFSDPStrategy, swap_in
 from lightning_modules.prior import TextImagePrior, load_prior, load_transformer_weights
-from tessera.cli import main
+from tessera.commands.cli import main
 from tessera.nn.transformer import Block, TextImageTransformer
-from tessera.run_dir import newest_checkpoint
+from tessera.commands.fit import newest_checkpoint
 from tests.test_prior import Tokens, tiny_config, tiny_prior, tokenizer_dir  # noqa: F401 (tokenizer_dir: a fixture)
 from tests.test_vqgan import trainer
 
@@ -211,7 +211,7 @@ def test_export_of_something_that_is_no_checkpoint_says_what_it_is(tmp_path, tok
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="FSDP needs a CUDA device")
 def test_a_one_gpu_fsdp_fit_resumes_from_its_sharded_last_ckpt_and_exports_it(tmp_path, tokenizer_dir):
-    from tessera.run_dir import checkpoint_dir, prepare_trainer, resume_checkpoint
+    from tessera.commands.fit import checkpoint_dir, prepare_trainer, resume_checkpoint
 
     class SaveAtTrainStart(L.Callback):
         """Saves the state the resumed run starts from, after Lightning has restored it."""

@@ -35,7 +35,7 @@ def test_a_dead_rank_fails_the_ddp_job_fast(tmp_path, shapes_dir, dying_rank):
         "callbacks": [{"class_path": "tests.test_faults.ExitOnRank", "init_args": {"rank": dying_rank, "step": 2}}],
     }}))
     command = [
-        sys.executable, "-m", "tessera.cli", "fit",
+        sys.executable, "-m", "tessera.commands.cli", "fit",
         "--config", str(REPO / "configs/tokenizer/tiny_shapes.yaml"), "--config", str(overlay),
         "--model.init_args.autoencoder.image_size=32", "--model.init_args.autoencoder.ch_mult=[1,2]",
         "--data=datamodules.caption_image.CaptionImageDataModule",

@@ -30,7 +30,7 @@ def slurm_env(procid: int, nodeid: int, ntasks: int, nnodes: int, ntasks_per_nod
 
 def fit_command(tmp_path: Path, shards: list[str], num_nodes: int, devices: int) -> list[str]:
     return [
-        sys.executable, "-m", "tessera.cli", "fit",
+        sys.executable, "-m", "tessera.commands.cli", "fit",
         "--config", str(REPO / "configs/tokenizer/tiny_shapes.yaml"),
         "--model.init_args.autoencoder.image_size=32", "--model.init_args.loss.disc_start=2",
         "--data=datamodules.caption_image.CaptionImageDataModule",

@@ -156,7 +156,7 @@ def test_generate_gives_images_reproducible_for_a_seed_with_and_without_guidance
 
 
 def test_sample_command_writes_pngs_a_grid_and_its_settings(tmp_path, tokenizer_dir):
-    from tessera.cli import main
+    from tessera.commands.cli import main
 
     prior = tiny_prior(tokenizer_dir)
     fit = trainer(tmp_path, max_steps=1)
@@ -185,7 +185,7 @@ def test_sample_logger_logs_a_grid_of_the_fixed_prompts(tmp_path, tokenizer_dir)
 
 
 def test_sample_command_keeps_the_candidates_clip_scores_best(tmp_path, tokenizer_dir, tiny_clip):
-    from tessera.cli import main
+    from tessera.commands.cli import main
 
     prior = tiny_prior(tokenizer_dir)
     fit = trainer(tmp_path, max_steps=1)
@@ -217,7 +217,7 @@ def test_a_residual_tokenizer_is_refused_at_start_up(tmp_path):
 
 
 def test_sample_command_refuses_fewer_candidates_than_images(tmp_path):
-    from tessera.cli import main
+    from tessera.commands.cli import main
 
     with pytest.raises(SystemExit, match="fewer than --num-images"):
         main(["sample", "--prior", str(tmp_path / "p.ckpt"), "--prompt", "a red circle", "--num-images", "4",

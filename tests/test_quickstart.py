@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from tessera.cli import main
+from tessera.commands.cli import main
 
 
 @pytest.mark.slow
@@ -41,8 +41,8 @@ def test_showcase_prompts_are_captions_of_the_training_grammar():
 
     from datamodules.shapes import caption
     from datamodules.shapes_analysis import parse_prompt
-    from tessera.caption_fidelity import HELD_OUT_SCENES
-    from tessera.quickstart import CONFIGS, SAMPLE_PROMPTS
+    from tessera.commands.evaluate_shapes import HELD_OUT_SCENES
+    from tessera.commands.quickstart import CONFIGS, SAMPLE_PROMPTS
 
     config = yaml.safe_load((CONFIGS / "prior" / "tiny_shapes.yaml").read_text())
     logger_prompts = next(c["init_args"]["prompts"] for c in config["trainer"]["callbacks"] if c["class_path"].endswith("SampleLogger"))

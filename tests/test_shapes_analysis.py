@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 
 from datamodules.shapes import LAYOUTS, Scene, ShapeObject, SyntheticShapes, caption, render, sample_scene, to_json
 from datamodules.shapes_analysis import ATTRIBUTES, analyse, expected_from_json, match, parse_prompt
-from tessera.caption_fidelity import HELD_OUT_SCENES, evaluate_shapes, evaluation_scenes
+from tessera.commands.evaluate_shapes import HELD_OUT_SCENES, evaluate_shapes, evaluation_scenes
 from tests.test_prior import Tokens, tiny_prior, tokenizer_dir  # noqa: F401 (tokenizer_dir is a fixture)
 from tests.test_vqgan import trainer
 
@@ -228,7 +228,7 @@ def test_a_perfect_prior_scores_one_and_one_that_ignores_captions_scores_chance(
 
 
 def test_evaluate_shapes_command_reports_fidelity_of_a_prior_checkpoint(tmp_path, tokenizer_dir, capsys):  # noqa: F811
-    from tessera.cli import main
+    from tessera.commands.cli import main
 
     prior = tiny_prior(tokenizer_dir)  # random weights: 32 px images of noise, fidelity near chance
     fit = trainer(tmp_path, max_steps=1)

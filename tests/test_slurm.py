@@ -68,7 +68,7 @@ def submit(cwd: Path, run_dir: Path, args: list[str], *options: str, path: Path 
     """`tessera submit` of the tiny tokenizer config as 2 CPU tasks on one node (or `options`); the job id."""
     options = options or (str(REPO / "configs/tokenizer/tiny_shapes.yaml"), "--tasks-per-node=2")
     command = [
-        sys.executable, "-m", "tessera.cli", "submit", *options,
+        sys.executable, "-m", "tessera.commands.cli", "submit", *options,
         "--nodes=1", "--gpus-per-node=0", "--cpus-per-task=1", "--time=10",
         f"--run-dir={run_dir}", f"--setup=export PATH={shlex.quote(str(path))}:$PATH",
         "--args", *args,

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tessera.cli import build_parser
-from tessera.submit import check_slurm_layout, job_script, render
+from tessera.commands.cli import build_parser
+from tessera.commands.submit import check_slurm_layout, job_script, render
 
 REPO = Path(__file__).parents[1]
 TOKENIZER = str(REPO / "configs/tokenizer/tiny_shapes.yaml")

@@ -19,7 +19,7 @@ from datamodules.token_shards import (
     claim_out_dir, output_names, shard_basename, token_dtype, tokenize_shards, tokenizer_record,
 )
 from lightning_modules.vqgan import load_tokenizer
-from tessera.cli import main
+from tessera.commands.cli import main
 from tessera.nn.vq_tokenizer import VQTokenizer
 from tessera.pixels import to_unit_range
 from tests.samples import encode, gradient_image, img2dataset_samples, write_wds_shard

@@ -267,7 +267,7 @@ def test_checkpoint_omits_lpips_and_gives_stage_2_a_frozen_tokenizer(tmp_path):
 
 
 def test_export_writes_safetensors_and_config_that_load_back(tmp_path):
-    from tessera.cli import main
+    from tessera.commands.cli import main
 
     model = resumable_vqgan()
     fit = trainer(tmp_path, max_steps=1)
@@ -303,7 +303,7 @@ def test_fit_from_the_tiny_config_on_two_ddp_processes(tmp_path, shapes_dir):
     """`tessera fit` with the tiny config on 32 px shards, 2 CPU processes over gloo."""
     shards = sorted(str(p) for p in shapes_dir.glob("*.tar"))
     command = [
-        sys.executable, "-m", "tessera.cli", "fit",
+        sys.executable, "-m", "tessera.commands.cli", "fit",
         "--config", str(REPO / "configs/tokenizer/tiny_shapes.yaml"),
         "--model.init_args.autoencoder.image_size=32",
         "--model.init_args.loss.disc_start=2",

@@ -22,7 +22,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
 from wandb.proto import wandb_internal_pb2
 
-from tessera.loggers import RUN_ID_FILE, RunDirWandbLogger, SaveAndLogConfig
+from callbacks.loggers import RUN_ID_FILE, RunDirWandbLogger, SaveAndLogConfig
 
 REPO = Path(__file__).parents[1]
 # the shape of a W&B Server key ("local-" + 40 hex), distinctive enough to search every file for
@@ -43,7 +43,7 @@ def fit(run_dir: Path, shards: list[str]) -> subprocess.CompletedProcess:
     overlay = run_dir.parent / "overlay.yaml"
     overlay.write_text(OVERLAY)
     command = [
-        sys.executable, "-m", "tessera.cli", "fit",
+        sys.executable, "-m", "tessera.commands.cli", "fit",
         "--config", str(REPO / "configs/tokenizer/tiny_shapes.yaml"),
         "--config", str(REPO / "configs/logger/wandb_offline.yaml"),
         "--config", str(overlay),
@@ -133,7 +133,7 @@ def test_an_offline_fit_logs_the_metrics_the_reconstruction_grids_and_the_config
     assert config["model"]["class_path"] == "lightning_modules.vqgan.VQGAN"
     assert config["model"]["init_args"]["autoencoder"]["image_size"] == 32
     assert config["data"]["init_args"]["batch_size"] == 4
-    assert config["trainer"]["logger"]["class_path"] == "tessera.loggers.RunDirWandbLogger"
+    assert config["trainer"]["logger"]["class_path"] == "callbacks.loggers.RunDirWandbLogger"
     assert (run_dir / "config.yaml").is_file()
 
 

@@ -30,7 +30,7 @@ import torch
 import yaml
 from PIL import Image
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 DATA_CONFIG = CONFIGS / "data" / "shapes.yaml"  # both stages' data; its image_size is the shards'
 
 # prompts for the samples grid, in the captions' grammar: two of each layout the training data
@@ -158,7 +158,7 @@ def overlay(out: Path, stage: str, run_dir: Path, seconds: float, sections: dict
 
 def fit(run_dir: Path, argv: list[str]) -> None:
     """`tessera fit ARGV`; the weights training ended with are in RUN_DIR/checkpoints/last.ckpt."""
-    from tessera.cli import lightning_cli
+    from tessera.commands.cli import lightning_cli
 
     # the quickstart trains from scratch each time; `tessera fit` would resume from a previous
     # quickstart's checkpoints in the same run directory
@@ -173,7 +173,7 @@ def last_step(run_dir: Path) -> int:
 def evaluate(out: Path, tokenizer, prior_checkpoint: Path, val_pattern: str, image_size: int, fidelity_samples: int, log: StageLog) -> dict:
     from callbacks.image_logging import image_grid
     from datamodules.caption_image import CaptionImageDataModule
-    from tessera.caption_fidelity import DEFAULT_CFG_SCALE, evaluate_shapes, headline
+    from tessera.commands.evaluate_shapes import DEFAULT_CFG_SCALE, evaluate_shapes, headline
     from tessera.pixels import psnr
     from lightning_modules.prior import TextImagePrior
     from tessera.sampling import SamplingConfig
@@ -248,7 +248,7 @@ def loss_curves(run_dirs: dict[str, Path], path: Path) -> None:
 
 def write_report(out: Path, numbers: dict, tokenizer_run: Path, prior_run: Path, log: StageLog) -> None:
     loss_curves({"tokenizer": tokenizer_run, "prior": prior_run}, out / "loss_curves.png")
-    from tessera.caption_fidelity import headline
+    from tessera.commands.evaluate_shapes import headline
 
     table = "\n".join(f"| {key} | {value} |" for key, value in headline(numbers["caption_fidelity"]).items())
     prompts = "\n".join(f"{i + 1}. {prompt}" for i, prompt in enumerate(SAMPLE_PROMPTS))

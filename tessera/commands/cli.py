@@ -20,9 +20,9 @@ import sys
 import time
 from pathlib import Path
 
-from tessera.caption_fidelity import add_shapes_parser
-from tessera.coco_eval import add_coco_fid_parsers
-from tessera.submit import add_submit_parser
+from tessera.commands.evaluate_shapes import add_shapes_parser
+from tessera.commands.evaluate_coco import add_coco_fid_parsers
+from tessera.commands.submit import add_submit_parser
 
 
 # handed to LightningCLI: the config files' `model`, `data` and `trainer` sections set everything
@@ -149,8 +149,8 @@ def lightning_cli(argv: list[str]):
     """Run a LightningCLI subcommand (fit, validate, ...); returns the LightningCLI, trainer included."""
     import lightning as L
 
-    from tessera.loggers import SaveAndLogConfig
-    from tessera.run_dir import TesseraCLI
+    from callbacks.loggers import SaveAndLogConfig
+    from tessera.commands.fit import TesseraCLI
 
     return TesseraCLI(
         L.LightningModule,
@@ -287,8 +287,8 @@ def _data_check(args: argparse.Namespace) -> int:
 
 
 def _quickstart(args: argparse.Namespace) -> int:
-    """Data, tokenizer, token shards, prior, samples, evaluation and a report: see tessera/quickstart.py."""
-    from tessera.quickstart import run_quickstart
+    """Data, tokenizer, token shards, prior, samples, evaluation and a report: see tessera/commands/quickstart.py."""
+    from tessera.commands.quickstart import run_quickstart
 
     run_quickstart(args.out, args.minutes, args.num_samples, args.fidelity_samples)
     return 0

@@ -214,7 +214,7 @@ def _shapes(scene: dict) -> list[tuple]:
 
 
 def add_shapes_parser(evaluations: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """`tessera evaluate shapes`: registered by tessera/cli.py in its `evaluate` group."""
+    """`tessera evaluate shapes`: registered by tessera/commands/cli.py in its `evaluate` group."""
     parser = evaluations.add_parser(
         "shapes", help="caption fidelity on the synthetic shapes set: colour, shape, size and position read back",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -33,8 +33,8 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from callbacks.console import replace_default_console_callbacks
 from callbacks.preemption import Requeue
 from lightning_modules.fsdp import fsync
-from tessera.loggers import RunDirWandbLogger
-from tessera.submit import check_slurm_layout
+from callbacks.loggers import RunDirWandbLogger
+from tessera.commands.submit import check_slurm_layout
 
 log = logging.getLogger(__name__)
 

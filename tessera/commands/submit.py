@@ -22,7 +22,7 @@ import subprocess
 from pathlib import Path
 from typing import Mapping
 
-TEMPLATES = Path(__file__).resolve().parent.parent / "slurm"
+TEMPLATES = Path(__file__).resolve().parents[2] / "slurm"
 JOBS = ("tokenizer", "prior", "tokenize", "evaluate_coco")
 TRAINING_JOBS = ("tokenizer", "prior")
 # the model class a training config names -> its template
