@@ -77,6 +77,14 @@ def test_shards_synthetic_jitter_flag_reaches_the_samples(tmp_path, capsys):
         assert len(records) == 2 and all(record["jitter"] == bool(flags) for record in records)
 
 
+def test_a_single_value_option_given_twice_is_refused(tmp_path, capsys):
+    # argparse alone would keep the second value and drop the first without a word
+    with pytest.raises(SystemExit):
+        main(["shards", "synthetic", "--out", str(tmp_path / "a"), "--seed", "1", "--seed", "2"])
+    assert "--seed was given twice" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()
+
+
 def test_unknown_command_exits_with_usage(capsys):
     with pytest.raises(SystemExit):
         main(["no-such-command"])

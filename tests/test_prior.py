@@ -163,13 +163,15 @@ def test_sample_command_writes_pngs_a_grid_and_its_settings(tmp_path, tokenizer_
     fit.fit(prior, DataLoader(Tokens(prior), batch_size=8))
     fit.save_checkpoint(tmp_path / "prior.ckpt")
     out = tmp_path / "samples"
+    # several prompts after one flag, and the flag repeated: every prompt is drawn
     argv = ["sample", "--prior", str(tmp_path / "prior.ckpt"), "--prompt", "a red circle", "two blue squares",
-            "--num-images", "3", "--cfg-scale", "2", "--top-k", "8", "--seed", "5", "--out", str(out)]
+            "--prompt", "a green triangle", "--num-images", "3", "--cfg-scale", "2", "--top-k", "8", "--seed", "5",
+            "--out", str(out)]
     assert main(argv) == 0
-    assert sorted(p.name for p in out.glob("0*.png")) == [f"{p:04d}_{i:02d}.png" for p in range(2) for i in range(3)]
-    assert Image.open(out / "grid.png").size == (3 * 32 + 4 * 2, 2 * 32 + 3 * 2)
+    assert sorted(p.name for p in out.glob("0*.png")) == [f"{p:04d}_{i:02d}.png" for p in range(3) for i in range(3)]
+    assert Image.open(out / "grid.png").size == (3 * 32 + 4 * 2, 3 * 32 + 4 * 2)
     settings = json.loads((out / "settings.json").read_text())
-    assert settings["prompts"] == ["a red circle", "two blue squares"] and settings["cfg_scale"] == 2.0
+    assert settings["prompts"] == ["a red circle", "two blue squares", "a green triangle"] and settings["cfg_scale"] == 2.0
     first = np.asarray(Image.open(out / "0000_00.png"))
     assert main(argv[:-1] + [str(tmp_path / "again")]) == 0
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "again" / "0000_00.png")), first)

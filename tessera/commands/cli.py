@@ -60,8 +60,38 @@ def configure_logging() -> None:
             logger.addHandler(handler)
 
 
+class StoreOnce(argparse._StoreAction):
+    """A single-value option that refuses to be given twice: argparse would keep the last value
+    and drop the first without a word (`--prompt A --prompt B` drawing B only)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        given = namespace.__dict__.setdefault(GIVEN, set())
+        if self.dest in given:
+            parser.error(f"{'/'.join(self.option_strings)} was given twice; it takes one value")
+        given.add(self.dest)
+        super().__call__(parser, namespace, values, option_string)
+
+
+GIVEN = "_options_given"  # StoreOnce's record on the namespace, removed once parsing is done
+
+
+class Parser(argparse.ArgumentParser):
+    """The `tessera` parser and every subcommand's: repeating a single-value option is an error;
+    options that take several values extend (`action="extend"`), so they may be repeated."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.register("action", None, StoreOnce)
+        self.register("action", "store", StoreOnce)
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        namespace.__dict__.pop(GIVEN, None)
+        return namespace, extras
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tessera", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(prog="tessera", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
 
     shards = commands.add_parser("shards", help="write caption-image pairs as WebDataset shards (img2dataset layout)")
@@ -102,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample = commands.add_parser("sample", help="images from a prior checkpoint: PNGs, a grid and settings.json")
     sample.add_argument("--prior", required=True, type=Path, help="a TextImagePrior checkpoint (.ckpt, FSDP sharded) or export directory")
     prompts = sample.add_mutually_exclusive_group(required=True)
-    prompts.add_argument("--prompt", nargs="+", help="one or more prompts")
+    prompts.add_argument("--prompt", nargs="+", action="extend", help="one or more prompts; the flag may be repeated")
     prompts.add_argument("--prompts-file", type=Path, help="a text file, one prompt a line")
     sample.add_argument("--num-images", type=int, default=4, help="images kept per prompt")
     sample.add_argument("--candidates", type=int, default=None, help="images drawn per prompt, the best --num-images kept by CLIP (needs --clip-weights)")
