@@ -64,9 +64,28 @@ MAX_CONSECUTIVE_SKIPS = 10_000
 
 
 def expand_urls(urls: str | list[str]) -> list[str]:
-    """Shard URLs from brace patterns (`/data/{00000..00331}.tar`), `::`-joined lists or lists of those."""
+    """Shard URLs from brace patterns (`/data/{00000..00331}.tar`), `::`-joined lists or lists of
+    those; a local directory stands for the `*.tar` shards in it, in name order."""
     patterns = [urls] if isinstance(urls, str) else list(urls)
-    return [url for pattern in patterns for url in wds.shardlists.expand_urls(str(pattern))]
+    return [url for pattern in patterns for item in wds.shardlists.expand_urls(str(pattern)) for url in directory_shards(item)]
+
+
+def directory_shards(url: str) -> list[str]:
+    """[url], or the shards of a local directory (an empty one is an error that says so)."""
+    path = Path(url.removeprefix("file:"))
+    if not is_local(url) or not path.is_dir():
+        return [url]
+    shards = sorted(str(shard) for shard in path.glob("*.tar"))
+    if not shards:
+        raise FileNotFoundError(f"{path} holds no .tar shards: {WRITE_SHARDS_HINT}")
+    return shards
+
+
+# what an error about missing shards tells a user to do
+WRITE_SHARDS_HINT = (
+    "write them with `tessera shards synthetic|folder|coco --out DIR` (`tessera quickstart` writes "
+    "quickstart/data/train and quickstart/data/val), or point the config at your own shards"
+)
 
 
 def is_local(url: str) -> bool:
@@ -80,7 +99,7 @@ def check_shards(urls: list[str]) -> None:
     for url in filter(is_local, urls):
         path = Path(url.removeprefix("file:"))
         if not path.is_file():
-            raise FileNotFoundError(f"shard {url} does not exist")
+            raise FileNotFoundError(f"shard {url} does not exist: {WRITE_SHARDS_HINT}")
         try:
             with tarfile.open(path) as tar:
                 tar.next()

@@ -159,7 +159,7 @@ def test_empty_shards_raise_instead_of_spinning(tmp_path, caption_tokenizer):
 
 def test_missing_or_unreadable_shard_is_named_at_setup(tmp_path, shapes_urls):
     missing = str(tmp_path / "00042.tar")
-    with pytest.raises(FileNotFoundError, match="00042.tar"):
+    with pytest.raises(FileNotFoundError, match="00042.tar does not exist: write them with `tessera shards"):
         check_shards(shapes_urls + [missing])
     (tmp_path / "00043.tar").write_bytes(b"\x00garbage" * 10)
     with pytest.raises(OSError, match="00043.tar"):
@@ -169,6 +169,13 @@ def test_missing_or_unreadable_shard_is_named_at_setup(tmp_path, shapes_urls):
 def test_brace_patterns_and_lists_expand(tmp_path):
     assert expand_urls("/d/{000..002}.tar::/e/x.tar") == ["/d/000.tar", "/d/001.tar", "/d/002.tar", "/e/x.tar"]
     assert expand_urls(["/a/{0..1}.tar", "pipe:cat /b/0.tar"]) == ["/a/0.tar", "/a/1.tar", "pipe:cat /b/0.tar"]
+
+
+def test_a_directory_stands_for_its_shards_in_name_order(tmp_path, shapes_dir):
+    assert expand_urls(str(shapes_dir)) == [str(shapes_dir / f"{index:05d}.tar") for index in range(3)]
+    assert expand_urls(f"{shapes_dir}::/e/x.tar")[-1] == "/e/x.tar"
+    with pytest.raises(FileNotFoundError, match="holds no .tar shards: write them with `tessera shards"):
+        expand_urls(str(tmp_path))
 
 
 def test_pipe_urls_are_read(shapes_urls, caption_tokenizer):
