@@ -183,7 +183,7 @@ def test_sample_command_reads_an_export_directory_and_another_tokenizer(tmp_path
     assert main(["export", "--checkpoint", str(sharded), "--out", str(tmp_path / "export")]) == 0
     argv = ["sample", "--prior", str(tmp_path / "export"), "--prompt", *PROMPTS, "--num-images", "2", "--top-k", "8"]
     assert main([*argv, "--out", str(tmp_path / "samples")]) == 0
-    assert len(list((tmp_path / "samples").glob("000*_0*.png"))) == 4
+    assert len(list((tmp_path / "samples" / "images").glob("000*_0*.png"))) == 4
     assert json.loads((tmp_path / "samples" / "settings.json").read_text())["prior"] == str(tmp_path / "export")
     with pytest.raises(FileNotFoundError, match="elsewhere"):  # --tokenizer replaces the tokenizer the export names
         main([*argv, "--tokenizer", str(tmp_path / "elsewhere"), "--out", str(tmp_path / "none")])

@@ -168,13 +168,13 @@ def test_sample_command_writes_pngs_a_grid_and_its_settings(tmp_path, tokenizer_
             "--prompt", "a green triangle", "--num-images", "3", "--cfg-scale", "2", "--top-k", "8", "--seed", "5",
             "--out", str(out)]
     assert main(argv) == 0
-    assert sorted(p.name for p in out.glob("0*.png")) == [f"{p:04d}_{i:02d}.png" for p in range(3) for i in range(3)]
+    assert sorted(p.name for p in (out / "images").glob("*.png")) == [f"{p:04d}_{i:02d}.png" for p in range(3) for i in range(3)]
     assert Image.open(out / "grid.png").size == (3 * 32 + 4 * 2, 3 * 32 + 4 * 2)
     settings = json.loads((out / "settings.json").read_text())
     assert settings["prompts"] == ["a red circle", "two blue squares", "a green triangle"] and settings["cfg_scale"] == 2.0
-    first = np.asarray(Image.open(out / "0000_00.png"))
+    first = np.asarray(Image.open(out / "images" / "0000_00.png"))
     assert main(argv[:-1] + [str(tmp_path / "again")]) == 0
-    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "again" / "0000_00.png")), first)
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "again" / "images" / "0000_00.png")), first)
 
 
 def test_sample_logger_logs_a_grid_of_the_fixed_prompts(tmp_path, tokenizer_dir):
@@ -200,7 +200,7 @@ def test_sample_command_keeps_the_candidates_clip_scores_best(tmp_path, tokenize
     settings = json.loads((tmp_path / "out" / "settings.json").read_text())
     scores = settings["clip_scores"][0]
     assert len(scores) == 2 and scores[0] >= scores[1]
-    assert len(list((tmp_path / "out").glob("0000_*.png"))) == 2
+    assert len(list((tmp_path / "out" / "images").glob("*.png"))) == 2
     with pytest.raises(SystemExit, match="clip-weights"):
         main(argv[: argv.index("--clip-model")] + ["--out", str(tmp_path / "none")])
 

@@ -129,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_shapes_parser(evaluations)
     add_coco_fid_parsers(evaluations)
 
-    sample = commands.add_parser("sample", help="images from a prior checkpoint: PNGs, a grid and settings.json")
+    sample = commands.add_parser("sample", help="images from a prior checkpoint: OUT/images/*.png, OUT/grid.png, OUT/settings.json")
     sample.add_argument("--prior", required=True, type=Path, help="a TextImagePrior checkpoint (.ckpt, FSDP sharded) or export directory")
     prompts = sample.add_mutually_exclusive_group(required=True)
     prompts.add_argument("--prompt", nargs="+", action="extend", help="one or more prompts; the flag may be repeated")
@@ -230,10 +230,11 @@ def _sample(args: argparse.Namespace) -> int:
     images = torch.cat(kept)  # (P * num_images, 3, H, W) uint8, prompt-major
     seconds = time.perf_counter() - started
 
-    args.out.mkdir(parents=True, exist_ok=True)
+    # the images alone in their folder, so that `tessera evaluate fid` can read it as it is
+    (args.out / "images").mkdir(parents=True, exist_ok=True)
     for index, image in enumerate(images):
         prompt_index, image_index = divmod(index, args.num_images)
-        Image.fromarray(image.permute(1, 2, 0).numpy()).save(args.out / f"{prompt_index:04d}_{image_index:02d}.png")
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(args.out / "images" / f"{prompt_index:04d}_{image_index:02d}.png")
     grid = image_grid(to_unit_range(images), nrow=args.num_images)
     Image.fromarray(grid.permute(1, 2, 0).numpy()).save(args.out / "grid.png")
     settings = {
