@@ -144,6 +144,23 @@ def test_attention_block_matches_explicit_softmax_attention():
     torch.testing.assert_close(block(x), expected)
 
 
+def test_attention_block_hands_sdpa_4d_contiguous_inputs(monkeypatch):
+    """The fused (flash, memory-efficient) kernels take (B, heads, T, C) with a unit-stride last
+    dimension; anything else runs the unfused math path on a GPU."""
+    from tessera.nn import autoencoder
+
+    seen, sdpa = [], torch.nn.functional.scaled_dot_product_attention
+
+    def recording_sdpa(q, k, v, *args, **kwargs):
+        seen.extend((q, k, v))
+        return sdpa(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(autoencoder.F, "scaled_dot_product_attention", recording_sdpa)
+    AttnBlock(8)(torch.randn(2, 8, 4, 5))
+    assert [t.shape for t in seen] == [torch.Size([2, 1, 20, 8])] * 3
+    assert all(t.is_contiguous() for t in seen)
+
+
 # --- discriminator and GAN losses ------------------------------------------------------------
 
 

@@ -129,10 +129,13 @@ class AttnBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
-        qkv = self.qkv(self.norm(x)).reshape(B, 3, C, H * W).transpose(2, 3)  # (B, 3, HW, C)
-        q, k, v = qkv.unbind(dim=1)  # each (B, HW, C): one head of width C, scaled by C ** -0.5
-        h = F.scaled_dot_product_attention(q, k, v)  # (B, HW, C)
-        h = h.transpose(1, 2).reshape(B, C, H, W)  # (B, C, H, W)
+        qkv = self.qkv(self.norm(x)).reshape(B, 3, 1, C, H * W)
+        # (3, B, 1, HW, C) laid out contiguously: SDPA's fused kernels want 4-D (B, heads, T, C)
+        # inputs with a unit-stride last dimension; a strided or 3-D one falls back to the math path
+        qkv = qkv.permute(1, 0, 2, 4, 3).contiguous()
+        q, k, v = qkv.unbind(dim=0)  # each (B, 1, HW, C): one head of width C, scaled by C ** -0.5
+        h = F.scaled_dot_product_attention(q, k, v)  # (B, 1, HW, C)
+        h = h.squeeze(1).transpose(1, 2).reshape(B, C, H, W)  # (B, C, H, W)
         return x + self.proj_out(h)
 
 
