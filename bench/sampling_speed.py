@@ -11,9 +11,9 @@ happen there), CUDA synchronised around the timed ones:
     join the batch, so every step runs 128 rows for 64 images;
   - tessera+compile, tessera+compile+cfg: the same with `torch.compile(model.decode_step)`, mode
     "reduce-overhead" (CUDA graphs) by default, --compile-mode to change it. As transformers'
-    StaticCache does for its own, the bench marks each new cache's tensors with
-    `torch._dynamo.mark_static_address`, without which CUDA graphs skip a step that writes into
-    its inputs; `cudagraph_skips` in the output says whether graphs were used. The prefill and
+    StaticCache does, `KVCache` marks its tensors with `torch._dynamo.mark_static_address`,
+    without which CUDA graphs skip a step that writes into its inputs; `cudagraph_skips` in the
+    output says whether graphs were used. The prefill and
     the per-token top-k draw stay eager, as in transformers;
   - tessera-nocache: `use_cache=False`, the full forward over the growing sequence at every step.
     One warm-up and one timed batch; with --nocache-steps K only K evenly spaced steps of that
@@ -77,22 +77,12 @@ def null_caption(model: TextImageTransformer) -> torch.Tensor:
 
 
 def compile_decode_step(model: TextImageTransformer, compile_kwargs: dict) -> None:
-    """torch.compile of the decode step, and caches whose tensors keep their addresses for CUDA graphs."""
+    """torch.compile of the decode step (the cache marks its own tensors static for CUDA graphs)."""
     model.decode_step = torch.compile(model.decode_step, **compile_kwargs)
-    make_kv_cache = model.make_kv_cache
-
-    def make_static_kv_cache(batch_size: int, dtype: torch.dtype | None = None):
-        cache = make_kv_cache(batch_size, dtype)
-        for tensor in (*cache.k, *cache.v, cache.positions):
-            torch._dynamo.mark_static_address(tensor)  # as transformers' StaticCache
-        return cache
-
-    model.make_kv_cache = make_static_kv_cache
 
 
 def uncompile(model: torch.nn.Module) -> None:
-    for name in ("decode_step", "make_kv_cache"):
-        model.__dict__.pop(name, None)  # the class's own methods again
+    model.__dict__.pop("decode_step", None)  # the class's own method again
 
 
 def time_batches(run: Callable[[], torch.Tensor], warmup: int, repeats: int, device: torch.device) -> float:

@@ -273,6 +273,16 @@ def test_prefill_and_decode_steps_give_the_full_forward_logits():
     torch.testing.assert_close(torch.stack(steps, dim=1), full, rtol=1e-5, atol=1e-5)
 
 
+def test_kv_cache_tensors_are_static_addresses_and_its_mask_is_additive():
+    config = tiny_config()
+    cache = KVCache(config, 2)
+    # what torch._dynamo.mark_static_address records: a compiled step may keep these addresses in CUDA graphs
+    assert all(getattr(t, "_dynamo_static_input_type", None) for t in (*cache.k, *cache.v, cache.positions))
+    mask = cache.attention_mask(torch.tensor([2, 3]))
+    assert mask.dtype == cache.k[0].dtype and mask.shape == (2, config.sequence_length)
+    assert mask[0, :3].eq(0).all() and mask[0, 3:].eq(float("-inf")).all() and mask[1, 3] == 0
+
+
 def test_kv_cache_takes_the_autocast_dtype_when_autocast_is_on():
     model = tiny_model()
     assert model.make_kv_cache(1).k[0].dtype == torch.float32

@@ -264,10 +264,22 @@ class KVCache:
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         # compared with the input positions to mask keys not written yet (they hold zeros or stale values)
         self.positions = torch.arange(config.sequence_length, device=device)
+        for tensor in (*self.k, *self.v, self.positions):
+            # fixed addresses, as transformers' StaticCache: a compiled step (mode="reduce-overhead")
+            # then records CUDA graphs that write into these buffers, instead of skipping them
+            torch._dynamo.mark_static_address(tensor)
 
     @property
     def batch_size(self) -> int:
         return self.k[0].size(0)
+
+    def attention_mask(self, input_pos: torch.Tensor) -> torch.Tensor:
+        """(T, max_len) additive mask in the cache's dtype, 0 where query t may see a key (those up
+        to its own position), -inf elsewhere; made once per step for every layer, where a boolean
+        mask would be turned into this by SDPA in each layer again."""
+        visible = self.positions[None, :] <= input_pos[:, None]  # (T, max_len)
+        blocked = torch.full(visible.shape, float("-inf"), device=visible.device, dtype=self.k[0].dtype)
+        return blocked.masked_fill(visible, 0.0)
 
     def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One layer's keys and values, (B, n_head, sequence_length, head_dim) each."""
@@ -440,7 +452,7 @@ class TextImageTransformer(nn.Module):
         """x (B, T, C) at sequence positions input_pos (T,) through every block, reading and writing the cache."""
         if x.size(0) != cache.batch_size:
             raise ValueError(f"batch of {x.size(0)} rows for a cache made for {cache.batch_size}")
-        attn_mask = cache.positions[None, :] <= input_pos[:, None]  # (T, max_len): a query sees keys up to itself
+        attn_mask = cache.attention_mask(input_pos)  # (T, max_len)
         for i, block in enumerate(self.blocks):
             x = block(x, cache.layer(i), input_pos, attn_mask)
         return self.ln_f(x)
