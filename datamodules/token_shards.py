@@ -27,7 +27,7 @@ exist (the shard writer's rule) and rewrites the rest; temporary files a killed 
 removed when their shard is written.
 
 Bad input is skipped, logged and counted by the training stream's reasons (`missing_image`,
-`missing_caption`, `corrupt_image`); a shard whose tar stream breaks is written up to the break,
+`missing_caption`, `corrupt_image`, `oversized_image` past the default pixel cap); a shard whose tar stream breaks is written up to the break,
 which is counted as `unreadable_shard_data`, the samples training would have read from it.
 """
 

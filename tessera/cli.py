@@ -3,7 +3,7 @@
     tessera shards synthetic --out DIR [--num-samples N] [--image-size S] [--seed X] [--jitter]
     tessera shards folder --images DIR --captions FILE --out DIR
     tessera shards coco --annotations FILE --images DIR --out DIR
-    tessera data check SHARDS [--text-length N]
+    tessera data check SHARDS [--text-length N] [--max-pixels P]
     tessera quickstart [--out DIR] [--minutes M]
     tessera fit --config configs/tokenizer/tiny_shapes.yaml --config configs/data/shapes.yaml
     tessera validate|test|predict ... (LightningCLI: `tessera fit --help` lists every option)
@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+from datamodules.images import MAX_PIXELS
 from tessera.caption_fidelity import add_shapes_parser
 from tessera.coco_eval import add_coco_fid_parsers
 from tessera.submit import add_submit_parser
@@ -65,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--text-length", type=int, default=64)
     check.add_argument("--tokenizer", default="clip-bpe")
     check.add_argument("--workers", type=int, default=None, help="processes; one per CPU by default")
+    _max_pixels_argument(check, "counted as skipped, as the training reader skips them")
     check.set_defaults(run=_data_check)
 
     quickstart = commands.add_parser("quickstart", help="the end-to-end example on synthetic data, on a CPU")
@@ -242,6 +244,20 @@ def _shard_writer_parser(kinds, name: str, help: str, default_format: str) -> ar
     return parser
 
 
+def _max_pixels_argument(parser: argparse.ArgumentParser, what_happens: str) -> None:
+    parser.add_argument("--max-pixels", type=_pixel_cap, default=MAX_PIXELS,
+                        help=f"images whose header declares more pixels are {what_happens}, undecoded "
+                             f"(default {MAX_PIXELS:,}: 8192 x 8192); 0 for no cap")
+
+
+def _pixel_cap(text: str) -> int | None:
+    """--max-pixels: a pixel count, or 0 for no cap (None)."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a pixel count, or 0 for no cap, got {value}")
+    return value or None
+
+
 def _write_shards(args: argparse.Namespace) -> int:
     from datamodules.shard_writer import write_shards
     from datamodules.shapes import SyntheticShapes
@@ -262,7 +278,7 @@ def _write_shards(args: argparse.Namespace) -> int:
 def _data_check(args: argparse.Namespace) -> int:
     from datamodules.check import check_shards
 
-    report = check_shards(args.shards, args.text_length, args.tokenizer, args.workers)
+    report = check_shards(args.shards, args.text_length, args.tokenizer, args.workers, args.max_pixels)
     print(json.dumps(report, indent=1))
     return 1 if report["unreadable_shards"] else 0
 

@@ -58,6 +58,17 @@ def test_data_check_reports_a_shard_shorter_than_its_size_record(tmp_path, capsy
     assert "says 5" in json.loads(capsys.readouterr().out)["unreadable_shards"][str(tmp_path / "00000.tar")]
 
 
+@pytest.mark.parametrize("make", [lambda path: tarfile.open(path, "w").close(), lambda path: path.write_bytes(b"")],
+                         ids=["no-members", "zero-bytes"])
+def test_data_check_flags_an_empty_shard(tmp_path, capsys, make):
+    write_wds_shard(tmp_path / "00000.tar", img2dataset_samples(0, 2))
+    make(tmp_path / "00001.tar")
+    assert main(["data", "check", str(tmp_path / "{00000..00001}.tar"), "--workers", "1"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert list(report["unreadable_shards"]) == [str(tmp_path / "00001.tar")]
+    assert "empty" in report["unreadable_shards"][str(tmp_path / "00001.tar")]
+
+
 def test_shards_synthetic_command_writes_a_checkable_dataset(tmp_path, capsys):
     out = tmp_path / "shapes"
     assert main(["shards", "synthetic", "--out", str(out), "--num-samples", "30", "--image-size", "32",
