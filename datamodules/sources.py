@@ -17,7 +17,8 @@ class FolderSource:
     """Images under `image_dir` named in a captions file: JSONL or CSV rows of (file, caption).
 
     JSONL lines are objects with "file" (or "image") and "caption"; a CSV has a header row with
-    those column names. Extra fields are kept in KEY.json.
+    those column names. Both are read as UTF-8, with or without the byte-order mark spreadsheet
+    programs put first. Extra fields are kept in KEY.json.
     """
 
     def __init__(self, image_dir: str | Path, captions_file: str | Path):
@@ -45,10 +46,11 @@ class FolderSource:
 
 
 def _read_rows(path: Path) -> list[dict]:
+    # utf-8-sig drops a leading byte-order mark, which would otherwise become part of the first name
     if path.suffix.lower() == ".csv":
-        with path.open(newline="", encoding="utf-8") as f:
+        with path.open(newline="", encoding="utf-8-sig") as f:
             return list(csv.DictReader(f))
-    with path.open(encoding="utf-8") as f:
+    with path.open(encoding="utf-8-sig") as f:
         return [json.loads(line) for line in f if line.strip()]
 
 

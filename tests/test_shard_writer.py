@@ -121,6 +121,15 @@ def test_folder_source_reads_csv_and_rejects_rows_without_caption(tmp_path, imag
         FolderSource(image_folder, tmp_path / "missing.jsonl")
 
 
+@pytest.mark.parametrize("name, text", [("captions.csv", "file,caption\na.jpg,first\n"),
+                                        ("captions.jsonl", '{"file": "a.jpg", "caption": "first"}\n')])
+def test_captions_saved_with_a_byte_order_mark_are_read(tmp_path, image_folder, name, text):
+    captions = tmp_path / name
+    captions.write_bytes(b"\xef\xbb\xbf" + text.encode())  # what spreadsheet programs put first
+    source = FolderSource(image_folder, captions)
+    assert (source[0].caption, source[0].meta["file"]) == ("first", "a.jpg")
+
+
 def test_coco_source_keeps_every_caption_and_orders_by_image_id(tmp_path):
     images = tmp_path / "val2014"
     images.mkdir()
