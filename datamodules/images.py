@@ -1,5 +1,9 @@
 """Image decoding and the training transform: any PIL mode to RGB, shorter side to size, crop.
 
+`decode_image` and `to_rgb` are the one conversion to RGB: the training reader, `tessera data
+check`, the shard writers (which store what the reader would make of a file) and the evaluation
+all go through them, so an image gives the same pixels whichever command read it.
+
 Decoding is the hot path of a text-to-image data loader, so a JPEG is decoded straight to the
 smallest DCT scale (1/2, 1/4, 1/8) that still covers the output size (PIL's draft mode): that
 skips most of the inverse DCT and all the downscaling that would throw those pixels away.

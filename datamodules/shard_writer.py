@@ -5,6 +5,10 @@ A dataset directory holds `{shard:05d}.tar` files, each with `KEY.<image ext>`, 
 `sizes.json` mapping shard file names to sample counts. This is the layout img2dataset writes
 for LAION, CC3M, CC12M and COCO, so our readers see one format.
 
+Images are stored as the training reader sees them: a file is decoded by the reader's own
+`decode_image` (RGB, transparency on white, wide greyscale scaled, EXIF rotation applied), so one
+it would skip is skipped here, and whatever is re-encoded holds exactly the reader's pixels.
+
 Sample i of a source always lands in shard i // samples_per_shard, so a shard is a pure
 function of the source and can be written by any process, skipped when it already exists,
 and rewritten alone after a crash. Each shard is written under a temporary name and renamed
@@ -27,7 +31,7 @@ from typing import Protocol
 
 from PIL import Image
 
-from datamodules.images import DECODE_ERRORS
+from datamodules.images import DECODE_ERRORS, MAX_PIXELS, check_pixels, decode_image, skip_reason, to_rgb
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +61,16 @@ class Source(Protocol):
     def __getitem__(self, index: int) -> SourceSample: ...
 
 
+@dataclass(frozen=True)
+class ShardOptions:
+    """What decides the shards a source becomes, besides the source."""
+
+    samples_per_shard: int
+    image_format: str  # a key of IMAGE_FORMATS
+    quality: int  # JPEG / WebP
+    max_pixels: int | None  # images with more pixels are skipped; None: no cap
+
+
 @dataclass
 class ShardReport:
     written: int = 0  # shards written by this run
@@ -77,18 +91,22 @@ def write_shards(
     image_format: str = "jpg",
     quality: int = 95,
     workers: int = 1,
+    max_pixels: int | None = MAX_PIXELS,
 ) -> ShardReport:
     """Write `source` into `out_dir` as shards; complete shards already there are kept."""
     if image_format not in IMAGE_FORMATS:
         raise ValueError(f"image_format must be one of {sorted(IMAGE_FORMATS)}, got {image_format!r}")
     if samples_per_shard < 1:
         raise ValueError(f"samples_per_shard must be at least 1, got {samples_per_shard}")
+    if max_pixels is not None and max_pixels < 1:
+        raise ValueError(f"max_pixels must be at least 1 (or None for no cap), got {max_pixels}")
     if len(source) == 0:
         raise ValueError("the source holds no samples")
+    options = ShardOptions(samples_per_shard, image_format, quality, max_pixels)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     num_shards = -(-len(source) // samples_per_shard)
-    jobs = [(source, out_dir, shard, samples_per_shard, image_format, quality) for shard in range(num_shards)]
+    jobs = [(source, out_dir, shard, options) for shard in range(num_shards)]
 
     report, sizes = ShardReport(), {}
     started = time.perf_counter()
@@ -116,31 +134,29 @@ def shard_name(shard: int) -> str:
     return f"{shard:05d}.tar"
 
 
-def _write_one_shard(
-    source: Source, out_dir: Path, shard: int, samples_per_shard: int, image_format: str, quality: int
-) -> tuple[int, Counter, bool]:
+def _write_one_shard(source: Source, out_dir: Path, shard: int, options: ShardOptions) -> tuple[int, Counter, bool]:
     """Returns (samples in the shard, skipped reasons, whether it was written now)."""
     path = out_dir / shard_name(shard)
     if path.exists():
         return count_samples(path), Counter(), False
-    start = shard * samples_per_shard
-    stop = min(start + samples_per_shard, len(source))
+    start = shard * options.samples_per_shard
+    stop = min(start + options.samples_per_shard, len(source))
     skipped: Counter = Counter()
     count = 0
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with tarfile.open(tmp, "w") as tar:
         for index in range(start, stop):
-            key = sample_key(shard, index - start, samples_per_shard)
+            key = sample_key(shard, index - start, options.samples_per_shard)
             try:
                 sample = source[index]
-                image_bytes, width, height = encode_image(sample.image, image_format, quality)
+                image_bytes, width, height = encode_image(sample.image, options)
             except DECODE_ERRORS as error:
-                reason = "missing_image" if isinstance(error, FileNotFoundError) else "corrupt_image"
+                reason = skip_reason(error)
                 skipped[reason] += 1
                 log.warning("skipping sample %d (key %s): %s: %s", index, key, reason, error)
                 continue
             record = {"key": key, "caption": sample.caption, "width": width, "height": height, **sample.meta}
-            add_member(tar, f"{key}.{image_format}", image_bytes)
+            add_member(tar, f"{key}.{options.image_format}", image_bytes)
             add_member(tar, f"{key}.txt", sample.caption.encode("utf-8"))
             add_member(tar, f"{key}.json", json.dumps(record, ensure_ascii=False).encode("utf-8"))
             count += 1
@@ -148,21 +164,28 @@ def _write_one_shard(
     return count, skipped, True
 
 
-def encode_image(image: Image.Image | Path, image_format: str, quality: int) -> tuple[bytes, int, int]:
-    """The bytes stored for `image` in `image_format`, and its width and height."""
+def encode_image(image: Image.Image | Path, options: ShardOptions) -> tuple[bytes, int, int]:
+    """The bytes stored for `image`, and its width and height as the reader sees them.
+
+    A file is decoded whole by the reader's `decode_image` (a truncated one fails here, not in
+    training) and copied byte for byte when it is already in the shard's format, else re-encoded
+    from the reader's pixels; a PIL image is stored as `to_rgb` makes it.
+    """
     if isinstance(image, Path):
-        with Image.open(image) as opened:
-            opened.load()  # decodes fully: a truncated file fails here, not in training
-            if _extension_format(image) == IMAGE_FORMATS[image_format] == opened.format:
-                return image.read_bytes(), opened.width, opened.height
-            return encode_image(opened.copy(), image_format, quality)
-    pil_format = IMAGE_FORMATS[image_format]
-    if pil_format == "JPEG" and image.mode not in ("RGB", "L", "CMYK"):
-        image = image.convert("RGB")
+        data = image.read_bytes()
+        decoded = decode_image(data, max_pixels=options.max_pixels)
+        if _extension_format(image) == IMAGE_FORMATS[options.image_format] == Image.open(io.BytesIO(data)).format:
+            return data, decoded.width, decoded.height
+        return _encode_rgb(decoded, options), decoded.width, decoded.height
+    check_pixels(image.width, image.height, options.max_pixels)
+    return _encode_rgb(to_rgb(image), options), image.width, image.height
+
+
+def _encode_rgb(image: Image.Image, options: ShardOptions) -> bytes:
+    pil_format = IMAGE_FORMATS[options.image_format]
     buffer = io.BytesIO()
-    options = {"quality": quality} if pil_format in ("JPEG", "WEBP") else {}
-    image.save(buffer, format=pil_format, **options)
-    return buffer.getvalue(), image.width, image.height
+    image.save(buffer, format=pil_format, **({"quality": options.quality} if pil_format in ("JPEG", "WEBP") else {}))
+    return buffer.getvalue()
 
 
 def _extension_format(path: Path) -> str | None:

@@ -1,7 +1,7 @@
 """The `tessera` command line.
 
     tessera shards synthetic --out DIR [--num-samples N] [--image-size S] [--seed X] [--jitter]
-    tessera shards folder --images DIR --captions FILE --out DIR
+    tessera shards folder --images DIR --captions FILE --out DIR [--max-pixels P]
     tessera shards coco --annotations FILE --images DIR --out DIR
     tessera data check SHARDS [--text-length N] [--max-pixels P]
     tessera quickstart [--out DIR] [--minutes M]
@@ -240,6 +240,7 @@ def _shard_writer_parser(kinds, name: str, help: str, default_format: str) -> ar
     parser.add_argument("--image-format", choices=["jpg", "png", "webp"], default=default_format)
     parser.add_argument("--quality", type=int, default=95, help="JPEG / WebP quality")
     parser.add_argument("--workers", type=int, default=1, help="shards written in parallel")
+    _max_pixels_argument(parser, "skipped and counted")
     parser.set_defaults(run=_write_shards)
     return parser
 
@@ -269,7 +270,8 @@ def _write_shards(args: argparse.Namespace) -> int:
         source = FolderSource(args.images, args.captions)
     else:
         source = CocoSource(args.annotations, args.images)
-    report = write_shards(source, args.out, args.samples_per_shard, args.image_format, args.quality, args.workers)
+    report = write_shards(source, args.out, args.samples_per_shard, args.image_format, args.quality, args.workers,
+                          args.max_pixels)
     print(json.dumps({"out": str(args.out), "written": report.written, "kept": report.existing,
                       "samples": report.samples, "skipped": dict(report.skipped)}))
     return 0

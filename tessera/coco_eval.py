@@ -307,7 +307,9 @@ def _write_grid(out: Path, files: list[Path]) -> None:
     from PIL import Image
     from torchvision.utils import make_grid
 
-    images = [torch.from_numpy(np.array(Image.open(f).convert("RGB"))).permute(2, 0, 1) for f in files]
+    from datamodules.images import decode_image
+
+    images = [torch.from_numpy(np.array(decode_image(f.read_bytes()))).permute(2, 0, 1) for f in files]
     grid = make_grid(torch.stack(images), nrow=8, padding=2, pad_value=255)
     Image.fromarray(grid.permute(1, 2, 0).numpy()).save(out / "grid.png")
 

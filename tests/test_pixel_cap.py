@@ -1,5 +1,5 @@
 """The pixel cap: an image whose header declares more than `max_pixels` pixels is refused before it is
-decoded, and skipped as "oversized_image" by `tessera data check` and the training reader."""
+decoded, and skipped as "oversized_image" by the shard writers, `tessera data check` and the training reader."""
 
 from __future__ import annotations
 
@@ -11,9 +11,11 @@ import pytest
 from callbacks import DataStatsMonitor
 from datamodules.caption_image import CaptionImageDataModule
 from datamodules.images import MAX_PIXELS, OversizedImage, decode_image
+from datamodules.shard_writer import write_shards
+from datamodules.sources import FolderSource
 from datamodules.stream import STAT_NAMES, decode_sample
 from tessera.cli import main
-from tests.samples import img2dataset_samples, png_declaring, write_wds_shard
+from tests.samples import encode, gradient_image, img2dataset_samples, png_declaring, write_wds_shard
 from tests.test_datamodule import RecordingModule
 
 # 144 MP: past PIL's decompression-bomb warning (89 MP), short of its error (179 MP), so PIL would decode it
@@ -32,6 +34,20 @@ def test_the_readers_default_cap_is_8192_squared(side, reason):
     # an image at the cap gets past it and fails only because this one holds no pixels
     sample = {"__key__": "k", "__url__": "u", "png": png_declaring(side, side), "txt": b"a caption"}
     assert decode_sample(sample, min_side=None)[0] == reason
+
+
+def test_writer_skips_images_above_its_cap_and_counts_them(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "wide.jpg").write_bytes(encode(gradient_image(40, 30)))  # 1200 pixels
+    (images / "small.jpg").write_bytes(encode(gradient_image(20, 20)))  # 400
+    (images / "huge.png").write_bytes(HUGE)
+    captions = tmp_path / "captions.jsonl"
+    captions.write_text("".join(json.dumps({"file": f, "caption": f}) + "\n" for f in ("wide.jpg", "small.jpg", "huge.png")))
+
+    assert write_shards(FolderSource(images, captions), tmp_path / "default").skipped == {"oversized_image": 1}
+    report = write_shards(FolderSource(images, captions), tmp_path / "capped", max_pixels=1000)
+    assert report.samples == 1 and report.skipped == {"oversized_image": 2}
 
 
 def test_data_check_counts_images_above_the_cap(tmp_path, capsys):
