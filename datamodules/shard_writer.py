@@ -3,7 +3,9 @@
 A dataset directory holds `{shard:05d}.tar` files, each with `KEY.<image ext>`, `KEY.txt`
 (the caption) and `KEY.json` (caption, key, width, height and the source's own fields), and a
 `sizes.json` mapping shard file names to sample counts. This is the layout img2dataset writes
-for LAION, CC3M, CC12M and COCO, so our readers see one format.
+for LAION, CC3M, CC12M and COCO, so our readers see one format. Beside each shard,
+`{shard:05d}_stats.json` holds its sample count ("successes", img2dataset's field) and its skips
+by reason, so a re-run reports the skips of the shards it keeps.
 
 Images are stored as the training reader sees them: a file is decoded by the reader's own
 `decode_image` (RGB, transparency on white, wide greyscale scaled, EXIF rotation applied), so one
@@ -11,8 +13,13 @@ it would skip is skipped here, and whatever is re-encoded holds exactly the read
 
 Sample i of a source always lands in shard i // samples_per_shard, so a shard is a pure
 function of the source and can be written by any process, skipped when it already exists,
-and rewritten alone after a crash. Each shard is written under a temporary name and renamed
-when complete: a `.tar` on disk is always a whole shard.
+and rewritten alone after a crash. Each shard is written under a temporary name, its stats
+written, and then renamed: a `.tar` on disk is always a whole shard with its stats.
+
+`options.json` records what decides the shards' contents (the source's kind and length, samples
+per shard, image format, quality, pixel cap). It is written before the first shard, and a re-run
+with other options is refused while shards are there, so one directory never mixes two layouts;
+`overwrite` removes the shards and records and starts again.
 """
 
 from __future__ import annotations
@@ -21,11 +28,12 @@ import io
 import json
 import logging
 import os
+import re
 import tarfile
 import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -37,6 +45,10 @@ log = logging.getLogger(__name__)
 
 IMAGE_FORMATS = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
 SIZES_FILE = "sizes.json"
+OPTIONS_FILE = "options.json"
+# every file a writer leaves in its directory: shards, their stats, the two records, and their temporary names
+WRITTEN_FILE = re.compile(r"\.?(\d{5,}\.tar|\d{5,}_stats\.json|sizes\.json|options\.json)(\.\d+\.tmp)?")
+SHARD_FILE = re.compile(r"\d{5,}\.tar")
 
 
 @dataclass
@@ -76,7 +88,7 @@ class ShardReport:
     written: int = 0  # shards written by this run
     existing: int = 0  # complete shards left as they were
     samples: int = 0
-    skipped: Counter = field(default_factory=Counter)  # reason -> count
+    skipped: Counter = field(default_factory=Counter)  # reason -> count, kept shards' included
 
 
 def sample_key(shard: int, index: int, samples_per_shard: int) -> str:
@@ -92,8 +104,13 @@ def write_shards(
     quality: int = 95,
     workers: int = 1,
     max_pixels: int | None = MAX_PIXELS,
+    overwrite: bool = False,
 ) -> ShardReport:
-    """Write `source` into `out_dir` as shards; complete shards already there are kept."""
+    """Write `source` into `out_dir` as shards; complete shards already there are kept.
+
+    A directory holding shards written with other options is refused unless `overwrite`, which
+    removes them first.
+    """
     if image_format not in IMAGE_FORMATS:
         raise ValueError(f"image_format must be one of {sorted(IMAGE_FORMATS)}, got {image_format!r}")
     if samples_per_shard < 1:
@@ -105,6 +122,9 @@ def write_shards(
     options = ShardOptions(samples_per_shard, image_format, quality, max_pixels)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if overwrite:
+        remove_written_files(out_dir)
+    record_options(out_dir, {"source": type(source).__name__, "source_samples": len(source), **asdict(options)})
     num_shards = -(-len(source) // samples_per_shard)
     jobs = [(source, out_dir, shard, options) for shard in range(num_shards)]
 
@@ -130,15 +150,52 @@ def write_shards(
     return report
 
 
+def record_options(out_dir: Path, options: dict) -> None:
+    """Write `options` to OPTIONS_FILE, refusing if shards there were written with others."""
+    path = out_dir / OPTIONS_FILE
+    shards = sorted(p.name for p in out_dir.iterdir() if SHARD_FILE.fullmatch(p.name))
+    if shards:  # with no shard there, nothing can be mixed: a record of a run that wrote none is replaced
+        if not path.is_file():
+            raise ValueError(
+                f"{out_dir} holds shards ({shards[0]}, ...) but no {OPTIONS_FILE}, so what they were written with is "
+                "unknown: pass --overwrite (overwrite=True) to remove them and start again, or choose another --out"
+            )
+        recorded = json.loads(path.read_text())
+        differing = [name for name in options if recorded.get(name) != options[name]]
+        if differing:
+            changes = "; ".join(f"{name}: {recorded.get(name)!r} there, {options[name]!r} now" for name in differing)
+            raise ValueError(
+                f"{out_dir} holds shards written with other options ({changes}); writing beside them would mix "
+                "two layouts: re-run with the recorded options to complete it, pass --overwrite (overwrite=True) "
+                "to remove its shards and start again, or choose another --out"
+            )
+    write_json_atomically(path, options)
+
+
+def remove_written_files(out_dir: Path) -> None:
+    """Remove what a writer leaves in `out_dir` (shards, stats, records, temporary files); nothing else."""
+    removed = [p for p in out_dir.iterdir() if WRITTEN_FILE.fullmatch(p.name)]
+    for path in removed:
+        path.unlink()
+    if removed:
+        log.info("%s: removed %d files of an earlier run", out_dir, len(removed))
+
+
 def shard_name(shard: int) -> str:
     return f"{shard:05d}.tar"
+
+
+def stats_path(shard: Path) -> Path:
+    """img2dataset's name for a shard's stats: `00012.tar` -> `00012_stats.json`."""
+    return shard.with_name(f"{shard.stem}_stats.json")
 
 
 def _write_one_shard(source: Source, out_dir: Path, shard: int, options: ShardOptions) -> tuple[int, Counter, bool]:
     """Returns (samples in the shard, skipped reasons, whether it was written now)."""
     path = out_dir / shard_name(shard)
     if path.exists():
-        return count_samples(path), Counter(), False
+        count, skipped = kept_shard_stats(path)
+        return count, skipped, False
     start = shard * options.samples_per_shard
     stop = min(start + options.samples_per_shard, len(source))
     skipped: Counter = Counter()
@@ -160,8 +217,21 @@ def _write_one_shard(source: Source, out_dir: Path, shard: int, options: ShardOp
             add_member(tar, f"{key}.txt", sample.caption.encode("utf-8"))
             add_member(tar, f"{key}.json", json.dumps(record, ensure_ascii=False).encode("utf-8"))
             count += 1
+    # stats first: a shard on disk always has its stats beside it
+    write_json_atomically(stats_path(path), {"successes": count, "skipped": dict(skipped)})
     os.replace(tmp, path)
     return count, skipped, True
+
+
+def kept_shard_stats(path: Path) -> tuple[int, Counter]:
+    """(samples, skips by reason) of a shard already on disk, from its stats; counted from the tar
+    if the stats file was lost (its skips then unknown)."""
+    stats = stats_path(path)
+    if not stats.is_file():
+        log.warning("%s has no %s: counting its samples; its skips are unknown", path, stats.name)
+        return count_samples(path), Counter()
+    recorded = json.loads(stats.read_text())
+    return recorded["successes"], Counter(recorded["skipped"])
 
 
 def encode_image(image: Image.Image | Path, options: ShardOptions) -> tuple[bytes, int, int]:

@@ -1,7 +1,7 @@
 """The `tessera` command line.
 
     tessera shards synthetic --out DIR [--num-samples N] [--image-size S] [--seed X] [--jitter]
-    tessera shards folder --images DIR --captions FILE --out DIR [--max-pixels P]
+    tessera shards folder --images DIR --captions FILE --out DIR [--max-pixels P] [--overwrite]
     tessera shards coco --annotations FILE --images DIR --out DIR
     tessera data check SHARDS [--text-length N] [--max-pixels P]
     tessera quickstart [--out DIR] [--minutes M]
@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from datamodules.images import MAX_PIXELS
+from datamodules.shard_writer import OPTIONS_FILE
 from tessera.caption_fidelity import add_shapes_parser
 from tessera.coco_eval import add_coco_fid_parsers
 from tessera.submit import add_submit_parser
@@ -241,6 +242,9 @@ def _shard_writer_parser(kinds, name: str, help: str, default_format: str) -> ar
     parser.add_argument("--quality", type=int, default=95, help="JPEG / WebP quality")
     parser.add_argument("--workers", type=int, default=1, help="shards written in parallel")
     _max_pixels_argument(parser, "skipped and counted")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="remove the shards and records in --out first (a re-run with options other than "
+                             f"those in --out's {OPTIONS_FILE} is refused without it)")
     parser.set_defaults(run=_write_shards)
     return parser
 
@@ -270,8 +274,11 @@ def _write_shards(args: argparse.Namespace) -> int:
         source = FolderSource(args.images, args.captions)
     else:
         source = CocoSource(args.annotations, args.images)
-    report = write_shards(source, args.out, args.samples_per_shard, args.image_format, args.quality, args.workers,
-                          args.max_pixels)
+    try:
+        report = write_shards(source, args.out, args.samples_per_shard, args.image_format, args.quality,
+                              args.workers, args.max_pixels, args.overwrite)
+    except ValueError as error:  # options that clash with what --out holds: the message says what to do
+        raise SystemExit(f"tessera shards {args.kind}: {error}") from error
     print(json.dumps({"out": str(args.out), "written": report.written, "kept": report.existing,
                       "samples": report.samples, "skipped": dict(report.skipped)}))
     return 0

@@ -69,6 +69,18 @@ def test_data_check_flags_an_empty_shard(tmp_path, capsys, make):
     assert "empty" in report["unreadable_shards"][str(tmp_path / "00001.tar")]
 
 
+def test_shards_command_refuses_other_options_until_overwrite(tmp_path, capsys):
+    command = ["shards", "synthetic", "--out", str(tmp_path), "--num-samples", "6", "--image-size", "32"]
+    assert main(command + ["--samples-per-shard", "3"]) == 0
+    with pytest.raises(SystemExit) as refused:
+        main(command + ["--samples-per-shard", "2"])
+    assert "samples_per_shard: 3 there, 2 now" in str(refused.value.code) and "--overwrite" in str(refused.value.code)
+
+    assert main(command + ["--samples-per-shard", "2", "--overwrite"]) == 0
+    assert json.loads((tmp_path / "sizes.json").read_text()) == {"00000.tar": 2, "00001.tar": 2, "00002.tar": 2}
+    assert check_shards(str(tmp_path / "{00000..00002}.tar"), workers=1)["readable"] == 6
+
+
 def test_shards_synthetic_command_writes_a_checkable_dataset(tmp_path, capsys):
     out = tmp_path / "shapes"
     assert main(["shards", "synthetic", "--out", str(out), "--num-samples", "30", "--image-size", "32",

@@ -50,9 +50,54 @@ def test_rerun_keeps_complete_shards_and_rewrites_missing_ones(tmp_path):
     report = write_shards(source, tmp_path, samples_per_shard=10, image_format="png")
 
     assert (report.written, report.existing, report.samples) == (1, 2, 30)
+    assert json.loads((tmp_path / "00002_stats.json").read_text()) == {"successes": 10, "skipped": {}}
     assert (tmp_path / "00000.tar").stat().st_mtime_ns == kept
     assert (tmp_path / "00002.tar").read_bytes() == first_bytes  # same source, byte-identical shard
     assert not list(tmp_path.glob(".*tmp"))
+
+
+def test_rerun_with_other_options_is_refused_naming_the_difference(tmp_path):
+    source = SyntheticShapes(30, image_size=32)
+    write_shards(source, tmp_path, samples_per_shard=10, image_format="png")
+    before = sorted(p.name for p in tmp_path.iterdir())
+
+    with pytest.raises(ValueError, match="samples_per_shard: 10 there, 5 now") as refused:
+        write_shards(source, tmp_path, samples_per_shard=5, image_format="png")
+    assert "overwrite" in str(refused.value)
+    with pytest.raises(ValueError, match="source_samples: 30 there, 31 now"):
+        write_shards(SyntheticShapes(31, image_size=32), tmp_path, samples_per_shard=10, image_format="png")
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written beside the old shards
+
+
+def test_options_are_recorded_beside_sizes_json(tmp_path):
+    write_shards(SyntheticShapes(12, image_size=32), tmp_path, samples_per_shard=5, image_format="webp", quality=80,
+                 max_pixels=4096)
+    assert json.loads((tmp_path / "options.json").read_text()) == {
+        "source": "SyntheticShapes", "source_samples": 12, "samples_per_shard": 5, "image_format": "webp",
+        "quality": 80, "max_pixels": 4096,
+    }
+
+
+def test_overwrite_removes_the_old_shards_and_records(tmp_path):
+    source = SyntheticShapes(30, image_size=32)
+    write_shards(source, tmp_path, samples_per_shard=10, image_format="png")
+    (tmp_path / "notes.txt").write_text("mine")
+
+    report = write_shards(source, tmp_path, samples_per_shard=20, image_format="png", overwrite=True)
+
+    assert (report.written, report.existing, report.samples) == (2, 0, 30)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "00000.tar", "00000_stats.json", "00001.tar", "00001_stats.json", "notes.txt", "options.json", "sizes.json"]
+    assert json.loads((tmp_path / "sizes.json").read_text()) == {"00000.tar": 20, "00001.tar": 10}
+    assert json.loads((tmp_path / "options.json").read_text())["samples_per_shard"] == 20
+
+
+def test_shards_without_an_options_record_are_refused(tmp_path):
+    source = SyntheticShapes(10, image_size=32)
+    write_shards(source, tmp_path, samples_per_shard=10, image_format="png")
+    (tmp_path / "options.json").unlink()  # as a directory another tool wrote
+    with pytest.raises(ValueError, match="no options.json"):
+        write_shards(source, tmp_path, samples_per_shard=10, image_format="png")
 
 
 def test_jpeg_quality_option_changes_encoding(tmp_path):
@@ -106,6 +151,19 @@ def test_folder_source_from_jsonl_copies_matching_files_and_skips_broken_or_miss
     assert (record["file"], record["license"], record["width"], record["height"]) == ("a.jpg", "cc0", 40, 30)
     assert Image.open(io.BytesIO(samples["000001"]["jpg"])).format == "JPEG"  # PNG re-encoded
     assert count_samples(tmp_path / "out" / "00000.tar") == 2
+
+
+def test_rerun_reports_the_skips_of_the_shards_it_keeps(tmp_path, image_folder):
+    captions = tmp_path / "captions.jsonl"
+    rows = [{"file": "a.jpg", "caption": "fine"}, {"file": "gone.jpg", "caption": "missing"},
+            {"file": "broken.jpg", "caption": "cut"}, {"file": "sub/b.png", "caption": "fine too"}]
+    captions.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    first = write_shards(FolderSource(image_folder, captions), tmp_path / "out", samples_per_shard=2)
+
+    again = write_shards(FolderSource(image_folder, captions), tmp_path / "out", samples_per_shard=2)
+
+    assert first.skipped == again.skipped == {"missing_image": 1, "corrupt_image": 1}
+    assert (again.written, again.existing, again.samples) == (0, 2, 2)
 
 
 def test_folder_source_reads_csv_and_rejects_rows_without_caption(tmp_path, image_folder):
