@@ -14,7 +14,8 @@ it would skip is skipped here, and whatever is re-encoded holds exactly the read
 Sample i of a source always lands in shard i // samples_per_shard, so a shard is a pure
 function of the source and can be written by any process, skipped when it already exists,
 and rewritten alone after a crash. Each shard is written under a temporary name, its stats
-written, and then renamed: a `.tar` on disk is always a whole shard with its stats.
+written, and then renamed: a `.tar` on disk is always a whole shard with its stats. A shard
+whose samples were all skipped is not written at all.
 
 `options.json` records what decides the shards' contents (the source's kind and length, samples
 per shard, image format, quality, pixel cap). It is written before the first shard, and a re-run
@@ -65,8 +66,17 @@ class SourceSample:
     meta: dict = field(default_factory=dict)
 
 
+class SkipSample(Exception):
+    """What a source raises for a sample it knows is unusable; counted under `reason`."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
 class Source(Protocol):
-    """An indexed collection of samples; `__getitem__` may raise for a bad sample."""
+    """An indexed collection of samples; `__getitem__` may raise SkipSample, or an image that
+    cannot be read may fail to decode, for a bad sample."""
 
     def __len__(self) -> int: ...
 
@@ -87,6 +97,7 @@ class ShardOptions:
 class ShardReport:
     written: int = 0  # shards written by this run
     existing: int = 0  # complete shards left as they were
+    empty: int = 0  # shards not written: every one of their samples was skipped
     samples: int = 0
     skipped: Counter = field(default_factory=Counter)  # reason -> count, kept shards' included
 
@@ -109,7 +120,7 @@ def write_shards(
     """Write `source` into `out_dir` as shards; complete shards already there are kept.
 
     A directory holding shards written with other options is refused unless `overwrite`, which
-    removes them first.
+    removes them first. Raises ValueError if every sample of the source is skipped.
     """
     if image_format not in IMAGE_FORMATS:
         raise ValueError(f"image_format must be one of {sorted(IMAGE_FORMATS)}, got {image_format!r}")
@@ -135,16 +146,23 @@ def write_shards(
             results = list(pool.map(_write_one_shard, *zip(*jobs)))
     else:
         results = [_write_one_shard(*job) for job in jobs]
-    for shard, (count, skipped, written) in enumerate(results):
-        sizes[shard_name(shard)] = count
+    for shard, (count, skipped, outcome) in enumerate(results):
         report.samples += count
         report.skipped.update(skipped)
-        report.written += written
-        report.existing += not written
+        report.written += outcome == "written"
+        report.existing += outcome == "kept"
+        report.empty += outcome == "empty"
+        if outcome != "empty":
+            sizes[shard_name(shard)] = count
+    if report.samples == 0:
+        raise ValueError(
+            f"every one of the {len(source)} samples was skipped ({_reasons(report.skipped)}), so no shard was "
+            f"written to {out_dir}: the warnings above name each sample and why"
+        )
     write_json_atomically(out_dir / SIZES_FILE, sizes)
     log.info(
-        "%s: %d shards (%d written, %d kept), %d samples, skipped %s in %.1fs",
-        out_dir, num_shards, report.written, report.existing, report.samples,
+        "%s: %d shards (%d written, %d kept, %d not written: all skipped), %d samples, skipped %s in %.1fs",
+        out_dir, num_shards, report.written, report.existing, report.empty, report.samples,
         dict(report.skipped) or "none", time.perf_counter() - started,
     )
     return report
@@ -181,6 +199,10 @@ def remove_written_files(out_dir: Path) -> None:
         log.info("%s: removed %d files of an earlier run", out_dir, len(removed))
 
 
+def _reasons(skipped: Counter) -> str:
+    return ", ".join(f"{reason}: {count}" for reason, count in sorted(skipped.items()))
+
+
 def shard_name(shard: int) -> str:
     return f"{shard:05d}.tar"
 
@@ -190,12 +212,12 @@ def stats_path(shard: Path) -> Path:
     return shard.with_name(f"{shard.stem}_stats.json")
 
 
-def _write_one_shard(source: Source, out_dir: Path, shard: int, options: ShardOptions) -> tuple[int, Counter, bool]:
-    """Returns (samples in the shard, skipped reasons, whether it was written now)."""
+def _write_one_shard(source: Source, out_dir: Path, shard: int, options: ShardOptions) -> tuple[int, Counter, str]:
+    """Returns (samples in the shard, skipped reasons, "written", "kept" or "empty")."""
     path = out_dir / shard_name(shard)
     if path.exists():
         count, skipped = kept_shard_stats(path)
-        return count, skipped, False
+        return count, skipped, "kept"
     start = shard * options.samples_per_shard
     stop = min(start + options.samples_per_shard, len(source))
     skipped: Counter = Counter()
@@ -207,8 +229,8 @@ def _write_one_shard(source: Source, out_dir: Path, shard: int, options: ShardOp
             try:
                 sample = source[index]
                 image_bytes, width, height = encode_image(sample.image, options)
-            except DECODE_ERRORS as error:
-                reason = skip_reason(error)
+            except (SkipSample, *DECODE_ERRORS) as error:
+                reason = error.reason if isinstance(error, SkipSample) else skip_reason(error)
                 skipped[reason] += 1
                 log.warning("skipping sample %d (key %s): %s: %s", index, key, reason, error)
                 continue
@@ -217,10 +239,14 @@ def _write_one_shard(source: Source, out_dir: Path, shard: int, options: ShardOp
             add_member(tar, f"{key}.txt", sample.caption.encode("utf-8"))
             add_member(tar, f"{key}.json", json.dumps(record, ensure_ascii=False).encode("utf-8"))
             count += 1
+    if count == 0:  # an empty tar would read as a shard with nothing in it: leave none
+        tmp.unlink()
+        log.warning("%s not written: all %d of its samples were skipped (%s)", path.name, stop - start, _reasons(skipped))
+        return 0, skipped, "empty"
     # stats first: a shard on disk always has its stats beside it
     write_json_atomically(stats_path(path), {"successes": count, "skipped": dict(skipped)})
     os.replace(tmp, path)
-    return count, skipped, True
+    return count, skipped, "written"
 
 
 def kept_shard_stats(path: Path) -> tuple[int, Counter]:

@@ -268,19 +268,20 @@ def _write_shards(args: argparse.Namespace) -> int:
     from datamodules.shapes import SyntheticShapes
     from datamodules.sources import CocoSource, FolderSource
 
-    if args.kind == "synthetic":
-        source = SyntheticShapes(args.num_samples, args.image_size, args.seed, args.jitter)
-    elif args.kind == "folder":
-        source = FolderSource(args.images, args.captions)
-    else:
-        source = CocoSource(args.annotations, args.images)
     try:
+        if args.kind == "synthetic":
+            source = SyntheticShapes(args.num_samples, args.image_size, args.seed, args.jitter)
+        elif args.kind == "folder":
+            source = FolderSource(args.images, args.captions)
+        else:
+            source = CocoSource(args.annotations, args.images)
         report = write_shards(source, args.out, args.samples_per_shard, args.image_format, args.quality,
                               args.workers, args.max_pixels, args.overwrite)
-    except ValueError as error:  # options that clash with what --out holds: the message says what to do
+    except (ValueError, FileNotFoundError) as error:  # bad input or options: the message says what to do
         raise SystemExit(f"tessera shards {args.kind}: {error}") from error
     print(json.dumps({"out": str(args.out), "written": report.written, "kept": report.existing,
-                      "samples": report.samples, "skipped": dict(report.skipped)}))
+                      "all_skipped_shards": report.empty, "samples": report.samples,
+                      "skipped": dict(report.skipped)}))
     return 0
 
 

@@ -54,13 +54,14 @@ def choose_samples(annotations: str | Path, images_dir: str | Path, num_samples:
     from datamodules.sources import CocoSource
 
     coco = CocoSource(annotations, images_dir)
-    if num_samples > len(coco.images):
-        raise ValueError(f"{annotations} has {len(coco.images)} captioned images, fewer than --num-samples {num_samples}")
+    captioned = [image for image in coco.images if coco.captions.get(image["id"])]
+    if num_samples > len(captioned):
+        raise ValueError(f"{annotations} has {len(captioned)} captioned images, fewer than --num-samples {num_samples}")
     rng = random.Random(seed)
-    chosen = rng.sample(range(len(coco.images)), num_samples)
+    chosen = rng.sample(range(len(captioned)), num_samples)
     samples = []
     for index, position in enumerate(chosen):
-        image = coco.images[position]
+        image = captioned[position]
         samples.append({"index": index, "image_id": image["id"], "file_name": image["file_name"],
                         "caption": rng.choice(coco.captions[image["id"]])})
     return samples

@@ -69,6 +69,16 @@ def test_data_check_flags_an_empty_shard(tmp_path, capsys, make):
     assert "empty" in report["unreadable_shards"][str(tmp_path / "00001.tar")]
 
 
+def test_shards_folder_command_refuses_captions_whose_images_are_all_missing(tmp_path, capsys):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "captions.csv").write_text("file,caption\na.jpg,one\nb.jpg,two\n")
+    with pytest.raises(SystemExit) as refused:
+        main(["shards", "folder", "--images", str(tmp_path / "images"), "--captions", str(tmp_path / "captions.csv"),
+              "--out", str(tmp_path / "out")])
+    assert "every one of the 2 samples was skipped (missing_image: 2)" in str(refused.value.code)
+    assert not list((tmp_path / "out").glob("*.tar"))
+
+
 def test_shards_command_refuses_other_options_until_overwrite(tmp_path, capsys):
     command = ["shards", "synthetic", "--out", str(tmp_path), "--num-samples", "6", "--image-size", "32"]
     assert main(command + ["--samples-per-shard", "3"]) == 0

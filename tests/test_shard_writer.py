@@ -166,6 +166,27 @@ def test_rerun_reports_the_skips_of_the_shards_it_keeps(tmp_path, image_folder):
     assert (again.written, again.existing, again.samples) == (0, 2, 2)
 
 
+def test_a_shard_whose_samples_are_all_skipped_is_not_written(tmp_path, image_folder):
+    captions = tmp_path / "captions.jsonl"
+    rows = [{"file": "a.jpg", "caption": "fine"}, {"file": "gone.jpg", "caption": "missing"},
+            {"file": "broken.jpg", "caption": "cut"}, {"file": "sub/b.png", "caption": "fine too"}]
+    captions.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+
+    report = write_shards(FolderSource(image_folder, captions), tmp_path / "out", samples_per_shard=1)
+
+    assert (report.written, report.empty, report.samples) == (2, 2, 2)
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.tar")) == ["00000.tar", "00003.tar"]
+    assert json.loads((tmp_path / "out" / "sizes.json").read_text()) == {"00000.tar": 1, "00003.tar": 1}
+
+
+def test_a_source_whose_samples_are_all_skipped_is_refused_and_writes_no_shard(tmp_path, image_folder):
+    captions = tmp_path / "captions.jsonl"
+    captions.write_text('{"file": "gone.jpg", "caption": "x"}\n{"file": "also/gone.png", "caption": "y"}\n')
+    with pytest.raises(ValueError, match="every one of the 2 samples was skipped \\(missing_image: 2\\)"):
+        write_shards(FolderSource(image_folder, captions), tmp_path / "out")
+    assert not list((tmp_path / "out").glob("*.tar")) and not (tmp_path / "out" / "sizes.json").exists()
+
+
 def test_folder_source_reads_csv_and_rejects_rows_without_caption(tmp_path, image_folder):
     captions = tmp_path / "captions.csv"
     with captions.open("w", newline="") as f:
@@ -204,15 +225,15 @@ def test_coco_source_keeps_every_caption_and_orders_by_image_id(tmp_path):
     path = tmp_path / "captions_val2014.json"
     path.write_text(json.dumps(annotations))
 
-    source = CocoSource(path, images)
-    assert len(source) == 2  # image 9 has no caption
-    write_shards(source, tmp_path / "out", samples_per_shard=10)
+    report = write_shards(CocoSource(path, images), tmp_path / "out", samples_per_shard=10)
 
+    assert report.samples == 2 and report.skipped == {"missing_caption": 1}  # image 9 has no caption
     samples = read_shard(tmp_path / "out" / "00000.tar")
-    first, second = (json.loads(samples[k]["json"]) for k in ("000000", "000001"))
+    assert sorted(samples) == ["000000", "000002"]  # ordered by id: 7, (9), 42
+    first, second = (json.loads(samples[k]["json"]) for k in ("000000", "000002"))
     assert (first["image_id"], second["image_id"]) == (7, 42)
     assert second["captions"] == ["A dog on a couch.", "A brown dog resting."]
-    assert samples["000001"]["txt"].decode() == "A dog on a couch."
+    assert samples["000002"]["txt"].decode() == "A dog on a couch."
 
     path.write_text(json.dumps({"info": {}}))
     with pytest.raises(ValueError, match="not a COCO captions file"):
