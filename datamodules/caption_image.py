@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 
 from tessera.pixels import to_unit_range
 from tessera.rng import rng_states, set_rng_states
+from datamodules.images import MAX_PIXELS
 from datamodules.stream import CaptionImageStream, CaptionTokenStream, check_shards, expand_urls, shard_sizes
 from datamodules.text import CLIP_BPE, CaptionTokenizer
 
@@ -53,6 +54,7 @@ class CaptionImageDataModule(L.LightningDataModule):
         random_crop: bool = False,
         resampled: bool = False,
         jpeg_draft: bool = True,
+        max_pixels: int | None = MAX_PIXELS,
         pin_memory: bool = True,
         image_tokens: bool = False,
     ):
@@ -73,6 +75,9 @@ class CaptionImageDataModule(L.LightningDataModule):
             random_crop: random instead of centre crops for training.
             resampled: draw training shards with replacement (open_clip's mode for very large sets).
             jpeg_draft: decode JPEGs at the smallest DCT scale that still covers `image_size`.
+            max_pixels: images whose header declares more pixels are skipped, undecoded, and counted
+                as "oversized_image"; None for no cap. The default, 8192 x 8192, bounds a worker's
+                decoded image at 192 MiB (see datamodules/images.py).
             pin_memory: page-locked batches for faster copies to the GPU.
             image_tokens: the shards are token shards from `tessera tokenize`: batches carry
                 "image_ids" (KEY.tokens.npy) instead of "images", and stage 2 runs no encoder.
@@ -92,7 +97,7 @@ class CaptionImageDataModule(L.LightningDataModule):
         hp = self.hparams
         common = dict(
             captions=self.captions, image_size=hp.image_size, seed=hp.seed,
-            jpeg_draft=hp.jpeg_draft, rank=rank, world_size=world_size,
+            jpeg_draft=hp.jpeg_draft, max_pixels=hp.max_pixels, rank=rank, world_size=world_size,
         )
         stream = CaptionTokenStream if hp.image_tokens else CaptionImageStream
         if stage in (None, "fit") and self.train_stream is None:

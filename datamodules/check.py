@@ -11,16 +11,25 @@ from concurrent.futures import ProcessPoolExecutor
 import numpy as np
 import webdataset as wds
 
+from datamodules.images import MAX_PIXELS
 from datamodules.stream import decode_sample, expand_urls, is_local, shard_sizes
 from datamodules.text import CLIP_BPE, CaptionTokenizer
 
 
-def check_shards(shards: str | list[str], text_length: int = 64, tokenizer: str = CLIP_BPE, workers: int | None = None) -> dict:
+def check_shards(
+    shards: str | list[str],
+    text_length: int = 64,
+    tokenizer: str = CLIP_BPE,
+    workers: int | None = None,
+    max_pixels: int | None = MAX_PIXELS,
+) -> dict:
     """A report with `shards`, `samples`, `readable`, `skipped` (reason -> count), `image_size` and
-    `caption_tokens` (min / median / max), `over_text_length` and `unreadable_shards` (shard -> error)."""
+    `caption_tokens` (min / median / max), `over_text_length` and `unreadable_shards` (shard -> error:
+    missing, cut short, garbled, empty, or fewer samples than its size record). `max_pixels` is the
+    training reader's pixel cap: images above it are counted as skipped, as training would skip them."""
     urls = expand_urls(shards)
     workers = max(1, min(workers or os.cpu_count() or 1, len(urls)))
-    jobs = [(url, text_length, tokenizer) for url in urls]
+    jobs = [(url, text_length, tokenizer, max_pixels) for url in urls]
     if workers > 1:
         with ProcessPoolExecutor(workers) as pool:
             results = list(pool.map(_check_one_shard, *zip(*jobs)))
@@ -37,6 +46,8 @@ def check_shards(shards: str | list[str], text_length: int = 64, tokenizer: str 
         tokens.append(result["tokens"])
         if result["error"]:
             unreadable[url] = result["error"]
+        elif result["samples"] == 0:  # a whole tar of nothing: training would read no sample from it
+            unreadable[url] = "empty: the shard holds no samples"
         elif recorded is not None and recorded != result["samples"]:
             unreadable[url] = f"holds {result['samples']} samples where its size record says {recorded}"
     sides, tokens = np.concatenate(sides), np.concatenate(tokens)
@@ -53,7 +64,7 @@ def check_shards(shards: str | list[str], text_length: int = 64, tokenizer: str 
     }
 
 
-def _check_one_shard(url: str, text_length: int, tokenizer: str) -> dict:
+def _check_one_shard(url: str, text_length: int, tokenizer: str, max_pixels: int | None) -> dict:
     errors: list[str] = []
 
     def record(error: Exception) -> bool:
@@ -67,7 +78,7 @@ def _check_one_shard(url: str, text_length: int, tokenizer: str) -> dict:
     sides, captions, samples = [], [], 0
     for sample in wds.tarfile_samples([{"url": url}], handler=record):
         samples += 1
-        reason, image, caption = decode_sample(sample, None)
+        reason, image, caption = decode_sample(sample, None, max_pixels)
         if reason is not None:
             skipped[reason] += 1
             continue

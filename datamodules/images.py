@@ -1,5 +1,9 @@
 """Image decoding and the training transform: any PIL mode to RGB, shorter side to size, crop.
 
+`decode_image` and `to_rgb` are the one conversion to RGB: the training reader, `tessera data
+check`, the shard writers (which store what the reader would make of a file) and the evaluation
+all go through them, so an image gives the same pixels whichever command read it.
+
 Decoding is the hot path of a text-to-image data loader, so a JPEG is decoded straight to the
 smallest DCT scale (1/2, 1/4, 1/8) that still covers the output size (PIL's draft mode): that
 skips most of the inverse DCT and all the downscaling that would throw those pixels away.
@@ -15,17 +19,51 @@ import numpy as np
 from PIL import Image, ImageOps
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
-# what PIL raises for bytes that are not a whole, sane image
-DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 ORIENTATION_TAG = 0x0112
 
+# The default cap on an image's pixels, read from its header before anything is decoded. A decoded
+# image costs 3 bytes a pixel (4 while RGBA) in every loader worker, and a flat image compresses to
+# almost nothing: a 12000 x 12000 PNG of 140 KB decodes to 144 MP, which PIL only warns about (its
+# decompression-bomb error starts at 179 MP). 8192 x 8192 (64 MP, 192 MiB as RGB) is above what
+# cameras write at full resolution (phones 12-50 MP, a 61 MP full-frame sensor 60.2 MP), and images
+# past it are rare in web-scraped sets and are cropped to a few hundred pixels for training anyway.
+MAX_PIXELS = 8192 * 8192
 
-def decode_image(data: bytes, min_side: int | None = None) -> Image.Image:
+
+class OversizedImage(Exception):
+    """An image whose header declares more pixels than the cap: refused before it is decoded."""
+
+
+# what reading an image may raise: PIL's errors for bytes that are not a whole, sane image, and the cap
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError, OversizedImage)
+
+
+def skip_reason(error: Exception) -> str:
+    """The reason a sample whose image raised one of DECODE_ERRORS is counted under."""
+    if isinstance(error, OversizedImage):
+        return "oversized_image"
+    if isinstance(error, FileNotFoundError):
+        return "missing_image"
+    return "corrupt_image"
+
+
+def check_pixels(width: int, height: int, max_pixels: int | None) -> None:
+    """Raise OversizedImage if width x height is above `max_pixels` (None: no cap)."""
+    if max_pixels is not None and width * height > max_pixels:
+        raise OversizedImage(
+            f"{width}x{height} is {width * height / 1e6:.1f} MP, above the cap of {max_pixels / 1e6:.1f} MP "
+            f"(max_pixels {max_pixels})"
+        )
+
+
+def decode_image(data: bytes, min_side: int | None = None, max_pixels: int | None = None) -> Image.Image:
     """Fully decoded RGB image; a JPEG whose shorter side is far above `min_side` is decoded reduced.
 
-    Raises OSError (or PIL.Image.DecompressionBombError) for data that is not a whole image.
+    Raises OSError (or PIL.Image.DecompressionBombError) for data that is not a whole image, and
+    OversizedImage, before decoding, for one of more than `max_pixels` pixels.
     """
-    image = Image.open(io.BytesIO(data))
+    image = Image.open(io.BytesIO(data))  # reads the header only
+    check_pixels(image.width, image.height, max_pixels)
     if min_side is not None and image.format == "JPEG":
         # draft() picks the largest reduction that keeps both sides >= the requested ones,
         # so asking for a square of the shorter side's target keeps that side >= min_side

@@ -10,14 +10,15 @@ import csv
 import json
 from pathlib import Path
 
-from datamodules.shard_writer import SourceSample
+from datamodules.shard_writer import SkipSample, SourceSample
 
 
 class FolderSource:
     """Images under `image_dir` named in a captions file: JSONL or CSV rows of (file, caption).
 
     JSONL lines are objects with "file" (or "image") and "caption"; a CSV has a header row with
-    those column names. Extra fields are kept in KEY.json.
+    those column names. Both are read as UTF-8, with or without the byte-order mark spreadsheet
+    programs put first. Extra fields are kept in KEY.json.
     """
 
     def __init__(self, image_dir: str | Path, captions_file: str | Path):
@@ -45,10 +46,11 @@ class FolderSource:
 
 
 def _read_rows(path: Path) -> list[dict]:
+    # utf-8-sig drops a leading byte-order mark, which would otherwise become part of the first name
     if path.suffix.lower() == ".csv":
-        with path.open(newline="", encoding="utf-8") as f:
+        with path.open(newline="", encoding="utf-8-sig") as f:
             return list(csv.DictReader(f))
-    with path.open(encoding="utf-8") as f:
+    with path.open(encoding="utf-8-sig") as f:
         return [json.loads(line) for line in f if line.strip()]
 
 
@@ -64,7 +66,8 @@ class CocoSource:
     """MS-COCO captions (`captions_train2014.json` / `captions_val2014.json`): one sample per image.
 
     All of an image's captions go to KEY.json in annotation order; the first is KEY.txt.
-    Images are ordered by id, so the same annotation file always gives the same shards.
+    Images are ordered by id, so the same annotation file always gives the same shards. An image
+    without a caption cannot train a text-to-image model: it is skipped as `missing_caption`.
     """
 
     def __init__(self, annotations_file: str | Path, image_dir: str | Path):
@@ -82,8 +85,7 @@ class CocoSource:
         captions: dict[int, list[str]] = {}
         for annotation in sorted(coco["annotations"], key=lambda a: a["id"]):
             captions.setdefault(annotation["image_id"], []).append(" ".join(annotation["caption"].split()))
-        # an image without a caption cannot train a text-to-image model
-        self.images = sorted((i for i in coco["images"] if captions.get(i["id"])), key=lambda i: i["id"])
+        self.images = sorted(coco["images"], key=lambda i: i["id"])
         self.captions = captions
 
     def __len__(self) -> int:
@@ -91,7 +93,9 @@ class CocoSource:
 
     def __getitem__(self, index: int) -> SourceSample:
         image = self.images[index]
-        captions = self.captions[image["id"]]
+        captions = self.captions.get(image["id"])
+        if not captions:
+            raise SkipSample("missing_caption", f"COCO image {image['id']} ({image['file_name']}) has no caption")
         return SourceSample(
             caption=captions[0],
             image=self.image_dir / image["file_name"],

@@ -23,7 +23,7 @@ far cheaper than training on them), and yields the batches it had left. The load
 workers round-robin from worker 0, so after b batches worker w takes on the data of worker
 (w + b) % W, which keeps the order of the uninterrupted run.
 
-Bad samples (corrupt or missing image, missing caption) are skipped and counted; each batch
+Bad samples (corrupt, missing or oversized image, missing caption) are skipped and counted; each batch
 carries the counts since the slot's previous batch under "stats", so the training process can
 log them although they happen in worker processes.
 """
@@ -48,7 +48,7 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
-from datamodules.images import DECODE_ERRORS, IMAGE_EXTENSIONS, decode_image, resize_and_crop
+from datamodules.images import DECODE_ERRORS, IMAGE_EXTENSIONS, MAX_PIXELS, decode_image, resize_and_crop, skip_reason
 from datamodules.shard_writer import SIZES_FILE
 from datamodules.text import CaptionTokenizer
 
@@ -56,7 +56,7 @@ log = logging.getLogger(__name__)
 
 # what a batch's "stats" may count: samples skipped, by reason, and captions cut to fit
 STAT_NAMES = (
-    "missing_image", "missing_caption", "corrupt_image", "missing_tokens", "corrupt_tokens",
+    "missing_image", "missing_caption", "corrupt_image", "oversized_image", "missing_tokens", "corrupt_tokens",
     "unreadable_shard_data", "truncated_captions",
 )
 # a stream that skips this many samples in a row is broken, not unlucky: stop rather than spin
@@ -155,6 +155,7 @@ class CaptionImageStream(IterableDataset):
         random_crop: bool = False,
         resampled: bool = False,
         jpeg_draft: bool = True,
+        max_pixels: int | None = MAX_PIXELS,
         rank: int | None = None,
         world_size: int | None = None,
     ):
@@ -170,6 +171,7 @@ class CaptionImageStream(IterableDataset):
         self.random_crop = random_crop
         self.resampled = resampled
         self.jpeg_draft = jpeg_draft
+        self.max_pixels = max_pixels
         if rank is None or world_size is None:
             initialized = dist.is_available() and dist.is_initialized()
             rank, world_size = (dist.get_rank(), dist.get_world_size()) if initialized else (0, 1)
@@ -280,7 +282,7 @@ class CaptionImageStream(IterableDataset):
 
     def _decode(self, sample: dict) -> tuple[str | None, np.ndarray | None, str]:
         """(skip reason or None, (H, W, 3) uint8 crop, caption)."""
-        reason, image, caption = decode_sample(sample, self.image_size if self.jpeg_draft else None)
+        reason, image, caption = decode_sample(sample, self.image_size if self.jpeg_draft else None, self.max_pixels)
         if reason is not None:
             return reason, None, caption
         rng = None
@@ -332,8 +334,11 @@ class CaptionTokenStream(CaptionImageStream):
         return {"image_ids": torch.from_numpy(np.stack(payloads).astype(np.int64))}  # (B, h, w) long
 
 
-def decode_sample(sample: dict, min_side: int | None) -> tuple[str | None, Image.Image | None, str]:
-    """(skip reason or None, RGB image, caption) for one raw sample."""
+def decode_sample(
+    sample: dict, min_side: int | None, max_pixels: int | None = MAX_PIXELS
+) -> tuple[str | None, Image.Image | None, str]:
+    """(skip reason or None, RGB image, caption) for one raw sample; images of more than
+    `max_pixels` pixels are skipped as "oversized_image" before they are decoded."""
     ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
     if ext is None:
         return "missing_image", None, ""
@@ -341,10 +346,10 @@ def decode_sample(sample: dict, min_side: int | None) -> tuple[str | None, Image
     if not caption:
         return "missing_caption", None, ""
     try:
-        return None, decode_image(sample[ext], min_side), caption
+        return None, decode_image(sample[ext], min_side, max_pixels), caption
     except DECODE_ERRORS as error:
         log.debug("skipping %s from %s: %r", sample["__key__"], sample["__url__"], error)
-        return "corrupt_image", None, caption
+        return skip_reason(error), None, caption
 
 
 def _caption(sample: dict) -> str:

@@ -27,7 +27,7 @@ exist (the shard writer's rule) and rewrites the rest; temporary files a killed 
 removed when their shard is written.
 
 Bad input is skipped, logged and counted by the training stream's reasons (`missing_image`,
-`missing_caption`, `corrupt_image`); a shard whose tar stream breaks is written up to the break,
+`missing_caption`, `corrupt_image`, `oversized_image` past the default pixel cap); a shard whose tar stream breaks is written up to the break,
 which is counted as `unreadable_shard_data`, the samples training would have read from it.
 """
 
@@ -54,7 +54,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from tessera.pixels import to_unit_range
 from datamodules.images import resize_and_crop
-from datamodules.shard_writer import SIZES_FILE, add_member, count_samples, write_json_atomically
+from datamodules.shard_writer import SIZES_FILE, add_member, count_samples, stats_path, write_json_atomically
 from datamodules.stream import check_shards, decode_sample, expand_urls
 
 log = logging.getLogger(__name__)
@@ -349,11 +349,6 @@ def _npy_bytes(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)
     return buffer.getvalue()
-
-
-def stats_path(shard: Path) -> Path:
-    """img2dataset's name for a shard's stats: `00012.tar` -> `00012_stats.json`."""
-    return shard.with_name(f"{shard.stem}_stats.json")
 
 
 def _ensure_stats(shard: Path, source: str) -> None:

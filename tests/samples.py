@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +26,16 @@ def gradient_image(width: int, height: int, mode: str = "RGB") -> Image.Image:
     rgb = np.concatenate([np.broadcast_to(x, (height, width, 1)), np.broadcast_to(y, (height, width, 1)),
                           np.full((height, width, 1), 128.0)], axis=2)
     return Image.fromarray(rgb.astype(np.uint8), "RGB").convert(mode)
+
+
+def png_declaring(width: int, height: int) -> bytes:
+    """A PNG whose header declares width x height 8-bit RGB pixels but whose data holds none:
+    any attempt to decode it fails, so only what is read from the header can succeed."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
 
 
 def write_wds_shard(path: Path, samples: list[dict]) -> None:

@@ -58,6 +58,39 @@ def test_data_check_reports_a_shard_shorter_than_its_size_record(tmp_path, capsy
     assert "says 5" in json.loads(capsys.readouterr().out)["unreadable_shards"][str(tmp_path / "00000.tar")]
 
 
+@pytest.mark.parametrize("make", [lambda path: tarfile.open(path, "w").close(), lambda path: path.write_bytes(b"")],
+                         ids=["no-members", "zero-bytes"])
+def test_data_check_flags_an_empty_shard(tmp_path, capsys, make):
+    write_wds_shard(tmp_path / "00000.tar", img2dataset_samples(0, 2))
+    make(tmp_path / "00001.tar")
+    assert main(["data", "check", str(tmp_path / "{00000..00001}.tar"), "--workers", "1"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert list(report["unreadable_shards"]) == [str(tmp_path / "00001.tar")]
+    assert "empty" in report["unreadable_shards"][str(tmp_path / "00001.tar")]
+
+
+def test_shards_folder_command_refuses_captions_whose_images_are_all_missing(tmp_path, capsys):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "captions.csv").write_text("file,caption\na.jpg,one\nb.jpg,two\n")
+    with pytest.raises(SystemExit) as refused:
+        main(["shards", "folder", "--images", str(tmp_path / "images"), "--captions", str(tmp_path / "captions.csv"),
+              "--out", str(tmp_path / "out")])
+    assert "every one of the 2 samples was skipped (missing_image: 2)" in str(refused.value.code)
+    assert not list((tmp_path / "out").glob("*.tar"))
+
+
+def test_shards_command_refuses_other_options_until_overwrite(tmp_path, capsys):
+    command = ["shards", "synthetic", "--out", str(tmp_path), "--num-samples", "6", "--image-size", "32"]
+    assert main(command + ["--samples-per-shard", "3"]) == 0
+    with pytest.raises(SystemExit) as refused:
+        main(command + ["--samples-per-shard", "2"])
+    assert "samples_per_shard: 3 there, 2 now" in str(refused.value.code) and "--overwrite" in str(refused.value.code)
+
+    assert main(command + ["--samples-per-shard", "2", "--overwrite"]) == 0
+    assert json.loads((tmp_path / "sizes.json").read_text()) == {"00000.tar": 2, "00001.tar": 2, "00002.tar": 2}
+    assert check_shards(str(tmp_path / "{00000..00002}.tar"), workers=1)["readable"] == 6
+
+
 def test_shards_synthetic_command_writes_a_checkable_dataset(tmp_path, capsys):
     out = tmp_path / "shapes"
     assert main(["shards", "synthetic", "--out", str(out), "--num-samples", "30", "--image-size", "32",

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import io
 import random
-import struct
-import zlib
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from datamodules.images import decode_image, resize_and_crop, to_rgb
+from tests.samples import png_declaring
 
 RED, BLUE, WHITE = (255, 0, 0), (0, 0, 255), (255, 255, 255)
 
@@ -229,14 +228,8 @@ def test_garbage_data_raises_oserror(data):
 def test_zero_size_image_cannot_be_decoded():
     with pytest.raises(ValueError):  # PIL refuses to even write one
         encode(Image.new("RGB", (0, 0)), "PNG")
-    # a hand-made PNG header declaring 0x0
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-    header = struct.pack(">IIBBBBB", 0, 0, 8, 2, 0, 0, 0)
-    data = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
     with pytest.raises(OSError):
-        decode_image(data)
+        decode_image(png_declaring(0, 0))
 
 
 @pytest.fixture(scope="module")

@@ -1,9 +1,9 @@
 """The `tessera` command line.
 
     tessera shards synthetic --out DIR [--num-samples N] [--image-size S] [--seed X] [--jitter]
-    tessera shards folder --images DIR --captions FILE --out DIR
+    tessera shards folder --images DIR --captions FILE --out DIR [--max-pixels P] [--overwrite]
     tessera shards coco --annotations FILE --images DIR --out DIR
-    tessera data check SHARDS [--text-length N]
+    tessera data check SHARDS [--text-length N] [--max-pixels P]
     tessera quickstart [--out DIR] [--minutes M]
     tessera fit --config configs/tokenizer/tiny_shapes.yaml --config configs/data/shapes.yaml
     tessera validate|test|predict ... (LightningCLI: `tessera fit --help` lists every option)
@@ -20,8 +20,10 @@ import sys
 import time
 from pathlib import Path
 
-from tessera.commands.evaluate_shapes import add_shapes_parser
+from datamodules.images import MAX_PIXELS
+from datamodules.shard_writer import OPTIONS_FILE
 from tessera.commands.evaluate_coco import add_coco_fid_parsers
+from tessera.commands.evaluate_shapes import add_shapes_parser
 from tessera.commands.submit import add_submit_parser
 
 
@@ -115,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--text-length", type=int, default=64)
     check.add_argument("--tokenizer", default="clip-bpe")
     check.add_argument("--workers", type=int, default=None, help="processes; one per CPU by default")
+    _max_pixels_argument(check, "counted as skipped, as the training reader skips them")
     check.set_defaults(run=_data_check)
 
     quickstart = commands.add_parser("quickstart", help="the end-to-end example on synthetic data, on a CPU")
@@ -288,8 +291,26 @@ def _shard_writer_parser(kinds, name: str, help: str, default_format: str) -> ar
     parser.add_argument("--image-format", choices=["jpg", "png", "webp"], default=default_format)
     parser.add_argument("--quality", type=int, default=95, help="JPEG / WebP quality")
     parser.add_argument("--workers", type=int, default=1, help="shards written in parallel")
+    _max_pixels_argument(parser, "skipped and counted")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="remove the shards and records in --out first (a re-run with options other than "
+                             f"those in --out's {OPTIONS_FILE} is refused without it)")
     parser.set_defaults(run=_write_shards)
     return parser
+
+
+def _max_pixels_argument(parser: argparse.ArgumentParser, what_happens: str) -> None:
+    parser.add_argument("--max-pixels", type=_pixel_cap, default=MAX_PIXELS,
+                        help=f"images whose header declares more pixels are {what_happens}, undecoded "
+                             f"(default {MAX_PIXELS:,}: 8192 x 8192); 0 for no cap")
+
+
+def _pixel_cap(text: str) -> int | None:
+    """--max-pixels: a pixel count, or 0 for no cap (None)."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a pixel count, or 0 for no cap, got {value}")
+    return value or None
 
 
 def _write_shards(args: argparse.Namespace) -> int:
@@ -297,22 +318,27 @@ def _write_shards(args: argparse.Namespace) -> int:
     from datamodules.shapes import SyntheticShapes
     from datamodules.sources import CocoSource, FolderSource
 
-    if args.kind == "synthetic":
-        source = SyntheticShapes(args.num_samples, args.image_size, args.seed, args.jitter)
-    elif args.kind == "folder":
-        source = FolderSource(args.images, args.captions)
-    else:
-        source = CocoSource(args.annotations, args.images)
-    report = write_shards(source, args.out, args.samples_per_shard, args.image_format, args.quality, args.workers)
+    try:
+        if args.kind == "synthetic":
+            source = SyntheticShapes(args.num_samples, args.image_size, args.seed, args.jitter)
+        elif args.kind == "folder":
+            source = FolderSource(args.images, args.captions)
+        else:
+            source = CocoSource(args.annotations, args.images)
+        report = write_shards(source, args.out, args.samples_per_shard, args.image_format, args.quality,
+                              args.workers, args.max_pixels, args.overwrite)
+    except (ValueError, FileNotFoundError) as error:  # bad input or options: the message says what to do
+        raise SystemExit(f"tessera shards {args.kind}: {error}") from error
     print(json.dumps({"out": str(args.out), "written": report.written, "kept": report.existing,
-                      "samples": report.samples, "skipped": dict(report.skipped)}))
+                      "all_skipped_shards": report.empty, "samples": report.samples,
+                      "skipped": dict(report.skipped)}))
     return 0
 
 
 def _data_check(args: argparse.Namespace) -> int:
     from datamodules.check import check_shards
 
-    report = check_shards(args.shards, args.text_length, args.tokenizer, args.workers)
+    report = check_shards(args.shards, args.text_length, args.tokenizer, args.workers, args.max_pixels)
     print(json.dumps(report, indent=1))
     return 1 if report["unreadable_shards"] else 0
 

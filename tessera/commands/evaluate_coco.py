@@ -54,13 +54,14 @@ def choose_samples(annotations: str | Path, images_dir: str | Path, num_samples:
     from datamodules.sources import CocoSource
 
     coco = CocoSource(annotations, images_dir)
-    if num_samples > len(coco.images):
-        raise ValueError(f"{annotations} has {len(coco.images)} captioned images, fewer than --num-samples {num_samples}")
+    captioned = [image for image in coco.images if coco.captions.get(image["id"])]
+    if num_samples > len(captioned):
+        raise ValueError(f"{annotations} has {len(captioned)} captioned images, fewer than --num-samples {num_samples}")
     rng = random.Random(seed)
-    chosen = rng.sample(range(len(coco.images)), num_samples)
+    chosen = rng.sample(range(len(captioned)), num_samples)
     samples = []
     for index, position in enumerate(chosen):
-        image = coco.images[position]
+        image = captioned[position]
         samples.append({"index": index, "image_id": image["id"], "file_name": image["file_name"],
                         "caption": rng.choice(coco.captions[image["id"]])})
     return samples
@@ -307,7 +308,9 @@ def _write_grid(out: Path, files: list[Path]) -> None:
     from PIL import Image
     from torchvision.utils import make_grid
 
-    images = [torch.from_numpy(np.array(Image.open(f).convert("RGB"))).permute(2, 0, 1) for f in files]
+    from datamodules.images import decode_image
+
+    images = [torch.from_numpy(np.array(decode_image(f.read_bytes()))).permute(2, 0, 1) for f in files]
     grid = make_grid(torch.stack(images), nrow=8, padding=2, pad_value=255)
     Image.fromarray(grid.permute(1, 2, 0).numpy()).save(out / "grid.png")
 
