@@ -16,7 +16,7 @@ from torch.utils.data import ConcatDataset, DataLoader
 
 from callbacks.preemption import REQUEUE_CHECKPOINT, Requeue
 from lightning_modules.prior import PriorOptimizerConfig
-from tessera.commands.cli import lightning_cli
+from tessera.commands.fit import lightning_cli
 from tessera.commands.fit import AtomicCheckpointIO, newest_checkpoint, prepare_trainer, resume_checkpoint
 from tests.test_prior import Tokens, tiny_prior, tokenizer_dir  # noqa: F401 (fixture)
 from tests.test_vqgan import REPO, trainer

@@ -39,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     configure_logging()
     if argv and argv[0] in LIGHTNING_COMMANDS:
+        from tessera.commands.fit import lightning_cli  # imports Lightning: not for every verb
+
         lightning_cli(argv)
         return 0
     parser = build_parser()
@@ -176,26 +178,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_submit_parser(commands)
     return parser
-
-
-def lightning_cli(argv: list[str]):
-    """Run a LightningCLI subcommand (fit, validate, ...); returns the LightningCLI, trainer included."""
-    import lightning as L
-
-    from callbacks.loggers import SaveAndLogConfig
-    from tessera.commands.fit import TesseraCLI
-
-    return TesseraCLI(
-        L.LightningModule,
-        L.LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        auto_configure_optimizers=False,
-        # a requeued SLURM job starts again in the same directory, where config.yaml already is
-        save_config_callback=SaveAndLogConfig,
-        save_config_kwargs={"overwrite": True},
-        args=argv,
-    )
 
 
 def _sample(args: argparse.Namespace) -> int:

@@ -31,9 +31,9 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from callbacks.console import replace_default_console_callbacks
+from callbacks.loggers import RunDirWandbLogger, SaveAndLogConfig
 from callbacks.preemption import Requeue
 from lightning_modules.fsdp import fsync
-from callbacks.loggers import RunDirWandbLogger
 from tessera.commands.submit import check_slurm_layout
 
 log = logging.getLogger(__name__)
@@ -184,3 +184,18 @@ class TesseraCLI(LightningCLI):
     def before_fit(self) -> None:
         config = self.config_init[self.subcommand]
         config["ckpt_path"] = resume_checkpoint(self.trainer.default_root_dir, config.get("ckpt_path"))
+
+
+def lightning_cli(argv: list[str]):
+    """Run a LightningCLI subcommand (fit, validate, ...); returns the LightningCLI, trainer included."""
+    return TesseraCLI(
+        L.LightningModule,
+        L.LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        auto_configure_optimizers=False,
+        # a requeued SLURM job starts again in the same directory, where config.yaml already is
+        save_config_callback=SaveAndLogConfig,
+        save_config_kwargs={"overwrite": True},
+        args=argv,
+    )

@@ -158,7 +158,7 @@ def overlay(out: Path, stage: str, run_dir: Path, seconds: float, sections: dict
 
 def fit(run_dir: Path, argv: list[str]) -> None:
     """`tessera fit ARGV`; the weights training ended with are in RUN_DIR/checkpoints/last.ckpt."""
-    from tessera.commands.cli import lightning_cli
+    from tessera.commands.fit import lightning_cli
 
     # the quickstart trains from scratch each time; `tessera fit` would resume from a previous
     # quickstart's checkpoints in the same run directory
