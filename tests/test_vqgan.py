@@ -16,6 +16,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
@@ -181,6 +182,33 @@ def test_adaptive_gan_weight_is_the_clamped_gradient_norm_ratio_on_the_last_laye
     )
     assert model.gan_weight(nll, gan).item() == pytest.approx(0.75 * expected.item(), rel=1e-5)
     assert not model.gan_weight(nll, gan).requires_grad
+
+
+@pytest.mark.parametrize(
+    ("generator_loss", "discriminator_loss"), [("hinge", "hinge"), ("non_saturating", "hinge"), ("hinge", "non_saturating")]
+)
+def test_generator_and_discriminator_gan_losses_are_chosen_apart(generator_loss, discriminator_loss):
+    torch.manual_seed(0)
+    loss = LossConfig(pretrained_lpips=False, perceptual_weight=0.0, adaptive_disc_weight=False, disc_weight=1.0,
+                      generator_loss=generator_loss, discriminator_loss=discriminator_loss)
+    model = tiny_vqgan(loss=loss)
+    images = torch.stack([ShapesImages(2)[i]["images"] for i in range(2)])
+    reconstructions, _, logs = model.generator_loss(images, gan_active=True)
+    with torch.no_grad():
+        fake, real = model.discriminator(reconstructions), model.discriminator(images)
+    expected_g = {"hinge": -fake.mean(), "non_saturating": F.softplus(-fake).mean()}[generator_loss]
+    assert logs["g_loss"].item() == pytest.approx(expected_g.item(), rel=1e-6)
+    d_loss, _ = model.discriminator_loss(images, reconstructions.detach())
+    expected_d = {
+        "hinge": 0.5 * (F.relu(1 - real).mean() + F.relu(1 + fake).mean()),
+        "non_saturating": 0.5 * (F.softplus(-real).mean() + F.softplus(fake).mean()),
+    }[discriminator_loss]
+    assert d_loss.item() == pytest.approx(expected_d.item(), rel=1e-6)
+
+
+def test_an_unknown_gan_loss_is_refused_naming_the_choices():
+    with pytest.raises(ValueError, match=r"loss.generator_loss must be one of \['hinge', 'non_saturating'\], got 'wasserstein'"):
+        LossConfig(generator_loss="wasserstein")
 
 
 class RecordLoss(L.Callback):
