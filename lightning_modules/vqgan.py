@@ -63,7 +63,9 @@ class DiscriminatorConfig:
     n_layers: int = 3
     """Stride-2 layers: 3 sees 70x70 patches; taming's f16 config uses 2."""
     norm: Literal["group", "batch", "none"] = "group"
-    """GroupNorm behaves the same under DDP and on one GPU; "batch" is taming's (convert it to SyncBatchNorm under DDP)."""
+    """GroupNorm normalises each image alone, the same on one GPU as on many. "batch" is taming's
+    BatchNorm: batch statistics in both steps (the running ones move in D's steps only), and
+    SyncBatchNorm, statistics over every rank's images, when the run has several processes (GPUs only)."""
 
 
 @dataclass
@@ -228,9 +230,23 @@ class VQGAN(L.LightningModule):
     def configure_model(self) -> None:
         if self.channels_last:
             self.to(memory_format=torch.channels_last)
+        self._sync_batch_norm()
         if self.compile_networks:
             self.tokenizer.compile()
             self.discriminator.compile()
+
+    def _sync_batch_norm(self) -> None:
+        """A BatchNorm discriminator on several processes normalises with every rank's images (SyncBatchNorm)."""
+        processes = self.trainer.world_size if self._trainer is not None else 1  # load_from_checkpoint has no trainer
+        if processes < 2 or not any(isinstance(m, torch.nn.BatchNorm2d) for m in self.discriminator.modules()):
+            return
+        if self.trainer.strategy.root_device.type == "cpu":
+            raise ValueError(
+                f"discriminator.norm 'batch' on {processes} processes needs SyncBatchNorm, which runs on GPU "
+                "only: use discriminator.norm 'group' for multi-process CPU runs"
+            )
+        # the same parameters and buffers in new modules, before the optimizers and DDP see them
+        self.discriminator = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.discriminator)
 
     def configure_optimizers(self):
         config = self.optimizer_config
@@ -316,7 +332,9 @@ class VQGAN(L.LightningModule):
             **{f"codebook/{name}": value for name, value in quantized.stats.items()},
         }
         if gan_active:
-            logits_fake = self.discriminator(reconstructions)
+            # D on this batch's statistics, as in its own step, but its running statistics are its state, moved there only
+            with self.discriminator.running_stats_frozen():
+                logits_fake = self.discriminator(reconstructions)
             gan_loss = G_LOSSES[self.loss_config.generator_loss](logits_fake)
             weight = self.gan_weight(nll, gan_loss)
             loss = loss + weight * gan_loss
