@@ -166,11 +166,14 @@ def evaluate_coco(
         raise ValueError("--reference is 'all' (the images folder) or 'chosen' (the chosen COCO images; needs --annotations)")
     if candidates > 1 and clip_weights is None:
         raise ValueError("--candidates above 1 reranks with CLIP: pass --clip-weights")
-    if extractor is None:
-        from tessera.fid import find_inception_weights
-
-        find_inception_weights(inception_weights)  # fail now, not after hours of sampling
+    check_inputs(prior, images, annotations or captions, tokenizer, clip_model, clip_weights, inception_weights,
+                 uses_inception=extractor is None)
     samples = choose_samples(annotations, images, num_samples, seed) if annotations else caption_list(captions, num_samples)
+    if reference == "chosen":
+        missing = [s["file_name"] for s in samples if not (Path(images) / s["file_name"]).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{len(missing)} of the {num_samples} chosen images are not in {images} (e.g. {missing[0]}): "
+                                    "--reference chosen reads them all")
     sampling = SamplingConfig(top_k=top_k, top_p=top_p, temperature=temperature, cfg_scale=cfg_scale)
     settings = {
         "checkpoint_sha256": sha256(prior),
@@ -274,6 +277,26 @@ def evaluate_coco(
     }
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     return results
+
+
+def check_inputs(prior: str | Path, images: str | Path, captions_file: str | Path, tokenizer: str | Path | None,
+                 clip_model: str, clip_weights: str | Path | None, inception_weights: str | Path | None,
+                 uses_inception: bool) -> None:
+    """Every file the run reads, checked before any work: a missing one fails now, not hours into sampling."""
+    from tessera.clip_rerank import check_clip_weights
+    from tessera.fid import find_inception_weights
+
+    if not Path(prior).exists():
+        raise FileNotFoundError(f"--prior {prior}: no such checkpoint (.ckpt, sharded checkpoint or export directory)")
+    if not Path(captions_file).is_file():
+        raise FileNotFoundError(f"captions {captions_file}: no such file")
+    if not Path(images).is_dir():
+        raise FileNotFoundError(f"--images {images}: no such directory (the val2014 images, FID's reference)")
+    if tokenizer is not None and not Path(tokenizer).exists():
+        raise FileNotFoundError(f"--tokenizer {tokenizer}: no such checkpoint or export directory")
+    check_clip_weights(clip_model, clip_weights)
+    if uses_inception:
+        find_inception_weights(inception_weights)
 
 
 def _pin_settings(path: Path, settings: dict, rank: int) -> None:

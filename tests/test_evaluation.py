@@ -310,6 +310,26 @@ def test_coco_command_end_to_end_deterministic_and_resumable(tmp_path, coco, pri
         evaluate_coco(prior_checkpoint, two, images, **{**common, "cfg_scale": 1.0})
 
 
+@pytest.mark.parametrize("missing", ["clip_weights", "images", "tokenizer"])
+def test_coco_checks_every_input_file_before_loading_the_prior(tmp_path, coco, monkeypatch, missing):
+    import lightning_modules.prior
+    from tessera.coco_eval import evaluate_coco
+
+    def load_prior(*args, **kwargs):
+        raise AssertionError("the prior was loaded before every input was checked")
+
+    monkeypatch.setattr(lightning_modules.prior, "load_prior", load_prior)
+    annotations, images = coco
+    (tmp_path / "prior.ckpt").write_bytes(b"never read")
+    inputs = {"clip_weights": tmp_path / "clip.pt", "images": images, "tokenizer": None, **{missing: tmp_path / "nowhere"}}
+    if missing != "clip_weights":
+        inputs["clip_weights"].write_bytes(b"never read")
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        evaluate_coco(tmp_path / "prior.ckpt", tmp_path / "out", annotations=annotations, num_samples=4,
+                      extractor=tiny_extractor(), workers=0, **inputs)
+    assert not (tmp_path / "out").exists()  # no settings pinned, no sample drawn
+
+
 def test_coco_chooses_images_and_captions_with_the_seed(coco):
     from tessera.coco_eval import choose_samples
 
