@@ -27,6 +27,7 @@ import lightning as L
 import torch
 import torch.nn as nn
 from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.utilities import rank_zero_warn
 
 from tessera.pixels import to_uint8, to_unit_range
 from tessera.clip_score import ClipScore, with_prefix
@@ -98,7 +99,8 @@ class FIDCallback(_ValidationEvaluation):
             compare runs at the same count only).
         inception_weights: the FID Inception weights file; None looks in $TORCH_HOME/hub/checkpoints.
         feature_extractor: a module mapping (B, 3, H, W) uint8 to (B, D) features instead of Inception.
-        reference_stats: a `tessera evaluate stats` file to compare against instead of the validation images.
+        reference_stats: a `tessera evaluate stats` file to compare against instead of the validation images
+            (refused if made with other feature weights; a kept reference of other weights is recomputed).
         name: the logged metric's name.
         seed, top_k, top_p, temperature, cfg_scale: sampling, for a prior.
     """
@@ -133,7 +135,8 @@ class FIDCallback(_ValidationEvaluation):
         if self.metric is None:
             self.metric = FrechetDistance(self.feature_extractor, self.inception_weights)
         if self.reference_stats is not None and self.reference is None:
-            self.reference = FeatureStats.load(self.reference_stats, self.metric.extractor_id)
+            self.reference = FeatureStats.load(self.reference_stats, self.metric.extractor_id,
+                                               weights_sha256=self.metric.weights_sha256)
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_validation_epoch_start(trainer, pl_module)
@@ -141,6 +144,11 @@ class FIDCallback(_ValidationEvaluation):
             self.metric = self.metric.to(pl_module.device)
             self.metric.reset()
             self.metric.reference = None
+            if self.reference is not None and self.reference.weights_sha256 != self.metric.weights_sha256:
+                # kept from a run with other feature weights (or saved before they were recorded): measure it again
+                rank_zero_warn(f"FIDCallback: the kept reference statistics were made with feature weights of sha256 "
+                               f"{self.reference.weights_sha256}, not {self.metric.weights_sha256}: recomputing them")
+                self.reference = None
             if self.reference is not None:
                 self.metric.set_reference(self.reference)
 
@@ -177,7 +185,8 @@ class FIDCallback(_ValidationEvaluation):
         reference = None
         if self.reference is not None and self.reference_stats is None:
             r = self.reference
-            reference = {"mean": r.mean.cpu(), "cov": r.cov.cpu(), "count": r.count, "extractor": r.extractor, "preprocessing": r.preprocessing}
+            reference = {"mean": r.mean.cpu(), "cov": r.cov.cpu(), "count": r.count, "extractor": r.extractor,
+                         "preprocessing": r.preprocessing, "weights_sha256": r.weights_sha256}
         return {**super().state_dict(), "reference": reference}
 
     def load_state_dict(self, state_dict: dict) -> None:

@@ -11,8 +11,9 @@ Generator loss (taming-transformers, LlamaGen, Open-MAGVIT2):
     rec = L1 or L2 of (x_hat - x) + perceptual_weight * LPIPS(x, x_hat)
     loss = rec + quantizer losses + w * G(D(x_hat))           (GAN term from disc_start on)
 with w fixed (`disc_weight`) or adaptive: disc_weight * ||grad rec|| / (||grad G|| + 1e-4) on the
-decoder's last layer, clamped to [0, max_adaptive_weight] (taming). Discriminator loss: hinge or
-non-saturating on real and fake, + lecam_weight * LeCAM.
+decoder's last layer, clamped to [0, max_adaptive_weight] (taming), and G the generator's GAN
+loss: -mean(logits) ("hinge", taming's and LlamaGen's) or non-saturating (MAGVIT-v2's). Discriminator
+loss, chosen apart: hinge or non-saturating on real and fake, + lecam_weight * LeCAM.
 
 Precision: bf16-mixed or fp32. fp16 is refused: the discriminator's raw step would bypass
 Lightning's gradient scaler, and the adaptive weight's gradient norms overflow in fp16 anyway.
@@ -62,7 +63,9 @@ class DiscriminatorConfig:
     n_layers: int = 3
     """Stride-2 layers: 3 sees 70x70 patches; taming's f16 config uses 2."""
     norm: Literal["group", "batch", "none"] = "group"
-    """GroupNorm behaves the same under DDP and on one GPU; "batch" is taming's (convert it to SyncBatchNorm under DDP)."""
+    """GroupNorm normalises each image alone, the same on one GPU as on many. "batch" is taming's
+    BatchNorm: batch statistics in both steps (the running ones move in D's steps only), and
+    SyncBatchNorm, statistics over every rank's images, when the run has several processes (GPUs only)."""
 
 
 @dataclass
@@ -79,7 +82,11 @@ class LossConfig:
     """LPIPS' linear layers vgg.pth; by default the copy inside the lpips or torchmetrics package."""
     pretrained_lpips: bool = True
     """False builds LPIPS with random weights: for tests and smoke runs only."""
-    gan_loss: Literal["hinge", "non_saturating"] = "hinge"
+    generator_loss: Literal["hinge", "non_saturating"] = "hinge"
+    """The generator's GAN term: "hinge" is -mean(D(x_hat)) (taming, LlamaGen), "non_saturating"
+    mean(softplus(-D(x_hat))) (MAGVIT-v2 and Open-MAGVIT2, with a hinge discriminator)."""
+    discriminator_loss: Literal["hinge", "non_saturating"] = "hinge"
+    """The discriminator's loss: "hinge" or "non_saturating" (binary cross-entropy), both x0.5 as taming."""
     disc_start: int = 0
     """Training step from which the discriminator trains and the GAN term enters the generator loss."""
     disc_weight: float = 0.75
@@ -91,6 +98,11 @@ class LossConfig:
     lecam_weight: float = 0.0
     """LeCAM regularisation of the discriminator (Open-MAGVIT2: 0.05); 0 disables it."""
     lecam_decay: float = 0.999
+
+    def __post_init__(self) -> None:
+        for name, losses in (("generator_loss", G_LOSSES), ("discriminator_loss", D_LOSSES)):
+            if getattr(self, name) not in losses:
+                raise ValueError(f"loss.{name} must be one of {sorted(losses)}, got {getattr(self, name)!r}")
 
 
 @dataclass
@@ -218,9 +230,23 @@ class VQGAN(L.LightningModule):
     def configure_model(self) -> None:
         if self.channels_last:
             self.to(memory_format=torch.channels_last)
+        self._sync_batch_norm()
         if self.compile_networks:
             self.tokenizer.compile()
             self.discriminator.compile()
+
+    def _sync_batch_norm(self) -> None:
+        """A BatchNorm discriminator on several processes normalises with every rank's images (SyncBatchNorm)."""
+        processes = self.trainer.world_size if self._trainer is not None else 1  # load_from_checkpoint has no trainer
+        if processes < 2 or not any(isinstance(m, torch.nn.BatchNorm2d) for m in self.discriminator.modules()):
+            return
+        if self.trainer.strategy.root_device.type == "cpu":
+            raise ValueError(
+                f"discriminator.norm 'batch' on {processes} processes needs SyncBatchNorm, which runs on GPU "
+                "only: use discriminator.norm 'group' for multi-process CPU runs"
+            )
+        # the same parameters and buffers in new modules, before the optimizers and DDP see them
+        self.discriminator = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.discriminator)
 
     def configure_optimizers(self):
         config = self.optimizer_config
@@ -306,8 +332,10 @@ class VQGAN(L.LightningModule):
             **{f"codebook/{name}": value for name, value in quantized.stats.items()},
         }
         if gan_active:
-            logits_fake = self.discriminator(reconstructions)
-            gan_loss = G_LOSSES[self.loss_config.gan_loss](logits_fake)
+            # D on this batch's statistics, as in its own step, but its running statistics are its state, moved there only
+            with self.discriminator.running_stats_frozen():
+                logits_fake = self.discriminator(reconstructions)
+            gan_loss = G_LOSSES[self.loss_config.generator_loss](logits_fake)
             weight = self.gan_weight(nll, gan_loss)
             loss = loss + weight * gan_loss
             logs.update(g_loss=gan_loss.detach(), gan_weight=weight)
@@ -336,7 +364,7 @@ class VQGAN(L.LightningModule):
     def discriminator_loss(self, images: torch.Tensor, reconstructions: torch.Tensor) -> tuple[torch.Tensor, dict]:
         logits_real = self.discriminator(images)
         logits_fake = self.discriminator(reconstructions)
-        d_loss = D_LOSSES[self.loss_config.gan_loss](logits_real, logits_fake)
+        d_loss = D_LOSSES[self.loss_config.discriminator_loss](logits_real, logits_fake)
         logs = {"logits_real": logits_real.detach().float().mean(), "logits_fake": logits_fake.detach().float().mean()}
         if self.loss_config.lecam_weight > 0:
             lecam = self.lecam(logits_real, logits_fake)

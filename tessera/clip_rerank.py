@@ -20,6 +20,16 @@ import torch
 import torch.nn.functional as F
 
 
+def check_clip_weights(model_name: str, pretrained: str | Path | None) -> None:
+    """A missing CLIP weights file: one error naming it and where such files come from."""
+    if pretrained is not None and not Path(pretrained).is_file():
+        raise FileNotFoundError(
+            f"CLIP weights {pretrained} not found: download the {model_name} checkpoint (open_clip's "
+            "pretrained files, e.g. from the Hugging Face hub repo laion/CLIP-ViT-B-32-laion2B-s34B-b79K "
+            "or OpenAI's ViT-B-32.pt) on a machine with internet and pass its local path"
+        )
+
+
 class ClipScorer:
     """Cosine similarity of (B, 3, H, W) images in [-1, 1] and B captions, with an open_clip model.
 
@@ -30,12 +40,7 @@ class ClipScorer:
     """
 
     def __init__(self, model_name: str = "ViT-B-32-quickgelu", pretrained: str | Path | None = None, device: str | torch.device = "cpu"):
-        if pretrained is not None and not Path(pretrained).is_file():
-            raise FileNotFoundError(
-                f"CLIP weights {pretrained} not found: download the {model_name} checkpoint (open_clip's "
-                "pretrained files, e.g. from the Hugging Face hub repo laion/CLIP-ViT-B-32-laion2B-s34B-b79K "
-                "or OpenAI's ViT-B-32.pt) on a machine with internet and pass its local path"
-            )
+        check_clip_weights(model_name, pretrained)
         self.model_name = model_name
         self.model = open_clip.create_model(model_name, pretrained=str(pretrained) if pretrained else None, device=device)
         self.model.requires_grad_(False).eval()

@@ -11,7 +11,9 @@ cached reference (`FeatureStats`) and freshly accumulated statistics mix freely.
 The standard network is torch-fidelity's port of the TF Inception v3 of 2015-12-05 (pool3, 2048
 features) that torchmetrics wraps, fed uint8 images it resizes to 299 the way TF1 did
 (`antialias=False` in torchmetrics; its antialiased default changes FID). Its weights are a local
-file, never downloaded. Any nn.Module taking (B, 3, H, W) uint8 to (B, D) features can replace it.
+file, never downloaded; their sha256 goes with every set of statistics (and cache file) made with
+them, since the extractor's name alone would be the same for any file, and cached statistics of
+other weights are refused. Any nn.Module taking (B, 3, H, W) uint8 to (B, D) features can replace it.
 
 References:
 1) GANs Trained by a Two Time-Scale Update Rule Converge to a Local Nash Equilibrium, Heusel et al. 2017:
@@ -102,27 +104,39 @@ class FeatureStats:
     extractor: str
     preprocessing: dict = field(default_factory=dict)
     source: str = ""
+    weights_sha256: str | None = None
+    """sha256 of the extractor's weights file (the Inception's); None for a module given in code."""
 
     def save(self, path: str | Path) -> Path:
         """Plain tensors, numbers and strings: loads with torch.load(weights_only=True)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         state = {"mean": self.mean.double().cpu(), "cov": self.cov.double().cpu(), "count": int(self.count),
-                 "extractor": self.extractor, "preprocessing": dict(self.preprocessing), "source": self.source}
+                 "extractor": self.extractor, "preprocessing": dict(self.preprocessing), "source": self.source,
+                 "weights_sha256": self.weights_sha256}
         partial = path.with_name(path.name + f".partial{os.getpid()}")
         torch.save(state, partial)
         os.replace(partial, path)  # never a half-written cache
         return path
 
     @classmethod
-    def load(cls, path: str | Path, extractor: str | None = None, preprocessing: dict | None = None) -> "FeatureStats":
-        """Cached statistics; with `extractor` / `preprocessing`, refused unless they were made the same way."""
+    def load(cls, path: str | Path, extractor: str | None = None, preprocessing: dict | None = None,
+             weights_sha256: str | None = None) -> "FeatureStats":
+        """Cached statistics; with `extractor` / `preprocessing` / `weights_sha256`, refused unless they
+        were made the same way (a file without a recorded sha256 is refused when one is asked for)."""
         state = torch.load(path, map_location="cpu", weights_only=True)
         stats = cls(**state)
         if extractor is not None and stats.extractor != extractor:
             raise ValueError(f"reference statistics {path} were made with extractor {stats.extractor!r}, not {extractor!r}")
         if preprocessing is not None and stats.preprocessing != preprocessing:
             raise ValueError(f"reference statistics {path} were made with preprocessing {stats.preprocessing}, not {preprocessing}")
+        if weights_sha256 is not None and stats.weights_sha256 != weights_sha256:
+            made_with = stats.weights_sha256 or "not recorded (a file from before weights were hashed)"
+            raise ValueError(
+                f"reference statistics {path} were made with feature weights of sha256 {made_with}, but the weights "
+                f"given now have sha256 {weights_sha256}: pass the weights file they were made with "
+                f"(--inception-weights), or delete {path} (or pass another --reference-stats) to compute them with these"
+            )
         return stats
 
 
@@ -134,6 +148,8 @@ def frechet_distance(a: FeatureStats, b: FeatureStats) -> float:
     """
     if a.extractor != b.extractor:
         raise ValueError(f"statistics of different extractors: {a.extractor!r} and {b.extractor!r}")
+    if a.weights_sha256 != b.weights_sha256:
+        raise ValueError(f"statistics of different feature weights: sha256 {a.weights_sha256} and {b.weights_sha256}")
     mu_a, mu_b = a.mean.double(), b.mean.double().to(a.mean.device)
     cov_a, cov_b = a.cov.double(), b.cov.double().to(a.cov.device)
     values, vectors = torch.linalg.eigh(cov_a)
@@ -153,7 +169,8 @@ class FrechetDistance(FrechetInceptionDistance):
 
     Args:
         extractor: a module mapping uint8 images to (B, D) features; None is the FID Inception.
-        inception_weights: the Inception weights file (see `find_inception_weights`).
+        inception_weights: the Inception weights file (see `find_inception_weights`); its sha256 is
+            `weights_sha256`, recorded with every statistics this metric makes.
         extractor_id: names the extractor in statistics and cache files (the module's class by default).
         image_size: the side images are prepared at, recorded with the statistics.
         reference: fixed reference statistics; then only fake images may be added.
@@ -172,9 +189,11 @@ class FrechetDistance(FrechetInceptionDistance):
             weights = find_inception_weights(inception_weights)  # before torchmetrics could download
             super().__init__(feature=2048, feature_extractor_weights_path=str(weights), antialias=False, normalize=False, **kwargs)
             self.extractor_id = extractor_id or INCEPTION_ID
+            self.weights_sha256: str | None = sha256(weights)  # the name above is the same whatever file was given
         else:
             super().__init__(feature=extractor.eval().requires_grad_(False), normalize=False, **kwargs)
             self.extractor_id = extractor_id or f"{type(extractor).__module__}.{type(extractor).__qualname__}"
+            self.weights_sha256 = None
         self.preprocessing = preprocessing(image_size)
         self.reference: FeatureStats | None = None
         if reference is not None:
@@ -183,7 +202,14 @@ class FrechetDistance(FrechetInceptionDistance):
     def set_reference(self, reference: FeatureStats) -> None:
         if reference.extractor != self.extractor_id:
             raise ValueError(f"reference statistics of extractor {reference.extractor!r}, this metric uses {self.extractor_id!r}")
+        if reference.weights_sha256 != self.weights_sha256:
+            raise ValueError(f"reference statistics of feature weights sha256 {reference.weights_sha256}, "
+                             f"this metric's are {self.weights_sha256}")
         self.reference = reference
+
+    def load_statistics(self, path: str | Path) -> FeatureStats:
+        """Statistics `FeatureStats.save` wrote, refused unless made with this metric's extractor, weights and preprocessing."""
+        return FeatureStats.load(path, self.extractor_id, self.preprocessing, self.weights_sha256)
 
     def update(self, images: torch.Tensor, real: bool) -> None:
         if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
@@ -202,7 +228,7 @@ class FrechetDistance(FrechetInceptionDistance):
         total, cov_total = getattr(self, f"{prefix}_features_sum"), getattr(self, f"{prefix}_features_cov_sum")
         mean = total / count  # float64
         cov = (cov_total - count * torch.outer(mean, mean)) / (count - 1)
-        return FeatureStats(mean, cov, count, self.extractor_id, self.preprocessing)
+        return FeatureStats(mean, cov, count, self.extractor_id, self.preprocessing, weights_sha256=self.weights_sha256)
 
     def statistics(self, real: bool = True) -> FeatureStats:
         """The statistics of all ranks' images; a collective: call it on every rank."""
@@ -291,10 +317,10 @@ def folder_statistics(metric: FrechetDistance, directory: str | Path, batch_size
 
 def reference_statistics(metric: FrechetDistance, directory: str | Path, cache: str | Path | None,
                          batch_size: int = 64, workers: int = 4) -> FeatureStats:
-    """The cached statistics of `directory` when `cache` holds them for this extractor and preprocessing,
-    else computed (in this process) and written to `cache`."""
+    """The cached statistics of `directory` when `cache` holds them, refused unless made with this
+    metric's extractor, weights and preprocessing; else computed (in this process) and written to `cache`."""
     if cache is not None and Path(cache).is_file():
-        stats = FeatureStats.load(cache, metric.extractor_id, metric.preprocessing)
+        stats = metric.load_statistics(cache)
         count = len(image_files(directory)) if directory is not None and Path(directory).is_dir() else stats.count
         if count != stats.count:
             raise ValueError(f"reference statistics {cache} are of {stats.count} images but {directory} holds {count}: "

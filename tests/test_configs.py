@@ -41,3 +41,25 @@ def test_config_builds_its_sections(path):
     for name, expected_type in SECTION_TYPES.items():
         if name in sections:
             assert isinstance(config[name], expected_type)
+
+
+TOKENIZER_CONFIGS = sorted((Path(__file__).parents[1] / "configs" / "tokenizer").glob("*.yaml"))
+
+
+def _tokenizer_args(name: str) -> dict:
+    return yaml.safe_load((Path(__file__).parents[1] / "configs" / "tokenizer" / name).read_text())["model"]["init_args"]
+
+
+@pytest.mark.parametrize("path", TOKENIZER_CONFIGS, ids=lambda p: p.name)
+def test_every_tokenizer_config_names_its_discriminator_norm_and_both_gan_losses(path):
+    init_args = _tokenizer_args(path.name)
+    assert init_args["discriminator"]["norm"] in ("group", "batch", "none")
+    assert {"generator_loss", "discriminator_loss"} <= set(init_args["loss"])
+
+
+def test_taming_and_open_magvit2_configs_follow_their_recipes():
+    taming = _tokenizer_args("taming_f16_16384.yaml")
+    assert taming["discriminator"]["norm"] == "batch"
+    assert (taming["loss"]["generator_loss"], taming["loss"]["discriminator_loss"]) == ("hinge", "hinge")
+    magvit2 = _tokenizer_args("magvit2_lfq_f16.yaml")
+    assert (magvit2["loss"]["generator_loss"], magvit2["loss"]["discriminator_loss"]) == ("non_saturating", "hinge")

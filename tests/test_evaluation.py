@@ -145,6 +145,54 @@ def test_missing_inception_weights_are_one_error_naming_the_file(tmp_path, monke
         FrechetDistance()
 
 
+class InceptionStub(nn.Module):
+    """Stands in for torchmetrics' Inception, whose weights are a 92 MB download: loads a (3, 2048)
+    projection from the weights file it is given and maps uint8 images to 2048 features of their mean colour."""
+
+    def __init__(self, name: str, features_list: list[str], feature_extractor_weights_path: str, antialias: bool = True):
+        super().__init__()
+        self.register_buffer("projection", torch.load(feature_extractor_weights_path, weights_only=True))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return images.float().mean((2, 3)) @ self.projection  # (B, 2048)
+
+
+@pytest.fixture
+def inception_files(tmp_path, monkeypatch) -> tuple[Path, Path]:
+    """Two different Inception weights files, which FrechetDistance(inception_weights=...) loads into the stub."""
+    import torchmetrics.image.fid
+
+    monkeypatch.setattr(torchmetrics.image.fid, "NoTrainInceptionV3", InceptionStub)
+    files = (tmp_path / "inception_a.pth", tmp_path / "inception_b.pth")
+    for seed, path in enumerate(files):
+        torch.save(torch.randn(3, 2048, generator=torch.Generator().manual_seed(seed)), path)
+    return files
+
+
+def test_statistics_and_their_cache_carry_the_inception_weights_sha256_and_other_weights_are_refused(tmp_path, inception_files):
+    from tessera.fid import INCEPTION_ID, sha256
+
+    weights, other_weights = inception_files
+    folder = write_images(tmp_path / "real", image_set(6, 0))
+    metric = FrechetDistance(inception_weights=weights, image_size=24)
+    assert metric.extractor_id == INCEPTION_ID and metric.weights_sha256 == sha256(weights)
+    stats = reference_statistics(metric, folder, tmp_path / "stats.pt", workers=0)
+    assert stats.weights_sha256 == torch.load(tmp_path / "stats.pt", weights_only=True)["weights_sha256"] == sha256(weights)
+
+    other = FrechetDistance(inception_weights=other_weights, image_size=24)  # the same extractor name, other weights
+    expected = (rf"stats\.pt were made with feature weights of sha256 {sha256(weights)}.*"
+                rf"now have sha256 {sha256(other_weights)}.*--inception-weights.*delete")
+    with pytest.raises(ValueError, match=expected):
+        reference_statistics(other, folder, tmp_path / "stats.pt", workers=0)
+    with pytest.raises(ValueError, match="feature weights"):
+        other.set_reference(stats)
+    state = torch.load(tmp_path / "stats.pt", weights_only=True)
+    del state["weights_sha256"]  # a cache written before the weights were recorded
+    torch.save(state, tmp_path / "old.pt")
+    with pytest.raises(ValueError, match=f"sha256 not recorded.*now have sha256 {sha256(weights)}"):
+        metric.load_statistics(tmp_path / "old.pt")
+
+
 # --- CLIP score ---------------------------------------------------------------------------
 
 
@@ -195,6 +243,26 @@ def test_fid_callback_measures_a_tokenizers_reconstructions(tmp_path, shapes_dir
     logged = trainer(tmp_path, max_steps=1, callbacks=[rfid], limit_val_batches=1).validate(
         vqgan, datamodule=shapes_data(shapes_dir, batch_size=8), verbose=False)[0]
     assert logged["val/rfid"] > 0 and logged["val/rfid_samples"] == 8
+
+
+def test_fid_callback_recomputes_a_kept_reference_made_with_other_feature_weights(tmp_path, shapes_dir):
+    from callbacks.evaluation import FIDCallback
+    from tessera.nn.autoencoder import AutoencoderConfig
+    from tessera.nn.vector_quantizer import VectorQuantizer
+    from tests.test_vqgan import tiny_vqgan
+
+    torch.manual_seed(0)
+    vqgan = tiny_vqgan(image_size=32, quantizer=VectorQuantizer(dim=4, codebook_size=64),
+                       autoencoder=AutoencoderConfig(ch=8, ch_mult=(1, 2), num_res_blocks=1, z_channels=8, image_size=32))
+    rfid = FIDCallback(num_samples=8, feature_extractor=tiny_extractor(), name="val/rfid")
+    # as a resumed run's state holds it: the statistics of other weights (or of a state saved before they were recorded)
+    rfid.load_state_dict({"val_runs": 0, "reference": {"mean": torch.zeros(8, dtype=torch.float64), "cov": torch.eye(8, dtype=torch.float64),
+                          "count": 100, "extractor": "tests.test_evaluation.TinyFeatures", "weights_sha256": "0" * 64}})
+    with pytest.warns(UserWarning, match="other feature weights|recomputing"):
+        trainer(tmp_path, max_steps=1, callbacks=[rfid], limit_val_batches=1).validate(
+            vqgan, datamodule=shapes_data(shapes_dir, batch_size=8), verbose=False)
+    assert rfid.reference.count == 8 and rfid.reference.weights_sha256 is None
+    assert rfid.state_dict()["reference"]["weights_sha256"] is None
 
 
 # --- tessera evaluate coco ----------------------------------------------------------------
@@ -308,6 +376,49 @@ def test_coco_command_end_to_end_deterministic_and_resumable(tmp_path, coco, pri
 
     with pytest.raises(ValueError, match="other settings.*sampler"):
         evaluate_coco(prior_checkpoint, two, images, **{**common, "cfg_scale": 1.0})
+
+
+@pytest.mark.parametrize("missing", ["clip_weights", "images", "tokenizer"])
+def test_coco_checks_every_input_file_before_loading_the_prior(tmp_path, coco, monkeypatch, missing):
+    import lightning_modules.prior
+    from tessera.coco_eval import evaluate_coco
+
+    def load_prior(*args, **kwargs):
+        raise AssertionError("the prior was loaded before every input was checked")
+
+    monkeypatch.setattr(lightning_modules.prior, "load_prior", load_prior)
+    annotations, images = coco
+    (tmp_path / "prior.ckpt").write_bytes(b"never read")
+    inputs = {"clip_weights": tmp_path / "clip.pt", "images": images, "tokenizer": None, **{missing: tmp_path / "nowhere"}}
+    if missing != "clip_weights":
+        inputs["clip_weights"].write_bytes(b"never read")
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        evaluate_coco(tmp_path / "prior.ckpt", tmp_path / "out", annotations=annotations, num_samples=4,
+                      extractor=tiny_extractor(), workers=0, **inputs)
+    assert not (tmp_path / "out").exists()  # no settings pinned, no sample drawn
+
+
+def test_coco_records_the_inception_weights_sha256_and_refuses_a_cache_of_other_weights_before_sampling(
+    tmp_path, coco, prior_checkpoint, inception_files, monkeypatch
+):
+    import tessera.fid
+    from tessera.coco_eval import evaluate_coco
+    from tessera.fid import sha256
+
+    # the distance itself is tested above; a 2048-wide eigendecomposition takes ~20 s on one busy core
+    monkeypatch.setattr(tessera.fid, "frechet_distance", lambda real, fake: 1.0)
+    weights, other_weights = inception_files
+    annotations, images = coco
+    common = dict(annotations=annotations, num_samples=2, batch_size=2, top_k=8, image_size=32, workers=0)
+    results = evaluate_coco(prior_checkpoint, tmp_path / "first", images, inception_weights=weights, **common)
+    assert results["protocol"]["feature_extractor_weights_sha256"] == sha256(weights)
+    cache = tmp_path / "first" / "reference_stats.pt"
+    assert torch.load(cache, weights_only=True)["weights_sha256"] == sha256(weights)
+
+    counter = CountGenerate(monkeypatch)
+    with pytest.raises(ValueError, match=f"{sha256(weights)}.*{sha256(other_weights)}"):
+        evaluate_coco(prior_checkpoint, tmp_path / "second", images, inception_weights=other_weights, reference_stats=cache, **common)
+    assert counter.calls == 0 and not (tmp_path / "second").exists()
 
 
 def test_coco_chooses_images_and_captions_with_the_seed(coco):

@@ -15,7 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from tessera.nn.finite_scalar_quantizer import FiniteScalarQuantizer
-from tessera.nn.lookup_free_quantizer import LookupFreeQuantizer
+from tessera.nn.lookup_free_quantizer import LookupFreeQuantizer, bits_distribution
 from tessera.nn.quantizer_base import build_quantizer, quantizer_spec
 from tests.distributed import run_distributed
 
@@ -48,16 +48,26 @@ class LargestTensor(TorchDispatchMode):
 # --- lookup-free quantizer -------------------------------------------------------------------
 
 
-def test_lfq_ids_are_the_sign_bits_with_channel_0_most_significant_and_zero_counting_as_plus():
+def test_lfq_ids_are_open_magvit2s_sign_bits_with_channel_0_least_significant_and_zero_counting_as_plus():
     quantizer = LookupFreeQuantizer(dim=6)
     z = torch.randn(2, 6, 3, 5)
-    z[0, :, 0, 0] = torch.tensor([0.3, -1.0, -0.2, -4.0, -0.1, 0.0])
+    z[0, :, 0, 0] = torch.tensor([0.3, -1.0, -0.2, -4.0, -0.1, -0.5])  # (+, -, -, -, -, -)
+    z[0, :, 0, 1] = torch.tensor([0.3, 2.0, -0.2, -4.0, -0.1, 0.0])  # (+, +, -, -, -, 0)
     out = quantizer(z)
     assert out.ids.shape == (2, 3, 5) and out.ids.dtype == torch.long
-    assert int(out.ids[0, 0, 0]) == 0b100001
-    assert out.z_q[0, :, 0, 0].tolist() == [1, -1, -1, -1, -1, 1]
+    assert int(out.ids[0, 0, 0]) == 1 and int(out.ids[0, 0, 1]) == 1 + 2 + 32
+    assert out.z_q[0, :, 0, 1].tolist() == [1, 1, -1, -1, -1, 1]
+    # Open-MAGVIT2's id: sum over channels i of bit_i * 2^i
+    assert torch.equal(out.ids, ((z >= 0).long() * (2 ** torch.arange(6))[:, None, None]).sum(1))
     assert 0 <= out.ids.min() and out.ids.max() < quantizer.codebook_size == 64
     assert torch.equal(out.z_q, torch.where(z >= 0, 1.0, -1.0))
+
+
+def test_bits_distribution_numbers_codes_as_the_ids_do():
+    # bit 0 surely 1, bit 1 surely 0, bit 2 a coin: the numbers 1 and 5, half each
+    p_one = torch.tensor([[1.0, 0.0, 0.5]])
+    probs = bits_distribution(1 - p_one, p_one)
+    assert probs.tolist() == [[0.0, 0.5, 0.0, 0.0, 0.0, 0.5, 0.0, 0.0]]
 
 
 def test_lfq_ids_to_codes_returns_forward_z_q_and_inverts_the_ids():

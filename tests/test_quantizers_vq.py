@@ -38,6 +38,28 @@ def test_ids_are_nearest_codes_in_range_and_decode_to_z_q():
         assert set(out.stats) == {"usage", "perplexity"}
 
 
+def angle_degrees(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(N,) angles between the rows of a and b."""
+    return torch.rad2deg(torch.arccos(F.cosine_similarity(a, b, dim=-1).clamp(-1, 1)))
+
+
+def test_l2_normalized_codebook_starts_on_the_sphere_and_one_adam_step_turns_a_code_a_little():
+    # taming's U(-1/K, 1/K) rows have norm ~1e-4 at K = 16384: a first Adam step (~lr per coordinate)
+    # would turn them by tens of degrees; unit rows (LlamaGen normalises at init) turn by hundredths
+    torch.manual_seed(0)
+    vq = VectorQuantizer(dim=8, codebook_size=16384, l2_normalize=True)
+    assert_close(vq.codebook.norm(dim=1), torch.ones(16384))
+    out = vq(torch.randn(2, 8, 4, 4))
+    before = vq.codebook.detach().clone()
+    optimizer = torch.optim.Adam(vq.parameters(), lr=1e-4)
+    out.loss.backward()
+    optimizer.step()
+    used = out.ids.unique()
+    assert angle_degrees(vq.codebook.detach()[used], before[used]).max() < 0.1
+    # without l2_normalize the codes keep taming's init
+    assert VectorQuantizer(dim=8, codebook_size=16384).codebook.abs().max() <= 1 / 16384
+
+
 def test_straight_through_gradient_reaches_the_encoder():
     torch.manual_seed(0)
     encoder = nn.Conv2d(3, 4, 1)

@@ -6,16 +6,19 @@ Tiny networks (ch 8-16, 16-32 px) keep the file in well under a minute on two co
 
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
@@ -181,6 +184,74 @@ def test_adaptive_gan_weight_is_the_clamped_gradient_norm_ratio_on_the_last_laye
     )
     assert model.gan_weight(nll, gan).item() == pytest.approx(0.75 * expected.item(), rel=1e-5)
     assert not model.gan_weight(nll, gan).requires_grad
+
+
+@pytest.mark.parametrize(
+    ("generator_loss", "discriminator_loss"), [("hinge", "hinge"), ("non_saturating", "hinge"), ("hinge", "non_saturating")]
+)
+def test_generator_and_discriminator_gan_losses_are_chosen_apart(generator_loss, discriminator_loss):
+    torch.manual_seed(0)
+    loss = LossConfig(pretrained_lpips=False, perceptual_weight=0.0, adaptive_disc_weight=False, disc_weight=1.0,
+                      generator_loss=generator_loss, discriminator_loss=discriminator_loss)
+    model = tiny_vqgan(loss=loss)
+    images = torch.stack([ShapesImages(2)[i]["images"] for i in range(2)])
+    reconstructions, _, logs = model.generator_loss(images, gan_active=True)
+    with torch.no_grad():
+        fake, real = model.discriminator(reconstructions), model.discriminator(images)
+    expected_g = {"hinge": -fake.mean(), "non_saturating": F.softplus(-fake).mean()}[generator_loss]
+    assert logs["g_loss"].item() == pytest.approx(expected_g.item(), rel=1e-6)
+    d_loss, _ = model.discriminator_loss(images, reconstructions.detach())
+    expected_d = {
+        "hinge": 0.5 * (F.relu(1 - real).mean() + F.relu(1 + fake).mean()),
+        "non_saturating": 0.5 * (F.softplus(-real).mean() + F.softplus(fake).mean()),
+    }[discriminator_loss]
+    assert d_loss.item() == pytest.approx(expected_d.item(), rel=1e-6)
+
+
+def test_an_unknown_gan_loss_is_refused_naming_the_choices():
+    with pytest.raises(ValueError, match=r"loss.generator_loss must be one of \['hinge', 'non_saturating'\], got 'wasserstein'"):
+        LossConfig(generator_loss="wasserstein")
+
+
+def test_the_generator_step_runs_a_batch_norm_discriminator_on_batch_statistics_without_moving_its_running_ones():
+    """As taming, D normalises each call's batch in both steps (the generator is trained against the D
+    that D's step trains); unlike taming, only D's step moves the running statistics, D's state."""
+    torch.manual_seed(0)
+    model = tiny_vqgan(discriminator=DiscriminatorConfig(ndf=8, n_layers=1, norm="batch"),
+                       loss=LossConfig(pretrained_lpips=False, perceptual_weight=0.0, adaptive_disc_weight=False, disc_weight=1.0))
+    images = torch.stack([ShapesImages(2)[i]["images"] for i in range(2)])
+    buffers = {name: value.clone() for name, value in model.discriminator.named_buffers()}
+    assert "main.3.running_mean" in buffers
+    on_batch_statistics = copy.deepcopy(model.discriminator)  # in training mode
+    reconstructions, _, logs = model.generator_loss(images, gan_active=True)
+    assert all(torch.equal(value, buffers[name]) for name, value in model.discriminator.named_buffers())
+    with torch.no_grad():
+        assert logs["g_loss"].item() == pytest.approx(-on_batch_statistics(reconstructions).mean().item(), rel=1e-6)
+        assert logs["g_loss"].item() != pytest.approx(-on_batch_statistics.eval()(reconstructions).mean().item(), rel=1e-3)
+    model.discriminator_loss(images, reconstructions.detach())
+    moved = dict(model.discriminator.named_buffers())
+    assert not torch.equal(moved["main.3.running_mean"], buffers["main.3.running_mean"])
+    assert int(moved["main.3.num_batches_tracked"]) == 2  # D's real and fake batches
+
+
+def test_a_batch_norm_discriminator_becomes_sync_batch_norm_on_several_gpu_processes(tmp_path):
+    model = tiny_vqgan(discriminator=DiscriminatorConfig(ndf=8, n_layers=1, norm="batch"))
+    model.trainer = trainer(tmp_path, max_steps=1)  # one process: plain BatchNorm
+    model.configure_model()
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.discriminator.modules())
+    model.trainer = SimpleNamespace(world_size=2, strategy=SimpleNamespace(root_device=torch.device("cuda", 0)))
+    norm = model.discriminator.main[3]
+    model.configure_model()
+    synced = model.discriminator.main[3]
+    assert isinstance(synced, torch.nn.SyncBatchNorm) and synced.weight is norm.weight and synced.running_mean is norm.running_mean
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.discriminator.modules())
+
+
+def test_a_batch_norm_discriminator_on_several_cpu_processes_is_refused_with_the_fix(tmp_path):
+    model = tiny_vqgan(discriminator=DiscriminatorConfig(ndf=8, n_layers=1, norm="batch"))
+    model.trainer = trainer(tmp_path, max_steps=1, devices=2, strategy="ddp")
+    with pytest.raises(ValueError, match=r"discriminator.norm 'batch'.*2 processes.*GPU.*'group'"):
+        model.configure_model()
 
 
 class RecordLoss(L.Callback):

@@ -19,8 +19,10 @@ depend on the number of processes, and a rerun of the same command draws only th
 missing images and writes only the missing ones. Ranks other than 0 exit after their share; rank 0
 then waits until every PNG exists (`--wait-timeout`), and alone reads them all back for FID and
 CLIP score (Inception at ~4.5k images/s makes this a few seconds of the run), reusing cached
-reference statistics (`--reference-stats`). A run.json pins the settings, so a rerun with other
-settings into the same folder is refused instead of mixing images.
+reference statistics (`--reference-stats`), which rank 0 refuses before sampling if they were made
+with another extractor, other weights (their sha256 is in the file and in results.json) or other
+preprocessing. A run.json pins the settings, so a rerun with other settings into the same folder
+is refused instead of mixing images. Every input file is checked before any of this starts.
 """
 
 from __future__ import annotations
@@ -167,11 +169,21 @@ def evaluate_coco(
         raise ValueError("--reference is 'all' (the images folder) or 'chosen' (the chosen COCO images; needs --annotations)")
     if candidates > 1 and clip_weights is None:
         raise ValueError("--candidates above 1 reranks with CLIP: pass --clip-weights")
-    if extractor is None:
-        from tessera.fid import find_inception_weights
-
-        find_inception_weights(inception_weights)  # fail now, not after hours of sampling
+    check_inputs(prior, images, annotations or captions, tokenizer, clip_model, clip_weights, inception_weights,
+                 uses_inception=extractor is None)
     samples = choose_samples(annotations, images, num_samples, seed) if annotations else caption_list(captions, num_samples)
+    if reference == "chosen":
+        missing = [s["file_name"] for s in samples if not (Path(images) / s["file_name"]).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{len(missing)} of the {num_samples} chosen images are not in {images} (e.g. {missing[0]}): "
+                                    "--reference chosen reads them all")
+    device_ = process_device(device)
+    cache = (Path(reference_stats) if reference_stats else out / "reference_stats.pt") if reference == "all" else None
+    # rank 0 measures; its metric now, so that cached reference statistics made with another extractor,
+    # other weights or other preprocessing are refused before sampling, not after
+    metric = local_metric(extractor, inception_weights, extractor_id, image_size, device_) if rank == 0 else None
+    if metric is not None and cache is not None and cache.is_file():
+        metric.load_statistics(cache)
     sampling = SamplingConfig(top_k=top_k, top_p=top_p, temperature=temperature, cfg_scale=cfg_scale)
     settings = {
         "checkpoint_sha256": sha256(prior),
@@ -184,7 +196,6 @@ def evaluate_coco(
     _pin_settings(out / "run.json", settings, rank)
 
     # --- generation: fixed batches, batch k on rank k % world_size, only missing images written
-    device_ = process_device(device)
     per_batch = max(1, batch_size // candidates)
     blocks = [range(start, min(start + per_batch, num_samples)) for start in range(0, num_samples, per_batch)]
     mine = [(k, block) for k, block in enumerate(blocks) if k % world_size == rank]
@@ -214,9 +225,7 @@ def evaluate_coco(
     # --- rank 0: wait for every image, then measure
     _wait_for_samples(out, num_samples, wait_timeout, poll_seconds)
     measure_started = time.perf_counter()
-    metric = local_metric(extractor, inception_weights, extractor_id, image_size, device_)
     if reference == "all":
-        cache = Path(reference_stats) if reference_stats else out / "reference_stats.pt"
         real = reference_statistics(metric, images, cache, workers=workers)
         reference_text = f"all {real.count} images of {Path(images).name}"
     else:
@@ -253,10 +262,11 @@ def evaluate_coco(
             "captions": f"{Path(annotations).name}: {num_samples} images at random (seed {seed}), one caption each at random"
             if annotations else f"the first {num_samples} lines of {Path(captions).name}",
             "reference": reference_text,
-            "reference_stats": str(Path(reference_stats) if reference_stats else out / "reference_stats.pt") if reference == "all" else None,
+            "reference_stats": str(cache) if cache is not None else None,
             "image_size": image_size,
             "preprocessing": metric.preprocessing,
             "feature_extractor": metric.extractor_id,
+            "feature_extractor_weights_sha256": metric.weights_sha256,
             "clip_model": clip_model if clip is not None else None,
             "clip_conventions": CONVENTIONS,
             "caption_prefix": caption_prefix,
@@ -275,6 +285,26 @@ def evaluate_coco(
     }
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     return results
+
+
+def check_inputs(prior: str | Path, images: str | Path, captions_file: str | Path, tokenizer: str | Path | None,
+                 clip_model: str, clip_weights: str | Path | None, inception_weights: str | Path | None,
+                 uses_inception: bool) -> None:
+    """Every file the run reads, checked before any work: a missing one fails now, not hours into sampling."""
+    from tessera.clip_rerank import check_clip_weights
+    from tessera.fid import find_inception_weights
+
+    if not Path(prior).exists():
+        raise FileNotFoundError(f"--prior {prior}: no such checkpoint (.ckpt, sharded checkpoint or export directory)")
+    if not Path(captions_file).is_file():
+        raise FileNotFoundError(f"captions {captions_file}: no such file")
+    if not Path(images).is_dir():
+        raise FileNotFoundError(f"--images {images}: no such directory (the val2014 images, FID's reference)")
+    if tokenizer is not None and not Path(tokenizer).exists():
+        raise FileNotFoundError(f"--tokenizer {tokenizer}: no such checkpoint or export directory")
+    check_clip_weights(clip_model, clip_weights)
+    if uses_inception:
+        find_inception_weights(inception_weights)
 
 
 def _pin_settings(path: Path, settings: dict, rank: int) -> None:
@@ -398,17 +428,18 @@ def _coco(args: argparse.Namespace) -> int:
 
 
 def _fid(args: argparse.Namespace) -> int:
-    from tessera.fid import FeatureStats, frechet_distance, reference_statistics
+    from tessera.fid import frechet_distance, reference_statistics
 
     extractor, extractor_id = _extractor(args)
     metric = local_metric(extractor, args.inception_weights, extractor_id, args.image_size, process_device(args.device))
     if args.real.is_file():
-        real = FeatureStats.load(args.real, metric.extractor_id, metric.preprocessing)
+        real = metric.load_statistics(args.real)
     else:
         real = reference_statistics(metric, args.real, None, workers=args.workers)
     fake = reference_statistics(metric, args.fake, None, workers=args.workers)
     print(json.dumps({"fid": frechet_distance(real, fake), "real_count": real.count, "fake_count": fake.count,
-                      "feature_extractor": metric.extractor_id, "image_size": args.image_size}))
+                      "feature_extractor": metric.extractor_id, "feature_extractor_weights_sha256": metric.weights_sha256,
+                      "image_size": args.image_size}))
     return 0
 
 
@@ -420,5 +451,5 @@ def _stats(args: argparse.Namespace) -> int:
     stats = reference_statistics(metric, args.directory, None, workers=args.workers)
     stats.save(args.out)
     print(json.dumps({"out": str(args.out), "count": stats.count, "feature_extractor": stats.extractor,
-                      "preprocessing": stats.preprocessing}))
+                      "feature_extractor_weights_sha256": stats.weights_sha256, "preprocessing": stats.preprocessing}))
     return 0

@@ -13,7 +13,8 @@ The GAN losses and the LeCAM regulariser are in tessera/nn/gan_losses.py.
 
 from __future__ import annotations
 
-from typing import Literal
+from contextlib import contextmanager
+from typing import Iterator, Literal
 
 import torch
 import torch.nn as nn
@@ -39,11 +40,13 @@ class PatchDiscriminator(nn.Module):
     n_layers stride-2 convs (kernel 4) with channels ndf, 2ndf, 4ndf, ... capped at 8ndf, then a
     stride-1 conv and a 1-channel stride-1 conv: with n_layers=3 each logit sees a 70x70 patch.
 
-    norm: "group" by default. taming uses BatchNorm, which normalises batches that are all real
-    or all fake, moves its running statistics in the generator's steps too, and under DDP with
-    alternating generator and discriminator steps normalises each rank with its own statistics.
-    GroupNorm is per sample and has none of this. If you pick "batch" for parity with taming,
-    convert it under DDP with `torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)`.
+    norm: "group" (the default) normalises each image alone: the same on one GPU as on many, and
+    no running statistics. "batch" is taming's (and LlamaGen's and Open-MAGVIT2's) BatchNorm: in
+    training mode each call is normalised with its own batch's statistics, and taming calls D on
+    all-real and all-fake batches apart; the running statistics serve eval mode only. Under
+    several processes convert it to SyncBatchNorm (VQGAN does), or each rank normalises its own
+    few images. `running_stats_frozen` lets the generator's step call D as D trains without moving
+    its running statistics.
     """
 
     def __init__(self, in_channels: int = 3, ndf: int = 64, n_layers: int = 3, norm: Norm = "group"):
@@ -71,6 +74,19 @@ class PatchDiscriminator(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.main(x)  # (B, 1, H', W')
+
+    @contextmanager
+    def running_stats_frozen(self) -> Iterator[None]:
+        """Inside, BatchNorm layers in training mode still normalise with the batch's statistics but
+        leave their running statistics (and batch count) as they are; other norms are unaffected."""
+        norms = [m for m in self.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+        for norm in norms:
+            norm.track_running_stats = False  # in training mode: batch statistics, no running update
+        try:
+            yield
+        finally:
+            for norm in norms:
+                norm.track_running_stats = True
 
 
 def _init_weights(module: nn.Module) -> None:

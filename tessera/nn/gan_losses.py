@@ -5,13 +5,15 @@ References:
 1) taming-transformers' hinge_d_loss and vanilla_d_loss (both x0.5) and generator term -mean(D(x_hat)):
 https://github.com/CompVis/taming-transformers/blob/master/taming/modules/losses/vqperceptual.py
 2) Geometric GAN (hinge loss), Lim & Ye 2017: https://arxiv.org/abs/1705.02894
-3) Generative Adversarial Nets (non-saturating loss), Goodfellow et al. 2014: https://arxiv.org/abs/1406.2661
+3) Generative Adversarial Nets (non-saturating loss), Goodfellow et al. 2014: https://arxiv.org/abs/1406.2661;
+MAGVIT-v2 and Open-MAGVIT2 pair a non-saturating generator with a hinge discriminator:
+https://github.com/TencentARC/Open-MAGVIT2/blob/main/taming/modules/losses/vqperceptual.py
 4) Regularizing Generative Adversarial Networks under Limited Data (LeCAM), Tseng et al. 2021:
 https://arxiv.org/abs/2104.03310
 https://github.com/google/lecam
 
 Discriminator losses: lower when real logits are high and fake logits low. Generator losses:
-lower when fake logits are high.
+lower when fake logits are high. Any generator loss goes with any discriminator loss.
 """
 
 from __future__ import annotations

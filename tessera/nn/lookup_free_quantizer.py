@@ -1,9 +1,10 @@
 """
 Lookup-free quantization (LFQ, MAGVIT-v2): every channel of z is one bit, its sign.
 
-z (B, K, H, W) quantizes to q = sign(z) in {-1, +1}^K (0 counts as +1): one of 2^K codes, with no
-codebook to look up or learn. An id holds channel k's bit (1 for +1) at place value 2^(K-1-k):
-channel 0 is the most significant bit, as in Open-MAGVIT2.
+z (B, K, H, W) quantizes to q = sign(z) in {-1, +1}^K (0 counts as +1; Open-MAGVIT2 makes it -1, a
+tie of probability zero): one of 2^K codes, with no codebook to look up or learn. An id holds channel
+k's bit (1 for +1) at place value 2^k, id = sum_k bit_k 2^k: channel 0 is the least significant bit,
+as in Open-MAGVIT2 (its `mask = 2 ** arange(K)`), so ids and its checkpoints' ids mean the same codes.
 
 Nothing in the rounding pulls the encoder towards using all 2^K codes, so MAGVIT-v2 adds an entropy
 penalty on the soft assignment p(c | z) ∝ exp(-||z - c||^2 / T) of every token z_n to every code c:
@@ -17,7 +18,8 @@ terms are computed here, exactly, without it:
   the K binary entropies, O(N K).
 - Split the K bits into a high and a low half: p(c | z) = p(high bits | z) p(low bits | z), so the sum
   over tokens of p(c | z_n), for all 2^K codes at once, is one matmul of the halves' distributions,
-  (2^(K/2), N) @ (N, 2^(K/2)), whose (row, column) is the code's (high, low) bits. That is
+  (2^(K/2), N) @ (N, 2^(K/2)), whose (row, column) is the code's (high, low) bits: flattened, the
+  code's id. That is
   O(N 2^(K/2) + 2^K) memory in forward and backward (no tensor over 4 MB but the 1 MB sum, for 2^18
   codes at 8 x 256 tokens), N 2^K multiply-adds in one GEMM, and no exp over (N, 2^K).
 - Each half's distribution is built as an outer product of its bits' probabilities, not as the exp
@@ -70,11 +72,11 @@ class AllReduceSum(torch.autograd.Function):
 
 def bits_distribution(p_zero: Tensor, p_one: Tensor) -> Tensor:
     """(N, m) probabilities that each of m independent bits is 0 and 1 -> (N, 2^m) distribution of
-    the m-bit numbers they spell, bit 0 the most significant."""
+    the m-bit numbers they spell, bit 0 the least significant (as in the ids)."""
     probs = p_zero.new_ones(p_zero.shape[0], 1)  # (N, 1): zero bits spell one number for sure
     for zero, one in zip(p_zero.unbind(1), p_one.unbind(1)):
-        # appending a bit doubles the numbers: 2i + 0 and 2i + 1 follow i
-        probs = torch.stack([probs * zero[:, None], probs * one[:, None]], dim=2).flatten(1)  # (N, 2 * before)
+        # bit j doubles the numbers: each number i below 2^j, then i + 2^j
+        probs = torch.cat([probs * zero[:, None], probs * one[:, None]], dim=1)  # (N, 2 * before)
     return probs
 
 
@@ -131,8 +133,8 @@ class LookupFreeQuantizer(Quantizer):
         return 2**self.dim
 
     def bit_positions(self, device: torch.device) -> Tensor:
-        """(dim, 1, 1) position of each channel's bit in an id: dim - 1 (the most significant) for channel 0."""
-        return torch.arange(self.dim - 1, -1, -1, device=device)[:, None, None]
+        """(dim, 1, 1) position of each channel's bit in an id: channel k at place value 2^k."""
+        return torch.arange(self.dim, device=device)[:, None, None]
 
     def forward(self, z: Tensor) -> QuantizerOutput:
         if z.ndim != 4 or z.shape[1] != self.dim:
@@ -164,10 +166,10 @@ class LookupFreeQuantizer(Quantizer):
         p_one, p_zero = log_one.exp(), log_zero.exp()  # both from logsigmoid: 1 - p loses the tail
         per_sample = -(p_one * log_one + p_zero * log_zero).sum() / len(tokens)
 
-        high = (self.dim + 1) // 2  # the high half takes the odd bit
-        p_high = bits_distribution(p_zero[:, :high], p_one[:, :high])  # (N, 2^high)
-        p_low = bits_distribution(p_zero[:, high:], p_one[:, high:])  # (N, 2^low)
-        summed = (p_high.T @ p_low).flatten()  # (2^K,) sum over tokens of p(c | z_n), c = high * 2^low + low
+        low = self.dim // 2  # channels 0 .. low - 1 are the ids' low bits; the high half takes the odd bit
+        p_low = bits_distribution(p_zero[:, :low], p_one[:, :low])  # (N, 2^low)
+        p_high = bits_distribution(p_zero[:, low:], p_one[:, low:])  # (N, 2^high)
+        summed = (p_high.T @ p_low).flatten()  # (2^K,) sum over tokens of p(c | z_n), at c's id = high * 2^low + low
         count = tokens.new_full((), len(tokens))  # a fill, not a host-to-device copy
         if self.training and distributed():
             summed = AllReduceSum.apply(summed)

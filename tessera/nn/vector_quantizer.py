@@ -54,7 +54,8 @@ class VectorQuantizer(Quantizer):
             codes. The codebook loss ||sg(z) - q||^2 has weight 1, as in VQ-VAE; taming's legacy
             VectorQuantizer2 swaps the two and weights the codebook term by beta.
         l2_normalize: look up, and return, unit-length z and codes (ViT-VQGAN, LlamaGen):
-            distances become cosine distances and no code can drift far from the data.
+            distances become cosine distances and no code can drift far from the data. The
+            codebook then starts with unit rows (LlamaGen), not taming's U(-1/K, 1/K).
         ema_decay: None learns the codebook with the codebook loss. A decay (0.99 in VQ-VAE-2)
             instead moves every code to an exponential moving average of the vectors assigned
             to it, summed over all ranks; the codebook gets no gradient and the loss is the
@@ -90,6 +91,10 @@ class VectorQuantizer(Quantizer):
         self.usage_window = usage_window
 
         codebook = torch.empty(codebook_size, dim).uniform_(-1 / codebook_size, 1 / codebook_size)  # taming's init
+        if l2_normalize:
+            # on the sphere, as LlamaGen: rows of norm ~1e-4 (K = 16384) would turn by ~70 degrees in one
+            # Adam step of lr 1e-4 (the lookup sees only their direction), unit rows by ~0.01 degrees
+            codebook = F.normalize(codebook, dim=-1)
         if ema_decay is None:
             self.codebook = nn.Parameter(codebook)  # (K, dim)
         else:
