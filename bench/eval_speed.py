@@ -12,7 +12,7 @@ Inception feature extraction at ~4.5k images/s on an H100 with TF32, ~2.2k in st
 - clip: `ClipScorer` (open_clip, --clip-model, random weights unless --clip-weights), images and
   captions of 16 tokens, on the device.
 - read_back: PNGs of 256 px decoded, resized and cropped by --workers loader processes, as rank 0
-  reads the samples back (tessera.fid.image_batches).
+  reads the samples back (datamodules.image_folder.image_batches).
 - projection: sampling (--sampling-images-per-s, e.g. from bench/sampling_speed.py at the 300m
   preset, per GPU, times --gpus) + read-back, Inception and CLIP of 30K images on rank 0. The
   reference statistics of val2014 (40,504 images) are computed once and cached; their one-off
@@ -37,7 +37,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from tessera.clip_rerank import ClipScorer
-from tessera.fid import FrechetDistance, image_batches, strict_fp32
+from datamodules.image_folder import image_batches
+from tessera.fid import FrechetDistance, strict_fp32
 from tessera.pixels import to_unit_range
 
 VAL2014_IMAGES = 40_504

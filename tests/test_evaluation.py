@@ -15,7 +15,8 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from tessera.clip_score import ClipScore, clip_scores, cosine_similarity
-from tessera.fid import FeatureStats, FrechetDistance, frechet_distance, reference_statistics
+from datamodules.image_folder import reference_statistics
+from tessera.fid import FeatureStats, FrechetDistance, frechet_distance
 from tests.distributed import run_distributed
 from tests.test_prior import Tokens, shapes_data, tiny_prior, tokenizer_dir  # noqa: F401 (tokenizer_dir: a fixture)
 from tests.test_vqgan import trainer
@@ -381,7 +382,7 @@ def test_coco_command_end_to_end_deterministic_and_resumable(tmp_path, coco, pri
 @pytest.mark.parametrize("missing", ["clip_weights", "images", "tokenizer"])
 def test_coco_checks_every_input_file_before_loading_the_prior(tmp_path, coco, monkeypatch, missing):
     import lightning_modules.prior
-    from tessera.coco_eval import evaluate_coco
+    from tessera.commands.evaluate_coco import evaluate_coco
 
     def load_prior(*args, **kwargs):
         raise AssertionError("the prior was loaded before every input was checked")
@@ -402,7 +403,7 @@ def test_coco_records_the_inception_weights_sha256_and_refuses_a_cache_of_other_
     tmp_path, coco, prior_checkpoint, inception_files, monkeypatch
 ):
     import tessera.fid
-    from tessera.coco_eval import evaluate_coco
+    from tessera.commands.evaluate_coco import evaluate_coco
     from tessera.fid import sha256
 
     # the distance itself is tested above; a 2048-wide eigendecomposition takes ~20 s on one busy core

@@ -157,7 +157,8 @@ def evaluate_coco(
     from tessera.pixels import to_uint8, to_unit_range
     from lightning_modules.prior import load_prior
     from tessera.clip_score import CONVENTIONS, ClipScore, with_prefix
-    from tessera.fid import add_images, frechet_distance, image_batches, reference_statistics, sha256
+    from datamodules.image_folder import add_images, image_batches, reference_statistics
+    from tessera.fid import frechet_distance, sha256
     from tessera.clip_rerank import ClipScorer, rerank
     from tessera.sampling import SamplingConfig
 
@@ -428,7 +429,8 @@ def _coco(args: argparse.Namespace) -> int:
 
 
 def _fid(args: argparse.Namespace) -> int:
-    from tessera.fid import frechet_distance, reference_statistics
+    from datamodules.image_folder import reference_statistics
+    from tessera.fid import frechet_distance
 
     extractor, extractor_id = _extractor(args)
     metric = local_metric(extractor, args.inception_weights, extractor_id, args.image_size, process_device(args.device))
@@ -444,7 +446,7 @@ def _fid(args: argparse.Namespace) -> int:
 
 
 def _stats(args: argparse.Namespace) -> int:
-    from tessera.fid import reference_statistics
+    from datamodules.image_folder import reference_statistics
 
     extractor, extractor_id = _extractor(args)
     metric = local_metric(extractor, args.inception_weights, extractor_id, args.image_size, process_device(args.device))
