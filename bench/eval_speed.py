@@ -38,7 +38,8 @@ from PIL import Image
 
 from tessera.clip_rerank import ClipScorer
 from datamodules.image_folder import image_batches
-from tessera.fid import FrechetDistance, strict_fp32
+from tessera.fid import FrechetDistance
+from tessera.precision import strict_fp32
 from tessera.pixels import to_unit_range
 
 VAL2014_IMAGES = 40_504

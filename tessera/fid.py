@@ -25,13 +25,14 @@ from __future__ import annotations
 
 import hashlib
 import os
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 from torchmetrics.image.fid import FrechetInceptionDistance
+
+from tessera.precision import strict_fp32
 
 # The same file under torch-fidelity's and pytorch-fid's names (6726825d: the first hex digits of its sha256)
 INCEPTION_WEIGHTS_FILES = ("weights-inception-2015-12-05-6726825d.pth", "pt_inception-2015-12-05-6726825d.pth")
@@ -63,28 +64,6 @@ def find_inception_weights(path: str | Path | None = None) -> Path:
         f"the TF Inception v3 of 2015-12-05 ported to PyTorch. Download it on a machine with internet from "
         f"{INCEPTION_WEIGHTS_URLS[0]} and pass its path (--inception-weights) or put it in {Path(torch.hub.get_dir()) / 'checkpoints'}"
     )
-
-
-@contextmanager
-def strict_fp32():
-    """TF32 off for CUDA matmuls and convolutions (reported FIDs are strict fp32), restored afterwards."""
-    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
-    try:
-        saved = (matmul.allow_tf32, cudnn.allow_tf32)  # the legacy flags, unless the new API was used
-    except RuntimeError:
-        saved = None
-    if saved is not None:
-        matmul.allow_tf32 = cudnn.allow_tf32 = False
-    else:
-        saved_new = (matmul.fp32_precision, cudnn.conv.fp32_precision)
-        matmul.fp32_precision = cudnn.conv.fp32_precision = "ieee"
-    try:
-        yield
-    finally:
-        if saved is not None:
-            matmul.allow_tf32, cudnn.allow_tf32 = saved
-        else:
-            matmul.fp32_precision, cudnn.conv.fp32_precision = saved_new
 
 
 # -----------------------------------------------------------------------------

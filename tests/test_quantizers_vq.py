@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -215,3 +216,42 @@ def test_residual_quantizer_ids_per_depth_and_error_shrinks_with_depth():
     errors = [(z - rq.ids_to_codes(out.ids[..., : d + 1])).square().mean() for d in range(3)]
     assert errors[0] < z.square().mean() and errors[1] < errors[0] and errors[2] < errors[1]
     assert_close(out.losses["commitment"], torch.stack(errors).mean())
+
+
+def quantizers():
+    from tessera.nn.lookup_free_quantizer import LookupFreeQuantizer
+    from tessera.nn.residual_quantizer import ResidualQuantizer
+
+    return {
+        "vq": VectorQuantizer(dim=4, codebook_size=16, l2_normalize=True),
+        "vq_ema": VectorQuantizer(dim=4, codebook_size=16, ema_decay=0.9),
+        "rq": ResidualQuantizer(dim=4, codebook_size=16, depth=2),
+        "lfq": LookupFreeQuantizer(dim=4),  # its entropy terms' matmuls
+    }  # FSQ rounds each channel alone: no matmul to pin
+
+
+@pytest.mark.parametrize("name", ["vq", "vq_ema", "rq", "lfq"])
+def test_codebook_matmuls_run_without_tf32_when_the_user_allows_it(name):
+    """`torch.set_float32_matmul_precision("high")` (TF32) is common advice for H100s; the
+    quantizers' distances and statistics must not follow it."""
+    from torch.overrides import TorchFunctionMode
+
+    class RecordTF32(TorchFunctionMode):
+        flags: list[bool] = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if getattr(func, "__name__", "") in ("matmul", "__matmul__", "mm", "addmm", "bmm", "cdist", "einsum", "linear"):
+                self.flags.append(torch.backends.cuda.matmul.allow_tf32)
+            return func(*args, **(kwargs or {}))
+
+    quantizer = quantizers()[name]
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        with RecordTF32() as recorder:
+            out = quantizer(torch.randn(2, 4, 3, 3))
+            quantizer.ids_to_codes(out.ids)
+        assert torch.backends.cuda.matmul.allow_tf32  # the user's setting is back afterwards
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+    assert recorder.flags and not any(recorder.flags), recorder.flags

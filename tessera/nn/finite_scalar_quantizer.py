@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from tessera.nn.quantizer_base import CodebookUsage, Quantizer, QuantizerOutput
+from tessera.precision import fp32_math
 
 
 class FiniteScalarQuantizer(Quantizer):
@@ -72,7 +73,7 @@ class FiniteScalarQuantizer(Quantizer):
             raise ValueError(
                 f"FiniteScalarQuantizer(levels={self.levels}) takes z (B, {self.dim}, H, W), got {tuple(z.shape)}"
             )
-        with torch.autocast(device_type=z.device.type, enabled=False):
+        with fp32_math(z.device.type):
             bounded = self.bound(z.float())  # (B, K, H, W)
             # exactly the rounded levels, and the gradient goes straight through the rounding
             rounded = bounded.round() + (bounded - bounded.detach())  # (B, K, H, W) integers in value

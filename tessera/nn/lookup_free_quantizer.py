@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from tessera.nn.quantizer_base import CodebookUsage, Quantizer, QuantizerOutput, all_reduce_sum_, distributed
+from tessera.precision import fp32_math
 
 
 class AllReduceSum(torch.autograd.Function):
@@ -139,7 +140,7 @@ class LookupFreeQuantizer(Quantizer):
     def forward(self, z: Tensor) -> QuantizerOutput:
         if z.ndim != 4 or z.shape[1] != self.dim:
             raise ValueError(f"LookupFreeQuantizer(dim={self.dim}) takes z (B, {self.dim}, H, W), got {tuple(z.shape)}")
-        with torch.autocast(device_type=z.device.type, enabled=False):
+        with fp32_math(z.device.type):
             z32 = z.float()
             positive = z32 >= 0  # (B, K, H, W) the bits
             q = torch.where(positive, 1.0, -1.0)  # (B, K, H, W)

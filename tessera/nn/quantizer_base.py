@@ -53,8 +53,9 @@ class QuantizerOutput:
 class Quantizer(nn.Module, ABC):
     """The interface of every quantizer: z (B, C, H, W) -> `QuantizerOutput`, and ids -> z_q.
 
-    Codebook math runs in fp32 even under bf16 autocast: distances between close codes and the
-    EMA statistics lose too much in 8 mantissa bits.
+    Codebook math runs in IEEE fp32 (`tessera.precision.fp32_math`) even under bf16 autocast or
+    with TF32 allowed: distances between close codes and the EMA statistics lose too much in 8 or
+    10 mantissa bits.
 
     Every subclass keeps each constructor argument as an attribute of the same name (`dim`, the
     channels of the z it takes, among them), so `quantizer_spec` can write it into a checkpoint

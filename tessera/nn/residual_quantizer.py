@@ -21,6 +21,7 @@ from torch import Tensor
 
 from tessera.nn.quantizer_base import Quantizer, QuantizerOutput
 from tessera.nn.vector_quantizer import VectorQuantizer
+from tessera.precision import fp32_math
 
 
 class ResidualQuantizer(Quantizer):
@@ -77,7 +78,7 @@ class ResidualQuantizer(Quantizer):
 
     def forward(self, z: Tensor) -> QuantizerOutput:
         B, _, H, W = z.shape
-        with torch.autocast(device_type=z.device.type, enabled=False):
+        with fp32_math(z.device.type):
             z_flat = z.float().permute(0, 2, 3, 1).reshape(-1, self.dim)  # (N, dim), N = B*H*W
             quantized = torch.zeros_like(z_flat)  # sum of the codes so far, no gradient
             residuals, ids, codes, partial_sums = [], [], [], []
@@ -109,7 +110,7 @@ class ResidualQuantizer(Quantizer):
         return QuantizerOutput(z_q=z_q, ids=ids, loss=loss, losses=losses, stats=stats)
 
     def ids_to_codes(self, ids: Tensor) -> Tensor:
-        with torch.autocast(device_type=ids.device.type, enabled=False):
+        with fp32_math(ids.device.type):
             codes = self.vq.codes(ids)  # (B, H, W, D, dim)
             # depth by depth from 0, the order forward adds them in, so the two agree to the bit
             z_q = sum(codes.unbind(-2), torch.zeros_like(codes[..., 0, :]))  # (B, H, W, dim)

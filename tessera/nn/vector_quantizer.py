@@ -37,6 +37,7 @@ from tessera.nn.quantizer_base import (
     all_reduce_sum_,
     broadcast_from_rank0_,
 )
+from tessera.precision import fp32_math
 
 LAPLACE_EPS = 1e-5  # VQ-VAE-2's epsilon: keeps a code that lost all its vectors from dividing by zero
 COUNT_DECAY = 0.99  # decay of the usage counts that find dead codes when the codebook itself is not an EMA
@@ -190,7 +191,7 @@ class VectorQuantizer(Quantizer):
 
     def forward(self, z: Tensor) -> QuantizerOutput:
         B, _, H, W = z.shape
-        with torch.autocast(device_type=z.device.type, enabled=False):
+        with fp32_math(z.device.type):
             z_flat = z.float().permute(0, 2, 3, 1).reshape(-1, self.dim)  # (B*H*W, dim)
             if self.l2_normalize:
                 z_flat = F.normalize(z_flat, dim=-1)
@@ -213,5 +214,5 @@ class VectorQuantizer(Quantizer):
         return QuantizerOutput(z_q=z_q, ids=ids, loss=loss, losses=losses, stats=stats)
 
     def ids_to_codes(self, ids: Tensor) -> Tensor:
-        with torch.autocast(device_type=ids.device.type, enabled=False):
+        with fp32_math(ids.device.type):
             return self.codes(ids).permute(0, 3, 1, 2)  # (B, H, W, dim) -> (B, dim, H, W)
