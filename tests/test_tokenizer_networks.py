@@ -222,6 +222,20 @@ def test_lecam_emas_move_toward_the_logit_means_in_training_mode_only():
     assert lecam.ema_real.item() == pytest.approx(0.38)
 
 
+def _lecam_on_rank(rank: int, world_size: int) -> list[float]:
+    lecam = LeCAMRegularizer(decay=0.5)
+    real = torch.full((2, 1, 3, 3), 2.0 + 2 * rank)  # rank 0's real logits 2, rank 1's 4
+    lecam(real, -real)
+    return [lecam.ema_real.item(), lecam.ema_fake.item()]
+
+
+def test_lecam_anchors_follow_the_global_batch_and_agree_across_ranks():
+    from tests.distributed import run_distributed
+
+    # mean real logit over both ranks 3, so 0.5 * 0 + 0.5 * 3 on every rank
+    assert run_distributed(_lecam_on_rank) == [[1.5, -1.5], [1.5, -1.5]]
+
+
 def test_lecam_penalty_uses_the_other_sides_ema():
     lecam = LeCAMRegularizer().eval()
     lecam.ema_real.fill_(1.0)

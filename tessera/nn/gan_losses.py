@@ -22,6 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tessera.nn.quantizer_base import all_reduce_sum_, world_size
+
 
 def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
     """0.5 * (mean(relu(1 - real)) + mean(relu(1 + fake))): zero once real >= 1 and fake <= -1."""
@@ -50,7 +52,8 @@ class LeCAMRegularizer(nn.Module):
     discriminator loss times a weight (Open-MAGVIT2 uses 0.05). The EMAs of the logits' means are
     buffers, so they travel in state_dict and a resumed run continues them exactly (Open-MAGVIT2
     keeps them outside the state and restarts them from zero on resume). They move only in
-    training mode, and are per process: under DDP they are not all-reduced here.
+    training mode, by the mean logits of every rank's batch (all-reduced), so every rank holds the
+    same anchors, DDP need not broadcast them, and a checkpoint from rank 0 holds the run's.
     """
 
     ema_real: torch.Tensor
@@ -69,8 +72,9 @@ class LeCAMRegularizer(nn.Module):
         if self.training:
             with torch.no_grad():
                 # update first, then penalise against the updated anchors, as google/lecam does
-                for anchor, logits in ((self.ema_real, logits_real), (self.ema_fake, logits_fake)):
-                    mean = logits.float().mean()
+                means = torch.stack([logits_real.float().mean(), logits_fake.float().mean()])
+                means = all_reduce_sum_(means) / world_size()  # the global batch's means, on every rank
+                for anchor, mean in zip((self.ema_real, self.ema_fake), means):
                     # a non-finite batch (a step about to be skipped) must not poison the anchor for good
                     anchor.copy_(torch.where(torch.isfinite(mean), anchor.lerp(mean, 1.0 - self.decay), anchor))
         return (

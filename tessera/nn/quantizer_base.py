@@ -107,6 +107,11 @@ def distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+def world_size() -> int:
+    """Ranks in the process group; 1 outside one."""
+    return dist.get_world_size() if distributed() else 1
+
+
 def all_reduce_sum_(x: Tensor) -> Tensor:
     """Sum x in place over all ranks."""
     if distributed():
