@@ -232,10 +232,15 @@ def test_pipe_urls_are_read(shapes_urls, caption_tokenizer):
 
 
 def validation_ranks(urls, captions, world_size: int, num_workers: int, batch_size: int, **options) -> list[list[dict]]:
-    """Each rank's validation batches, read through the loader the datamodule uses."""
-    return [list(EpochLoader(make_stream(urls, captions, batch_size=batch_size, rank=rank, world_size=world_size,
-                                         validation=True, **options), 0, num_workers=num_workers))
-            for rank in range(world_size)]
+    """Each rank's validation batches, read through the loader the datamodule uses, which says how many there are."""
+    ranks = []
+    for rank in range(world_size):
+        stream = make_stream(urls, captions, batch_size=batch_size, rank=rank, world_size=world_size, validation=True,
+                             **options)
+        loader = EpochLoader(stream, 0, num_workers=num_workers)
+        ranks.append(list(loader))
+        assert len(ranks[-1]) == len(loader)
+    return ranks
 
 
 @pytest.mark.parametrize("shards, world_size, num_workers, batch_size", [

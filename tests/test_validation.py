@@ -87,9 +87,10 @@ def assert_same_metrics(logged: dict[str, float], expected: dict[str, float]) ->
 
 
 def test_validation_metrics_count_every_good_sample_once_whatever_the_batches_and_loader_workers(tmp_path, shards):
-    # two loader workers split the samples as two ranks would: the one with less pads out its batches
-    one = validate_both_stages(*shards, tmp_path, val_batch_size=3)
-    split = validate_both_stages(*shards, tmp_path, val_batch_size=16, num_workers=2)
+    # two loader workers split the samples as two ranks would: the one with fewer pads out its last
+    # batch and adds one of padding only
+    one = validate_both_stages(*shards, tmp_path, val_batch_size=16)
+    split = validate_both_stages(*shards, tmp_path, val_batch_size=3, num_workers=2)
 
     assert one["tokenizer val/samples"] == 13 and one["prior val/samples"] == 8  # the good samples, once each
     assert {"tokenizer val/rec_loss", "tokenizer val/psnr", "tokenizer val/codebook/usage", "prior val/loss",
