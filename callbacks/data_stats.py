@@ -1,16 +1,19 @@
-"""Log what the data pipeline skipped, so a bad shard set shows up on the dashboard, not in a post-mortem."""
+"""Log what the data pipeline skipped or repeated, so a bad shard set shows up on the dashboard, not in a
+post-mortem."""
 
 from __future__ import annotations
 
 import lightning as L
 import torch
 
-from datamodules.stream import STAT_NAMES
+from datamodules.stream import REPEATED, STAT_NAMES
 
 
 class DataStatsMonitor(L.Callback):
-    """Logs `data/<reason>`: training samples skipped per reason and captions truncated, summed over
-    all ranks since the start of the run, every `every_n_steps` batches.
+    """Logs `data/<reason>`: training samples skipped per reason and captions truncated, and
+    `train/repeated_samples`: samples trained on twice in an epoch because a rank's shards held
+    too few good ones (see datamodules/stream.py); all summed over all ranks since the start of
+    the run, every `every_n_steps` batches.
 
     Reads the `data_stats` counter of the trainer's datamodule (CaptionImageDataModule keeps one).
     """
@@ -24,7 +27,8 @@ class DataStatsMonitor(L.Callback):
         stats = getattr(trainer.datamodule, "data_stats", None)
         if stats is None or (batch_idx + 1) % self.every_n_steps:
             return
-        local = torch.tensor([float(stats.get(name, 0)) for name in STAT_NAMES], device=pl_module.device)
+        names = {f"data/{name}": name for name in STAT_NAMES} | {f"train/{REPEATED}": REPEATED}
+        local = torch.tensor([float(stats.get(name, 0)) for name in names.values()], device=pl_module.device)
         # every rank reaches this at the same batch_idx, so the collective cannot hang
         total = trainer.strategy.reduce(local, reduce_op="sum")
-        pl_module.log_dict({f"data/{name}": value for name, value in zip(STAT_NAMES, total)}, on_step=True, on_epoch=False)
+        pl_module.log_dict(dict(zip(names, total)), on_step=True, on_epoch=False)

@@ -29,6 +29,7 @@ import torch.nn as nn
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 
+from datamodules.stream import without_padding
 from tessera.pixels import to_uint8, to_unit_range
 from tessera.clip_score import ClipScore, with_prefix
 from tessera.fid import FeatureStats, FrechetDistance
@@ -153,6 +154,7 @@ class FIDCallback(_ValidationEvaluation):
                 self.metric.set_reference(self.reference)
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        batch = without_padding(batch)
         take = self.take(trainer, batch)
         if take == 0:
             return
@@ -246,6 +248,7 @@ class CLIPScoreCallback(_ValidationEvaluation):
             self.metric.reset()
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        batch = without_padding(batch)
         take = self.take(trainer, batch)
         if take == 0:
             return

@@ -27,7 +27,8 @@ log = logging.getLogger(__name__)
 
 
 class CaptionImageDataModule(L.LightningDataModule):
-    """Batches of images (B, 3, H, W) in [-1, 1], caption ids (B, L), their mask, the captions and keys.
+    """Batches of images (B, 3, H, W) in [-1, 1], caption ids (B, L), their mask, the captions and keys,
+    and "valid" (B,): False on the rows that pad out a rank's last validation batches.
 
     Shards are local paths, `pipe:` commands (`pipe:aws s3 cp s3://bucket/00000.tar -`) or URLs,
     with brace patterns and `::` between lists. Images travel from the loader workers as uint8
@@ -69,7 +70,8 @@ class CaptionImageDataModule(L.LightningDataModule):
             text_tokenizer: "clip-bpe" (CLIP's BPE, offline) or a `transformers` tokenizer name or directory.
             text_length: caption tokens per sample, with start and end tokens; longer captions are cut.
             train_samples: samples per training epoch; read from sizes.json or img2dataset's stats when None.
-            val_samples: samples per validation run; likewise.
+            val_samples: validate on the first this many samples of the val shards; every sample
+                (as many as their size records count) when None. Each is seen once, over all ranks.
             seed: seeds shard order, the shuffle buffer and random crops, with the epoch, rank and worker.
             shuffle_buffer: samples held per worker for shuffling; 0 or 1 turns it off.
             random_crop: random instead of centre crops for training.
@@ -101,17 +103,19 @@ class CaptionImageDataModule(L.LightningDataModule):
         )
         stream = CaptionTokenStream if hp.image_tokens else CaptionImageStream
         if stage in (None, "fit") and self.train_stream is None:
+            sizes = shard_sizes(self.train_urls)
             self.train_stream = stream(
                 self.train_urls, batch_size=hp.batch_size,
-                samples_per_epoch=epoch_samples(self.train_urls, hp.train_samples, "train_samples"),
-                shuffle=True, shuffle_buffer=hp.shuffle_buffer, random_crop=hp.random_crop,
+                samples_per_epoch=epoch_samples(self.train_urls, sizes, hp.train_samples, "train_samples"),
+                sizes=sizes, shuffle=True, shuffle_buffer=hp.shuffle_buffer, random_crop=hp.random_crop,
                 resampled=hp.resampled, **common,
             )
         if stage in (None, "fit", "validate") and self.val_urls and self.val_stream is None:
+            sizes = shard_sizes(self.val_urls)
             self.val_stream = stream(
                 self.val_urls, batch_size=hp.val_batch_size or hp.batch_size,
-                samples_per_epoch=epoch_samples(self.val_urls, hp.val_samples, "val_samples"),
-                shuffle=False, **common,
+                samples_per_epoch=epoch_samples(self.val_urls, sizes, hp.val_samples, "val_samples"),
+                sizes=sizes, validation=True, **common,
             )
 
     def train_dataloader(self) -> DataLoader:
@@ -148,12 +152,11 @@ class CaptionImageDataModule(L.LightningDataModule):
         return batch
 
 
-def epoch_samples(urls: list[str], configured: int | None, option: str) -> int:
-    """Samples per epoch: the configured count, else the sum of the shards' recorded sizes."""
+def epoch_samples(urls: list[str], sizes: list[int | None], configured: int | None, option: str) -> int:
+    """Samples per epoch: the configured count, else the sum of the shards' recorded `sizes`."""
     check_shards(urls)
     if configured is not None:
         return configured
-    sizes = shard_sizes(urls)
     unknown = [url for url, size in zip(urls, sizes) if size is None]
     if unknown:
         raise ValueError(
@@ -196,6 +199,7 @@ class EpochLoader(DataLoader):
         super().__init__(stream, batch_size=None, generator=generator, **options)
         self.next_epoch = first_epoch
         self.logical_workers = max(1, self.num_workers)  # no worker processes read as one worker
+        stream.loader_workers = self.logical_workers  # a validation stream's length depends on it
         self._start_epoch(first_epoch, resume=None)
         self._resume: dict | None = None
         self._rng_to_restore: dict | None = None

@@ -36,6 +36,7 @@ import torch.nn as nn
 from lightning.pytorch.strategies import FSDPStrategy
 from safetensors.torch import load_file, save_file
 
+from datamodules.stream import without_padding
 from datamodules.text import CLIP_BPE, CaptionTokenizer
 from lightning_modules.fsdp import checkpoint_hyperparameters, is_sharded_checkpoint
 from lightning_modules.nonfinite import NonFiniteLossGuard, drop_gradients
@@ -258,15 +259,44 @@ class TextImagePrior(L.LightningModule):
             self.log_dict(logs, rank_zero_only=True)
         self._last_step_time = now
 
+    # -------------------------------------------------------------------------
+    # validation: sums over every real sample, added up over the ranks at the end, so the logged
+    # losses are the same on one process or many and for any batch size; padding never counts
+
+    def on_validation_epoch_start(self) -> None:
+        # [caption cross-entropy, caption targets, image cross-entropy (per-sample means), samples]
+        self.val_sums = torch.zeros(4, dtype=torch.float64, device=self.device)
+
     def validation_step(self, batch: dict, batch_idx: int) -> None:
+        real = without_padding(batch)
+        # a batch of padding only still goes through the model, counted for nothing: under FSDP
+        # every rank must take part in every forward
+        counted = len(real["text_ids"]) > 0
+        batch = real if counted else batch
         text_ids, text_mask = self.text(batch)
         losses = self.transformer.loss(
             text_ids, text_mask, self.image_ids(batch), self.hparams.text_loss_weight, self.hparams.image_loss_weight
         )
-        self.log_dict({f"val/{name}": value for name, value in losses.items()}, sync_dist=True, batch_size=len(text_ids))
+        if not counted:
+            return
+        targets = text_mask[:, 1:].sum().double()  # the caption tokens predicted (padding is never a target)
+        text = losses["text_loss"].double() * targets if "text_loss" in losses else targets.new_zeros(())
+        samples = targets.new_tensor(len(text_ids))
+        self.val_sums += torch.stack([text, targets, losses["image_loss"].double() * samples, samples])
 
     def on_validation_epoch_end(self) -> None:
         self._last_step_time = None  # the validation pause is not a training step
+        text, targets, image, samples = self.trainer.strategy.reduce(self.val_sums, reduce_op="sum")
+        if samples == 0:
+            return
+        w_text, w_image = self.hparams.text_loss_weight, self.hparams.image_loss_weight
+        logs = {"val/image_loss": image / samples, "val/samples": samples}
+        logs["val/loss"] = logs["val/image_loss"]
+        if w_text > 0:  # the whole set's means, weighted as TextImageTransformer.loss weights a batch's
+            logs["val/text_loss"] = text / targets
+            logs["val/loss"] = (w_text * logs["val/text_loss"] + w_image * logs["val/image_loss"]) / (w_text + w_image)
+        # every rank holds the same values: syncing only keeps Lightning from warning that they were not
+        self.log_dict({name: value.float() for name, value in logs.items()}, sync_dist=True)
 
     def configure_optimizers(self):
         config = self.optimizer_config

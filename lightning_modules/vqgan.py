@@ -33,6 +33,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
+from datamodules.stream import without_padding
 from lightning_modules.nonfinite import NonFiniteLossGuard, drop_gradients
 from tessera.lr_schedule import lr_factor
 from tessera.nn.autoencoder import AutoencoderConfig
@@ -46,7 +47,7 @@ from tessera.nn.gan_losses import (
     non_saturating_g_loss,
 )
 from tessera.nn.lpips import LPIPS
-from tessera.nn.quantizer_base import Quantizer, build_quantizer, quantizer_spec
+from tessera.nn.quantizer_base import Quantizer, build_quantizer, quantizer_spec, usage_stats
 from tessera.nn.vq_tokenizer import VQTokenizer
 from tessera.pixels import psnr
 
@@ -381,19 +382,41 @@ class VQGAN(L.LightningModule):
             self.clip_gradients(optimizer, self.optimizer_config.gradient_clip_val, gradient_clip_algorithm="norm")
 
     # -------------------------------------------------------------------------
-    # validation: the EMA weights when kept
+    # validation: the EMA weights when kept. Sums over every real sample, added up over the ranks
+    # at the end, so the logged means are the same on one process or many and for any batch size,
+    # and codebook usage and perplexity are those of the whole validation set; padding never counts
+
+    def on_validation_epoch_start(self) -> None:
+        # [pixel loss, LPIPS, PSNR, samples] (sums of per-sample values), then how often each code came
+        self.val_sums = torch.zeros(4 + self.tokenizer.codebook_size, dtype=torch.float64, device=self.device)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
+        batch = without_padding(batch)
+        samples = len(batch["images"])
+        if samples == 0:  # padding only: it keeps every rank's step count the same (no collective runs here)
+            return
         images = self._layout(batch["images"])
         reconstructions, quantized = self.inference_tokenizer(images)
-        rec_loss, perceptual_loss = self.reconstruction_losses(images, reconstructions)
+        rec_loss, perceptual_loss = self.reconstruction_losses(images, reconstructions)  # means over the batch
+        psnr_sum = psnr(images, reconstructions).sum()
+        sums = [rec_loss * samples, perceptual_loss * samples, psnr_sum, rec_loss.new_tensor(samples)]
+        codes = torch.bincount(quantized.ids.flatten(), minlength=self.tokenizer.codebook_size)  # (K,)
+        self.val_sums += torch.cat([torch.stack([value.double() for value in sums]), codes.double()])
+
+    def on_validation_epoch_end(self) -> None:
+        totals = self.trainer.strategy.reduce(self.val_sums, reduce_op="sum")
+        (rec_loss, perceptual_loss, psnr_sum, samples), codes = totals[:4], totals[4:]
+        if samples == 0:
+            return
         logs = {
-            "rec_loss": rec_loss,
-            "perceptual_loss": perceptual_loss,
-            "psnr": psnr(images, reconstructions).mean(),
-            **{f"codebook/{name}": value for name, value in quantized.stats.items()},
+            "rec_loss": rec_loss / samples,
+            "perceptual_loss": perceptual_loss / samples,
+            "psnr": psnr_sum / samples,
+            "samples": samples,
+            **{f"codebook/{name}": value for name, value in usage_stats(codes).items()},
         }
-        self.log_dict({f"val/{name}": value for name, value in logs.items()}, sync_dist=True, batch_size=len(images))
+        # every rank holds the same values: syncing only keeps Lightning from warning that they were not
+        self.log_dict({f"val/{name}": value.float() for name, value in logs.items()}, sync_dist=True)
 
     # -------------------------------------------------------------------------
     # checkpoints: LPIPS' frozen VGG16 (58 MB) is loaded from its own files, never saved

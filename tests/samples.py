@@ -56,3 +56,21 @@ def img2dataset_samples(shard: int, count: int, size: tuple[int, int] = (96, 80)
         samples.append({"__key__": key, "jpg": encode(gradient_image(*size)), "txt": caption,
                         "json": json.dumps(meta)})
     return samples
+
+
+def img2dataset_shards_with_bad_samples(directory: Path, layout: list[tuple[int, int]]) -> list[str]:
+    """Shards of (good, undecodable) samples each, in img2dataset's layout, every good image a
+    noise of its own: the undecodable ones downloaded fine, so `*_stats.json` counts them among
+    the "successes" as well. One sits first in its shard (so every reading of the shard meets it),
+    the others last."""
+    urls = []
+    for shard, (good, bad) in enumerate(layout):
+        samples = img2dataset_samples(shard, good)
+        noise = np.random.default_rng(shard).integers(0, 256, (good, 36, 40, 3), np.uint8)
+        for sample, pixels in zip(samples, noise):
+            sample["jpg"] = encode(Image.fromarray(pixels))
+        broken = [{"__key__": f"{shard:05d}bad{i}", "jpg": b"not a jpeg", "txt": "broken"} for i in range(bad)]
+        write_wds_shard(directory / f"{shard:05d}.tar", broken[:1] + samples + broken[1:])
+        (directory / f"{shard:05d}_stats.json").write_text(json.dumps({"count": good + bad, "successes": good + bad}))
+        urls.append(str(directory / f"{shard:05d}.tar"))
+    return urls

@@ -61,17 +61,19 @@ def _iterate_epochs(loader, epochs):
     return [batch for _ in range(epochs) for batch in loader]
 
 
-def test_skipped_samples_are_logged_as_metrics(tmp_path):
+def test_skipped_and_repeated_samples_are_logged_as_metrics(tmp_path):
     broken = encode(gradient_image(64, 64))[:300]
     samples = [{"__key__": f"bad{i}", "jpg": broken, "txt": "cut"} for i in range(3)] + img2dataset_samples(0, 12)
     write_wds_shard(tmp_path / "00000.tar", samples)
+    # 16 samples an epoch from 12 good ones: 4 from a second reading, which meets the bad ones again
     data = CaptionImageDataModule(str(tmp_path / "00000.tar"), image_size=32, batch_size=4, num_workers=0,
-                                  train_samples=12, text_length=6, shuffle_buffer=0)
+                                  train_samples=16, text_length=6, shuffle_buffer=0)
     trainer(tmp_path, max_epochs=1, callbacks=[DataStatsMonitor(every_n_steps=1)]).fit(RecordingModule(), datamodule=data)
 
     assert data.data_stats["corrupt_image"] == 3
-    assert trainer_metrics(data)["data/corrupt_image"] == 3
-    assert trainer_metrics(data)["data/truncated_captions"] == 12  # "photo number i of shard 0" needs > 6 tokens
+    assert trainer_metrics(data)["data/corrupt_image"] == 3  # once an epoch, not at every reading
+    assert trainer_metrics(data)["train/repeated_samples"] == 4
+    assert trainer_metrics(data)["data/truncated_captions"] == 16  # "photo number i of shard 0" needs > 6 tokens
 
 
 def trainer_metrics(data) -> dict[str, float]:

@@ -1,5 +1,6 @@
 import io
 import json
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -7,8 +8,11 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from datamodules.stream import CaptionImageStream, check_shards, expand_urls, shard_sizes
-from tests.samples import encode, gradient_image, img2dataset_samples, write_wds_shard
+from datamodules.caption_image import EpochLoader
+from datamodules.stream import (
+    CaptionImageStream, CaptionTokenStream, check_shards, deal_shards, expand_urls, shard_sizes, without_padding,
+)
+from tests.samples import encode, gradient_image, img2dataset_samples, img2dataset_shards_with_bad_samples, write_wds_shard
 
 
 def make_stream(urls, captions, samples_per_epoch=120, batch_size=4, **options):
@@ -44,7 +48,7 @@ def test_same_seed_gives_same_order_and_epochs_differ(shapes_urls, caption_token
 
 
 def test_two_ranks_over_uneven_shards_get_disjoint_samples_and_equal_batch_counts(shapes_urls, caption_tokenizer):
-    # shards of 50, 50 and 20 samples: rank 0 reads two of them, rank 1 one, whatever the shuffle
+    # shards of 50, 50 and 20 samples: one rank reads 50 + 20 of them, the other 50, whatever the shuffle
     ranks = [make_stream(shapes_urls, caption_tokenizer, rank=r, world_size=2, shuffle_buffer=10) for r in range(2)]
     for epoch in range(3):
         for stream in ranks:
@@ -68,7 +72,16 @@ def test_loader_workers_split_shards_and_yield_the_epoch_length(shapes_urls, cap
     loader = DataLoader(stream, batch_size=None, num_workers=2)
     keys = [key for batch in loader for key in batch["keys"]]
     assert len(loader) == 24 and len(keys) == 120
-    assert len(set(keys)) > 60  # two workers read different shards; the one with less data starts over
+    # one worker reads 70 samples, the other 50 and then 10 of them again
+    assert len(set(keys)) == 110 and sorted(Counter(Counter(keys).values()).items()) == [(1, 100), (2, 10)]
+
+
+def test_uneven_shards_are_dealt_by_their_recorded_sizes():
+    sizes = {"a": 50, "b": 50, "c": 20, "d": None}
+    assert deal_shards(["a", "b", "c"], sizes, 2) == [["a", "c"], ["b"]]  # 70 and 50, not 100 and 20
+    assert deal_shards(["c", "a", "b"], sizes, 2) == [["c", "b"], ["a"]]
+    assert deal_shards(["a", "b", "c", "d"], dict.fromkeys("abcd", 7), 2) == [["a", "c"], ["b", "d"]]  # round-robin
+    assert deal_shards(["c", "d", "a"], sizes, 2) == [["c", "a"], ["d"]]  # d counts as the mean, 40
 
 
 def test_resampled_mode_yields_the_epoch_length(shapes_urls, caption_tokenizer):
@@ -144,11 +157,41 @@ def test_truncated_captions_are_counted(shapes_urls):
     assert (batch["text_ids"][:, -1] == 49407).all()
 
 
-def test_shards_of_only_bad_samples_raise_instead_of_spinning(tmp_path, caption_tokenizer, monkeypatch):
+def test_a_rank_short_of_good_samples_repeats_them_once_and_counts_repeats_and_skips_once(tmp_path, caption_tokenizer):
+    # both shards record 8 samples; rank 1's holds 5 good ones and 3 that cannot be decoded
+    urls = img2dataset_shards_with_bad_samples(tmp_path, [(8, 0), (5, 3)])
+    ranks = [make_stream(urls, caption_tokenizer, samples_per_epoch=16, rank=r, world_size=2, shuffle=False) for r in range(2)]
+    batches = [list(stream) for stream in ranks]
+
+    assert [len(b) for b in batches] == [2, 2]
+    short = [key for batch in batches[1] for key in batch["keys"]]
+    assert len(short) == 8 and len(set(short)) == 5
+    stats = sum((Counter(batch["stats"]) for batch in batches[1]), Counter())
+    # the second pass met the first bad sample again, and did not count it again
+    assert stats == {"repeated_samples": 3, "corrupt_image": 3}
+    assert all(batch["stats"] == {} for batch in batches[0])
+
+
+def test_a_rank_that_would_need_a_third_pass_over_its_shards_raises_naming_them(tmp_path, caption_tokenizer):
+    # one good sample, recorded as 4, would fill two batches of 4
+    urls = img2dataset_shards_with_bad_samples(tmp_path, [(4, 0), (1, 3)])
+    stream = make_stream(urls, caption_tokenizer, samples_per_epoch=16, rank=1, world_size=2, shuffle=False)
+    with pytest.raises(RuntimeError, match=r"00001\.tar.*twice this epoch.*train_samples"):
+        list(stream)
+
+
+def test_shards_without_a_good_sample_raise_naming_them(tmp_path, caption_tokenizer):
+    urls = img2dataset_shards_with_bad_samples(tmp_path, [(4, 0), (0, 5)])
+    stream = make_stream(urls, caption_tokenizer, samples_per_epoch=8, rank=1, world_size=2, shuffle=False)
+    with pytest.raises(RuntimeError, match=r"no sample of its shards \[.*00001\.tar'\] can be used"):
+        next(iter(stream))
+
+
+def test_resampled_shards_of_only_bad_samples_raise_instead_of_spinning(tmp_path, caption_tokenizer, monkeypatch):
     monkeypatch.setattr("datamodules.stream.MAX_CONSECUTIVE_SKIPS", 100)
     write_wds_shard(tmp_path / "00000.tar", [{"__key__": f"k{i}", "png": b"broken", "txt": "x"} for i in range(5)])
     with pytest.raises(RuntimeError, match="bad samples in a row"):
-        next(iter(make_stream([str(tmp_path / "00000.tar")], caption_tokenizer, samples_per_epoch=4)))
+        next(iter(make_stream([str(tmp_path / "00000.tar")], caption_tokenizer, samples_per_epoch=4, resampled=True)))
 
 
 def test_empty_shards_raise_instead_of_spinning(tmp_path, caption_tokenizer):
@@ -183,3 +226,69 @@ def test_pipe_urls_are_read(shapes_urls, caption_tokenizer):
     assert shard_sizes(urls) == [None, None, None]
     keys = all_keys(make_stream(urls, caption_tokenizer, shuffle=False))
     assert len(set(keys)) == 120
+
+
+# --- validation ------------------------------------------------------------------------------
+
+
+def validation_ranks(urls, captions, world_size: int, num_workers: int, batch_size: int, **options) -> list[list[dict]]:
+    """Each rank's validation batches, read through the loader the datamodule uses, which says how many there are."""
+    ranks = []
+    for rank in range(world_size):
+        stream = make_stream(urls, captions, batch_size=batch_size, rank=rank, world_size=world_size, validation=True,
+                             **options)
+        loader = EpochLoader(stream, 0, num_workers=num_workers)
+        ranks.append(list(loader))
+        assert len(ranks[-1]) == len(loader)
+    return ranks
+
+
+@pytest.mark.parametrize("shards, world_size, num_workers, batch_size", [
+    (4, 2, 0, 4),  # by shard: 4 shards for 2 slots
+    (4, 2, 2, 3),  # by shard, a slot per loader worker
+    (1, 3, 0, 2),  # by sample: fewer shards than slots
+])
+def test_validation_reads_every_good_sample_once_over_the_ranks(tmp_path, caption_tokenizer, shards, world_size,
+                                                                   num_workers, batch_size):
+    layout = [(9, 2), (3, 1), (6, 0), (1, 3)][:shards]  # uneven, with samples that cannot be decoded
+    urls = img2dataset_shards_with_bad_samples(tmp_path, layout)
+    recorded = sum(good + bad for good, bad in layout)
+    ranks = validation_ranks(urls, caption_tokenizer, world_size, num_workers, batch_size, samples_per_epoch=recorded)
+
+    assert len({len(batches) for batches in ranks}) == 1  # every rank runs as many steps
+    real = [key for batches in ranks for batch in batches for key in without_padding(batch)["keys"]]
+    expected = [f"{shard:05d}{i:04d}" for shard, (good, _) in enumerate(layout) for i in range(good)]
+    assert sorted(real) == expected  # each good sample exactly once
+    for batch in (batch for batches in ranks for batch in batches):
+        real_rows = int(batch["valid"].sum())
+        assert batch["valid"][:real_rows].all() and batch["keys"][real_rows:] == [""] * (batch_size - real_rows)
+        assert batch["images"].shape == (batch_size, 3, 32, 32)
+
+
+def test_validation_with_a_sample_count_reads_that_many_first_samples(tmp_path, caption_tokenizer):
+    urls = img2dataset_shards_with_bad_samples(tmp_path, [(9, 2), (3, 1)])  # 15 recorded
+    ranks = validation_ranks(urls, caption_tokenizer, 2, 0, 4, samples_per_epoch=6)
+    real = [key for batches in ranks for batch in batches for key in without_padding(batch)["keys"]]
+    assert sorted(real) == [f"00000{i:04d}" for i in range(5)]  # the first 6 samples: a bad one and 5 good
+
+
+def test_validation_shards_holding_more_than_their_records_raise_naming_them(tmp_path, caption_tokenizer):
+    urls = img2dataset_shards_with_bad_samples(tmp_path, [(5, 0), (3, 0)])
+    (tmp_path / "00001_stats.json").write_text(json.dumps({"successes": 2}))
+    with pytest.raises(ValueError, match=r"00001\.tar.*more samples than their size records"):
+        validation_ranks(urls, caption_tokenizer, 2, 0, 4, samples_per_epoch=7)
+
+
+def test_a_token_validation_slot_without_samples_pads_in_the_shards_id_grid(tmp_path, caption_tokenizer):
+    def ids() -> bytes:
+        buffer = io.BytesIO()
+        np.save(buffer, np.ones((4, 4), dtype=np.uint16))
+        return buffer.getvalue()
+
+    write_wds_shard(tmp_path / "00000.tar", [{"__key__": str(i), "tokens.npy": ids(), "txt": "a red circle"} for i in range(3)])
+    streams = [CaptionTokenStream([str(tmp_path / "00000.tar")], caption_tokenizer, samples_per_epoch=3, batch_size=2,
+                                  rank=rank, world_size=4, validation=True) for rank in range(4)]
+    batches = [list(stream) for stream in streams]
+    assert [len(b) for b in batches] == [1, 1, 1, 1]
+    last = batches[3][0]  # samples 0, 1 and 2 went to ranks 0, 1 and 2
+    assert not last["valid"].any() and last["image_ids"].shape == (2, 4, 4)
