@@ -36,8 +36,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging()
     return args.run(args) or 0
+
+
+def configure_logging() -> None:
+    """Timestamped INFO lines. Lightning prints its own ("INFO: ...") through a handler of the
+    `lightning` logger, which would also pass them on to these: each line twice."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("lightning").propagate = False
 
 
 def build_parser() -> argparse.ArgumentParser:
