@@ -4,7 +4,7 @@
     tessera shards folder --images DIR --captions FILE --out DIR [--max-pixels P] [--overwrite]
     tessera shards coco --annotations FILE --images DIR --out DIR
     tessera data check SHARDS [--text-length N] [--max-pixels P]
-    tessera quickstart [--out DIR] [--minutes M]
+    tessera quickstart [--out DIR] [--tokenizer-steps N] [--prior-steps N] [--minutes M]
     tessera fit --config configs/tokenizer/tiny_shapes.yaml --config configs/data/shapes.yaml
     tessera validate|test|predict ... (LightningCLI: `tessera fit --help` lists every option)
     tessera export --checkpoint RUN.ckpt --out DIR
@@ -125,7 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
     quickstart = commands.add_parser("quickstart", help="the end-to-end example on synthetic data, on a CPU")
     quickstart.add_argument("--out", default="quickstart", type=Path)
     quickstart.add_argument("--num-samples", type=int, default=16384, help="training scenes (validation: a 64th, at least 64)")
-    quickstart.add_argument("--minutes", type=float, default=12.0, help="wall-clock budget of the two training stages together (x1/0.9)")
+    quickstart.add_argument("--tokenizer-steps", type=int, help="default: max_steps of configs/tokenizer/tiny_shapes.yaml")
+    quickstart.add_argument("--prior-steps", type=int, help="default: max_steps of configs/prior/tiny_shapes.yaml")
+    quickstart.add_argument("--minutes", type=float, help="stop training on this wall-clock budget too (35%% tokenizer, 55%% "
+                            "prior); the numbers then depend on the machine's speed and load")
     quickstart.add_argument("--fidelity-samples", type=int, default=200, help="images generated to measure caption fidelity")
     quickstart.set_defaults(run=_quickstart)
 
@@ -329,7 +332,7 @@ def _quickstart(args: argparse.Namespace) -> int:
     """Data, tokenizer, token shards, prior, samples, evaluation and a report: see tessera/commands/quickstart.py."""
     from tessera.commands.quickstart import run_quickstart
 
-    run_quickstart(args.out, args.minutes, args.num_samples, args.fidelity_samples)
+    run_quickstart(args.out, args.num_samples, args.fidelity_samples, args.tokenizer_steps, args.prior_steps, args.minutes)
     return 0
 
 

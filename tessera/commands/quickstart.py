@@ -10,9 +10,12 @@ run would use, with the same configs:
                                       reconstruction PSNR, codebook usage
     6. report.md and report.html      the pictures, loss curves and numbers
 
-Training stops on a wall-clock budget (Trainer `max_time`), so `--minutes` bounds the whole run.
-Every stage logs to CSV (the curves of the report) and to Weights & Biases in offline mode
-(`wandb sync DIR/wandb/offline-run-*` uploads it later).
+Each training stage runs its config's max_steps (`--tokenizer-steps`, `--prior-steps` change
+them), so a seed gives the same numbers on a fast machine, a slow one or a busy one; a line every
+100 steps tells the time to go. `--minutes M` stops the stages on a wall-clock budget too (Trainer
+`max_time`, 35% and 55% of M), and a report with a stage cut short says so at its top: its numbers
+are below what the default reaches. Every stage logs to CSV (the curves of the report) and to
+Weights & Biases in offline mode (`wandb sync DIR/wandb/offline-run-*` uploads it later).
 """
 
 from __future__ import annotations
@@ -46,11 +49,37 @@ SAMPLE_PROMPTS = [
     "a small red circle, a small red square and a small red triangle from left to right",
 ]
 
+TOKENIZER_CONFIG = CONFIGS / "tokenizer" / "tiny_shapes.yaml"
+PRIOR_CONFIG = CONFIGS / "prior" / "tiny_shapes.yaml"
 FINAL = Path("checkpoints") / "last.ckpt"  # written by `tessera fit` when training ends
 DISPLAY_SCALE = 4  # report grids: each pixel drawn as a 4x4 block
-# shares of the training budget: the tokenizer reconstructs colour and kind exactly after ~1,400
-# steps, while the prior's loss falls to the end (caption fidelity at guidance 3: 51% at 55/35, 68% at 35/55)
+# shares of a --minutes budget, those that set the default steps: the tokenizer reconstructs colour
+# and kind exactly after ~1,400 steps, while the prior's loss falls to the end (caption fidelity at
+# guidance 3: 51% at 55/35, 68% at 35/55)
 TOKENIZER_SHARE, PRIOR_SHARE = 0.35, 0.55
+
+
+@dataclass
+class Stage:
+    """A training stage: its config, the steps asked of it (its config's max_steps unless told), the
+    steps it trained."""
+
+    name: str
+    config: Path
+    budget_share: float  # of --minutes
+    steps: int | None = None
+    trained: int = 0
+    default_steps: int = field(init=False)
+
+    def __post_init__(self):
+        self.default_steps = yaml.safe_load(self.config.read_text())["trainer"]["max_steps"]
+        self.steps = self.default_steps if self.steps is None else self.steps
+        if self.steps < 1:
+            raise ValueError(f"--{self.name}-steps must be at least 1, got {self.steps}")
+
+    @property
+    def stopped_on_time(self) -> bool:
+        return self.trained < self.steps  # max_time is the only other end of a quickstart stage
 
 
 @dataclass
@@ -66,49 +95,58 @@ class StageLog:
         self.lines.append(line)
 
 
-def run_quickstart(out: Path, minutes: float, num_samples: int, fidelity_samples: int) -> dict:
+def run_quickstart(
+    out: Path,
+    num_samples: int,
+    fidelity_samples: int,
+    tokenizer_steps: int | None = None,
+    prior_steps: int | None = None,
+    minutes: float | None = None,
+) -> dict:
+    """The whole pipeline into OUT. Steps default to the stage configs' max_steps; `minutes`, when
+    given, stops each stage on its share of that wall-clock budget as well."""
+    tokenizer = Stage("tokenizer", TOKENIZER_CONFIG, TOKENIZER_SHARE, tokenizer_steps)
+    prior = Stage("prior", PRIOR_CONFIG, PRIOR_SHARE, prior_steps)
+    if minutes is not None and minutes <= 0:
+        raise ValueError(f"--minutes must be above 0, got {minutes}")
     out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("WANDB_SILENT", "true")
     log = StageLog()
-    budget_s = minutes * 60
     image_size = shapes_image_size()
 
     train, val = write_data(out, num_samples, image_size, log)
 
     tokenizer_run = out / "tokenizer_run"
-    fit(tokenizer_run, ["fit", "--config", str(CONFIGS / "tokenizer" / "tiny_shapes.yaml"),
-                        "--config", str(DATA_CONFIG),
-                        "--config", str(overlay(out, "tokenizer", tokenizer_run, TOKENIZER_SHARE * budget_s, {
-                            "data": {"init_args": {"train_shards": train, "val_shards": val}},
-                        }))])
-    log("tokenizer", f"trained: {last_step(tokenizer_run)} steps")
+    train_stage(out, tokenizer, tokenizer_run, minutes, {
+        "data": {"init_args": {"train_shards": train, "val_shards": val}},
+    }, log)
 
     from datamodules.token_shards import tokenize_shards
     from lightning_modules.vqgan import load_tokenizer
 
-    tokenizer = load_tokenizer(tokenizer_run / FINAL)
-    tokenizer.save_pretrained(out / "tokenizer")
+    image_tokenizer = load_tokenizer(tokenizer_run / FINAL)
+    image_tokenizer.save_pretrained(out / "tokenizer")
     token_shards = {}
     for split, pattern in (("train", train), ("val", val)):
-        report = tokenize_shards(tokenizer, pattern, out / "data" / f"{split}_tokens", image_size=image_size, batch_size=64)
+        report = tokenize_shards(image_tokenizer, pattern, out / "data" / f"{split}_tokens", image_size=image_size, batch_size=64)
         token_shards[split] = str(out / "data" / f"{split}_tokens" / Path(pattern).name)
         log("tokenize", f"{split}: {report.samples} samples, skipped {dict(report.skipped) or 'none'}")
 
     prior_run = out / "prior_run"
-    fit(prior_run, ["fit", "--config", str(CONFIGS / "prior" / "tiny_shapes.yaml"),
-                    "--config", str(DATA_CONFIG),
-                    "--config", str(overlay(out, "prior", prior_run, PRIOR_SHARE * budget_s, {
-                        "model": {"init_args": {"tokenizer": str(out / "tokenizer")}},
-                        "data": {"init_args": {"train_shards": token_shards["train"], "val_shards": token_shards["val"],
-                                               "image_tokens": True}},
-                    }))])
-    log("prior", f"trained: {last_step(prior_run)} steps")
+    train_stage(out, prior, prior_run, minutes, {
+        "model": {"init_args": {"tokenizer": str(out / "tokenizer")}},
+        "data": {"init_args": {"train_shards": token_shards["train"], "val_shards": token_shards["val"], "image_tokens": True}},
+    }, log)
 
-    numbers = evaluate(out, tokenizer, prior_run / FINAL, val, image_size, fidelity_samples, log)
+    numbers = evaluate(out, image_tokenizer, prior_run / FINAL, val, image_size, fidelity_samples, log)
     numbers["minutes"] = round((time.perf_counter() - log.started) / 60, 1)
-    write_report(out, numbers, tokenizer_run, prior_run, log)
+    numbers["steps"] = {stage.name: stage.trained for stage in (tokenizer, prior)}
+    warning = shortfall([tokenizer, prior])
+    write_report(out, numbers, warning, tokenizer_run, prior_run, log)
     log("report", f"{out / 'report.md'} and {out / 'report.html'}")
+    if warning:
+        log("report", warning)
     return numbers
 
 
@@ -136,23 +174,35 @@ def write_data(out: Path, num_samples: int, image_size: int, log: StageLog) -> t
     return patterns[0], patterns[1]
 
 
-def overlay(out: Path, stage: str, run_dir: Path, seconds: float, sections: dict) -> Path:
-    """A config layered over the stage's own: paths, the time budget, the loggers."""
-    minutes, secs = divmod(max(10, int(seconds)), 60)
-    config = {
-        **sections,
-        "trainer": {
-            "default_root_dir": str(run_dir),
-            "max_time": f"00:00:{minutes:02d}:{secs:02d}",
-            "logger": [
-                {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(run_dir), "name": "csv"}},
-                {"class_path": "lightning.pytorch.loggers.WandbLogger",
-                 "init_args": {"save_dir": str(out), "project": "tessera-quickstart", "name": stage, "offline": True}},
-            ],
-        },
+def train_stage(out: Path, stage: Stage, run_dir: Path, minutes: float | None, sections: dict, log: StageLog) -> None:
+    """`tessera fit` with the stage's config, the data config and an overlay; sets stage.trained."""
+    seconds = None if minutes is None else stage.budget_share * minutes * 60
+    limit = "" if seconds is None else f", at most {seconds / 60:.1f} minutes"
+    log(stage.name, f"training {stage.steps:,} steps{limit} ({stage.config.relative_to(CONFIGS.parent)})")
+    fit(run_dir, ["fit", "--config", str(stage.config), "--config", str(DATA_CONFIG),
+                  "--config", str(overlay(out, stage, run_dir, seconds, sections))])
+    stage.trained = last_step(run_dir)
+    log(stage.name, f"trained {stage.trained:,} steps" + (" (stopped on the time limit)" if stage.stopped_on_time else ""))
+
+
+def overlay(out: Path, stage: Stage, run_dir: Path, seconds: float | None, sections: dict) -> Path:
+    """A config layered over the stage's own: paths, the steps, the loggers, a time limit if any.
+    Without one the steps alone end training: a limit, however generous, would make the model
+    depend on the machine's speed and load."""
+    trainer = {
+        "default_root_dir": str(run_dir),
+        "max_steps": stage.steps,
+        "logger": [
+            {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(run_dir), "name": "csv"}},
+            {"class_path": "lightning.pytorch.loggers.WandbLogger",
+             "init_args": {"save_dir": str(out), "project": "tessera-quickstart", "name": stage.name, "offline": True}},
+        ],
     }
-    path = out / f"{stage}_overlay.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    if seconds is not None:
+        minutes, secs = divmod(max(10, int(seconds)), 60)
+        trainer["max_time"] = f"00:00:{minutes:02d}:{secs:02d}"
+    path = out / f"{stage.name}_overlay.yaml"
+    path.write_text(yaml.safe_dump({**sections, "trainer": trainer}, sort_keys=False))
     return path
 
 
@@ -168,6 +218,20 @@ def fit(run_dir: Path, argv: list[str]) -> None:
 
 def last_step(run_dir: Path) -> int:
     return torch.load(run_dir / FINAL, map_location="cpu", weights_only=True)["global_step"]
+
+
+def shortfall(stages: list[Stage]) -> str | None:
+    """The warning atop the report, and last in the printed summary, when a stage trained fewer
+    steps than its default: a time limit cut it short, or fewer steps were asked."""
+    short = [stage for stage in stages if stage.trained < stage.default_steps]
+    if not short:
+        return None
+    reasons = "; ".join(
+        f"the {stage.name} stopped on the time limit after {stage.trained:,} of {stage.steps:,} steps" if stage.stopped_on_time
+        else f"the {stage.name} trained {stage.trained:,} of the default {stage.default_steps:,} steps"
+        for stage in short
+    )
+    return f"{reasons[0].upper()}{reasons[1:]}: results are below what the default reaches."
 
 
 def evaluate(out: Path, tokenizer, prior_checkpoint: Path, val_pattern: str, image_size: int, fidelity_samples: int, log: StageLog) -> dict:
@@ -232,30 +296,33 @@ def loss_curves(run_dirs: dict[str, Path], path: Path) -> None:
 
     figure, axes = plt.subplots(1, len(run_dirs), figsize=(5 * len(run_dirs), 3.2))
     for axis, (stage, run_dir) in zip(axes, run_dirs.items()):
-        metrics = sorted(run_dir.glob("csv/version_*/metrics.csv"))[-1]
-        rows = list(csv.DictReader(metrics.open()))
+        metrics = sorted(run_dir.glob("csv/version_*/metrics.csv"))
+        rows = list(csv.DictReader(metrics[-1].open())) if metrics else []  # none before log_every_n_steps
         for name in ("train/rec_loss", "train/image_loss", "val/rec_loss", "val/image_loss"):
             points = [(int(r["step"]), float(r[name])) for r in rows if r.get(name)]
             if points:
                 axis.plot(*zip(*points), label=name, marker="o" if name.startswith("val") else None)
         axis.set_title(stage)
         axis.set_xlabel("training step")
-        axis.legend()
+        if axis.lines:
+            axis.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
 
 
-def write_report(out: Path, numbers: dict, tokenizer_run: Path, prior_run: Path, log: StageLog) -> None:
+def write_report(out: Path, numbers: dict, warning: str | None, tokenizer_run: Path, prior_run: Path, log: StageLog) -> None:
     loss_curves({"tokenizer": tokenizer_run, "prior": prior_run}, out / "loss_curves.png")
     from tessera.commands.evaluate_shapes import headline
 
     table = "\n".join(f"| {key} | {value} |" for key, value in headline(numbers["caption_fidelity"]).items())
     prompts = "\n".join(f"{i + 1}. {prompt}" for i, prompt in enumerate(SAMPLE_PROMPTS))
+    top = f"**{warning}**\n\n" if warning else ""
     markdown = f"""# Tessera quickstart report
 
-Whole pipeline on this machine's CPU in {numbers['minutes']} minutes: synthetic shards, a tiny
-VQ-GAN tokenizer, token shards, a tiny prior, samples and their evaluation.
+{top}Whole pipeline on this machine's CPU in {numbers['minutes']} minutes: synthetic shards, a tiny
+VQ-GAN tokenizer ({numbers['steps']['tokenizer']:,} steps), token shards, a tiny prior
+({numbers['steps']['prior']:,} steps), samples and their evaluation.
 
 ## Tokenizer: validation images (top) and reconstructions (bottom)
 
