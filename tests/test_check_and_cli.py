@@ -1,6 +1,4 @@
 import json
-import subprocess
-import sys
 import tarfile
 
 import pytest
@@ -124,13 +122,3 @@ def test_unknown_command_exits_with_usage(capsys):
     with pytest.raises(SystemExit):
         main(["no-such-command"])
     assert "usage: tessera" in capsys.readouterr().err
-
-
-def test_lightning_lines_print_once_under_a_tessera_command():
-    """`tessera quickstart` (and every command that trains in-process) shows each Lightning line once."""
-    code = (
-        "from tessera.cli import configure_logging; configure_logging()\n"
-        "from lightning.pytorch.utilities.rank_zero import rank_zero_info; rank_zero_info('step 100/1,425')\n"
-    )
-    printed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert (printed.stdout + printed.stderr).count("step 100/1,425") == 1, printed.stderr
