@@ -20,6 +20,7 @@ Weights & Biases in offline mode (`wandb sync DIR/wandb/offline-run-*` uploads i
 
 from __future__ import annotations
 
+import argparse
 import csv
 import html
 import json
@@ -93,6 +94,24 @@ class StageLog:
         line = f"[{stage}] {message} ({time.perf_counter() - self.started:.0f}s)"
         print(line, flush=True)
         self.lines.append(line)
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    quickstart = commands.add_parser("quickstart", help="the end-to-end example on synthetic data, on a CPU")
+    quickstart.add_argument("--out", default="quickstart", type=Path)
+    quickstart.add_argument("--num-samples", type=int, default=16384, help="training scenes (validation: a 64th, at least 64)")
+    quickstart.add_argument("--tokenizer-steps", type=int, help="default: max_steps of configs/tokenizer/tiny_shapes.yaml")
+    quickstart.add_argument("--prior-steps", type=int, help="default: max_steps of configs/prior/tiny_shapes.yaml")
+    quickstart.add_argument("--minutes", type=float, help="stop training on this wall-clock budget too (35%% tokenizer, 55%% "
+                            "prior); the numbers then depend on the machine's speed and load")
+    quickstart.add_argument("--fidelity-samples", type=int, default=200, help="images generated to measure caption fidelity")
+    quickstart.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Data, tokenizer, token shards, prior, samples, evaluation and a report: see tessera/commands/quickstart.py."""
+    run_quickstart(args.out, args.num_samples, args.fidelity_samples, args.tokenizer_steps, args.prior_steps, args.minutes)
+    return 0
 
 
 def run_quickstart(
