@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -298,9 +299,33 @@ def test_top_k_keeps_the_same_tokens_as_transformers_top_k_warper(k):
 def test_top_p_keeps_the_same_tokens_as_transformers_top_p_warper(p):
     logits = 3 * torch.randn(4, 1000, generator=torch.Generator().manual_seed(int(p * 1000)))
     ours = filter_top_p(logits, p)
-    theirs = TopPLogitsWarper(top_p=p)(torch.zeros(4, 1, dtype=torch.long), logits)
+    # transformers sums probabilities in the logits' dtype: given them in fp64 it counts as we do
+    theirs = TopPLogitsWarper(top_p=p)(torch.zeros(4, 1, dtype=torch.long), logits.double())
     assert torch.equal(torch.isinf(ours), torch.isinf(theirs))
     assert ((~torch.isinf(ours)).sum(-1) >= 1).all()
+
+
+def kept_by_an_fp64_count(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """(B, V) bool: the most likely ids up to and including the one whose fp64 cumulative probability
+    reaches p, by numpy in float64 throughout."""
+    x = logits.double().numpy()
+    probs = np.exp(x - x.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    order = np.argsort(-probs, axis=-1, kind="stable")
+    ranked = np.take_along_axis(probs, order, axis=-1)
+    kept_ranked = np.cumsum(ranked, axis=-1) - ranked < p  # the mass ranked above each id
+    kept = np.empty_like(kept_ranked)
+    np.put_along_axis(kept, order, kept_ranked, axis=-1)
+    return torch.from_numpy(kept)
+
+
+def test_top_p_on_near_uniform_rows_keeps_the_tokens_an_fp64_count_keeps():
+    # 64 rows over 65,536 ids, each probability within ~10% of the others: the boundary token's mass
+    # differs from its neighbours' by ~1/65,536, near the rounding error of an fp32 running sum
+    # (which kept or dropped it wrongly in 3 of these rows)
+    logits = 0.1 * torch.randn(64, 65536, generator=torch.Generator().manual_seed(0))
+    kept = ~torch.isinf(filter_top_p(logits, 0.9))
+    assert torch.equal(kept, kept_by_an_fp64_count(logits, 0.9))
 
 
 def test_top_p_always_keeps_the_most_likely_token_and_p_1_keeps_all():
