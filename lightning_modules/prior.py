@@ -113,8 +113,8 @@ class TextImagePrior(L.LightningModule):
             text_tokenizer: "clip-bpe" or a `transformers` tokenizer name or directory; must be the
                 one the data is tokenized with.
             caption_dropout: share of training captions replaced by the empty caption (for guidance).
-            text_loss_weight: weight of the caption tokens' cross-entropy (DALL-E: 1 of 8); 0 skips
-                the text head, which dominates a small model's compute (LlamaGen trains no text loss).
+            text_loss_weight: weight of the caption tokens' cross-entropy (DALL-E: 1 of 8); 0 builds
+                no text head, which dominates a small model's compute (LlamaGen trains no text loss).
             image_loss_weight: weight of the image tokens' cross-entropy (DALL-E: 7 of 8).
             optimizer: AdamW and its schedule.
             compile: torch.compile each transformer block in place.
@@ -141,7 +141,7 @@ class TextImagePrior(L.LightningModule):
                 "compile": compile,
             }
         )
-        self.transformer = TextImageTransformer(self.config)
+        self.transformer = build_transformer(self.config, text_loss_weight)
         self.captions = CaptionTokenizer(text_tokenizer, self.config.text_length)
         if self.captions.vocab_size > self.config.text_vocab_size:
             raise ValueError(
@@ -307,6 +307,12 @@ class TextImagePrior(L.LightningModule):
             self.clip_gradients(optimizer, clip, gradient_clip_algorithm="norm")
 
 
+def build_transformer(config: TransformerConfig, text_loss_weight: float) -> TextImageTransformer:
+    """The prior's network; without a text head when the caption loss has no weight, as its checkpoints
+    and exports then hold none (under DDP a parameter that never gets a gradient fails the step after)."""
+    return TextImageTransformer(config, text_head=text_loss_weight > 0)
+
+
 def check_tokenizer_fits(tokenizer: VQTokenizer, config: TransformerConfig, path: str) -> None:
     """Clear errors when the stage-1 tokenizer and the transformer disagree."""
     description = tokenizer.describe()
@@ -384,7 +390,7 @@ def export_prior(checkpoint: str | Path, out: str | Path) -> dict[str, Any]:
     config = prior_config(checkpoint)
     # the transformer alone, fp32 on the CPU (load_state_dict casts bf16 weights up to it):
     # neither the stage-1 tokenizer nor a GPU need be here
-    transformer = TextImageTransformer(TransformerConfig(**config["transformer"]))
+    transformer = build_transformer(TransformerConfig(**config["transformer"]), config["text_loss_weight"])
     load_transformer_weights(transformer, checkpoint)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,6 @@
 """The TextImagePrior LightningModule through a real Trainer on CPU: learning on the shapes set,
-start-up checks, caption dropout, exact resume, generation, the sample command and callback."""
+start-up checks, caption dropout, exact resume, generation, the sample command and callback, a
+prior without text loss (no text head, under DDP too)."""
 
 from __future__ import annotations
 
@@ -17,10 +18,11 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 from callbacks.samples import SampleLogger
 from datamodules.caption_image import CaptionImageDataModule
-from lightning_modules.prior import PriorOptimizerConfig, TextImagePrior
+from lightning_modules.prior import PriorOptimizerConfig, TextImagePrior, load_prior
 from tessera.nn.autoencoder import AutoencoderConfig
 from tessera.nn.transformer import TransformerConfig
 from tessera.nn.vector_quantizer import VectorQuantizer
+from tests.distributed import as_launched_rank, run_distributed
 from tests.test_vqgan import tiny_vqgan, trainer
 
 TEXT_LENGTH = 24
@@ -222,3 +224,42 @@ def test_sample_command_refuses_fewer_candidates_than_images(tmp_path):
     with pytest.raises(SystemExit, match="fewer than --num-images"):
         main(["sample", "--prior", str(tmp_path / "p.ckpt"), "--prompt", "a red circle", "--num-images", "4",
               "--candidates", "2", "--out", str(tmp_path / "out")])
+
+
+# --- without text loss ------------------------------------------------------------------------------
+
+
+def test_a_prior_without_text_loss_is_built_saved_exported_and_loaded_without_a_text_head(tmp_path, tokenizer_dir):
+    from tessera.cli import main
+
+    prior = tiny_prior(tokenizer_dir, text_loss_weight=0.0)
+    assert prior.transformer.text_head is None
+    fit = trainer(tmp_path, max_steps=1)
+    fit.fit(prior, DataLoader(Tokens(prior), batch_size=8))
+    fit.save_checkpoint(tmp_path / "prior.ckpt")
+    assert main(["export", "--checkpoint", str(tmp_path / "prior.ckpt"), "--out", str(tmp_path / "export")]) == 0
+    expected = prior.transformer.state_dict()
+    for path in (tmp_path / "prior.ckpt", tmp_path / "export"):
+        loaded = load_prior(path).transformer.state_dict()
+        assert loaded.keys() == expected.keys()
+        for name, tensor in expected.items():
+            torch.testing.assert_close(loaded[name], tensor, rtol=0, atol=0, msg=f"{path.name}: {name}")
+
+
+def _fit_without_text_loss(rank: int, world_size: int, root: str) -> dict:
+    torch.set_num_threads(1)
+    as_launched_rank(rank, world_size)
+    prior = tiny_prior(None, tokenizer=None, text_loss_weight=0.0)
+    # plain "ddp": every parameter must get a gradient every step, as in configs/trainer/ddp.yaml
+    fit = trainer(Path(root), max_steps=3, devices=world_size, strategy="ddp")
+    fit.fit(prior, DataLoader(Tokens(prior), batch_size=2))  # 2 batches an epoch on each rank
+    weights = {name: tensor.clone() for name, tensor in prior.transformer.state_dict().items()}
+    return {"step": prior.global_step, "weights": weights}
+
+
+@pytest.mark.slow  # two processes importing Lightning
+def test_a_prior_without_text_loss_trains_on_two_ddp_processes(tmp_path):
+    ranks = run_distributed(_fit_without_text_loss, str(tmp_path))
+    assert [rank["step"] for rank in ranks] == [3, 3]
+    for name, weight in ranks[0]["weights"].items():
+        torch.testing.assert_close(ranks[1]["weights"][name], weight, rtol=0, atol=0, msg=name)

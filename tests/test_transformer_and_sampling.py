@@ -215,6 +215,17 @@ def test_loss_weighs_text_1_to_image_7_by_default_and_takes_other_weights():
     torch.testing.assert_close(image_only["loss"], out["image_loss"])
 
 
+def test_without_a_text_head_there_are_no_text_logits_and_a_text_loss_is_refused():
+    model = TextImageTransformer(tiny_config(), text_head=False)
+    assert not [name for name in model.state_dict() if name.startswith("text_head")]
+    ids, mask = captions([4, 8])
+    text_logits, image_logits = model(ids, image_tokens(2))
+    assert text_logits is None and image_logits.shape == (2, 16, 64)
+    assert set(model.loss(ids, mask, image_tokens(2), text_loss_weight=0.0)) == {"loss", "image_loss"}
+    with pytest.raises(ValueError, match=r"built without \(text_head=False\): pass text_loss_weight=0"):
+        model.loss(ids, mask, image_tokens(2))
+
+
 def test_loss_is_computed_in_fp32_under_bf16_autocast():
     model = tiny_model()
     ids, mask = captions([4, 8])

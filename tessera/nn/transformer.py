@@ -30,6 +30,9 @@ Choices:
   `is_causal` fast path (flash on GPU) with no padding mask.
 - The heads are padded to a multiple of 64 for efficient matmuls. The padded columns are no
   tokens: the loss and the sampler slice them off, so they are never a target and never drawn.
+- A prior trained without caption loss is built without the text head (`text_head=False`): a
+  parameter that never gets a gradient fails DDP's next step, and the 49,408-wide head would
+  only cost memory and optimizer state.
 """
 
 from __future__ import annotations
@@ -275,9 +278,10 @@ class KVCache:
 
 
 class TextImageTransformer(nn.Module):
-    """Caption ids (B, text_length) and image ids (B, N) -> next-token logits for both."""
+    """Caption ids (B, text_length) and image ids (B, N) -> next-token logits for both; with
+    `text_head=False`, for the image ids only (a prior trained without caption loss)."""
 
-    def __init__(self, config: TransformerConfig):
+    def __init__(self, config: TransformerConfig, text_head: bool = True):
         super().__init__()
         self.config = config
         d = config.n_embd
@@ -289,7 +293,7 @@ class TextImageTransformer(nn.Module):
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
         self.ln_f = norm_layer(config)
-        self.text_head = nn.Linear(d, config.padded_text_vocab_size, bias=False)
+        self.text_head = nn.Linear(d, config.padded_text_vocab_size, bias=False) if text_head else None
         self.image_head = nn.Linear(d, config.padded_image_vocab_size, bias=False)
 
         self.apply(self._init_weights)
@@ -315,7 +319,8 @@ class TextImageTransformer(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         if exclude_embeddings:
             tables = (self.text_embed, self.text_pos, self.image_embed, self.image_row, self.image_col)
-            n -= sum(p.numel() for m in (*tables, self.text_head, self.image_head) for p in m.parameters())
+            heads = (head for head in (self.text_head, self.image_head) if head is not None)
+            n -= sum(p.numel() for m in (*tables, *heads) for p in m.parameters())
         return n
 
     def flops_per_token(self, sequence_length: int | None = None) -> int:
@@ -359,18 +364,19 @@ class TextImageTransformer(nn.Module):
 
     def forward(
         self, text_ids: torch.Tensor, image_ids: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
         """Teacher-forced logits over text_ids (B, T) then image_ids (B, N).
 
         Returns text_logits (B, T - 1, padded_text_vocab_size), the predictions of text tokens
-        1 .. T-1 (at positions 0 .. T-2), and image_logits (B, N, padded_image_vocab_size), the
-        predictions of image tokens 0 .. N-1 (at positions T-1 .. T+N-2). The last image token is
-        never an input, so N may be anything up to image_length; image_ids=None is the same as
-        N = 1: the caption alone, and the logits for image token 0.
+        1 .. T-1 (at positions 0 .. T-2), or None without a text head, and image_logits
+        (B, N, padded_image_vocab_size), the predictions of image tokens 0 .. N-1 (at positions
+        T-1 .. T+N-2). The last image token is never an input, so N may be anything up to
+        image_length; image_ids=None is the same as N = 1: the caption alone, and the logits for
+        image token 0.
         """
         x = self.hidden_states(text_ids, image_ids)  # (B, T + N - 1, C)
         T = text_ids.size(1)
-        text_logits = self.text_head(x[:, : T - 1])  # (B, T - 1, Vt)
+        text_logits = self.text_head(x[:, : T - 1]) if self.text_head is not None else None  # (B, T - 1, Vt)
         image_logits = self.image_head(x[:, T - 1 :])  # (B, N, Vi)
         return text_logits, image_logits
 
@@ -410,6 +416,11 @@ class TextImageTransformer(nn.Module):
         if text_loss_weight < 0 or image_loss_weight < 0 or text_loss_weight + image_loss_weight <= 0:
             raise ValueError(
                 f"loss weights must be >= 0 and not both 0, got text {text_loss_weight}, image {image_loss_weight}"
+            )
+        if text_loss_weight > 0 and self.text_head is None:
+            raise ValueError(
+                f"text_loss_weight {text_loss_weight} needs the text head, which this transformer was built "
+                "without (text_head=False): pass text_loss_weight=0"
             )
         if text_mask.shape != text_ids.shape:
             raise ValueError(f"text_mask {tuple(text_mask.shape)} must match text_ids {tuple(text_ids.shape)}")
