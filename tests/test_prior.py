@@ -1,6 +1,6 @@
 """The TextImagePrior LightningModule through a real Trainer on CPU: learning on the shapes set,
 start-up checks, caption dropout, exact resume, generation, the sample command and callback, a
-prior without text loss (no text head, under DDP too)."""
+prior without text loss (no text head, under DDP too), MFU and its peak."""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 from callbacks.samples import SampleLogger
 from datamodules.caption_image import CaptionImageDataModule
-from lightning_modules.prior import PriorOptimizerConfig, TextImagePrior, load_prior
+from lightning_modules.prior import PriorOptimizerConfig, TextImagePrior, load_prior, peak_flops_for_mfu
+from tessera.flops import peak_bf16_flops
 from tessera.nn.autoencoder import AutoencoderConfig
 from tessera.nn.transformer import TransformerConfig
 from tessera.nn.vector_quantizer import VectorQuantizer
@@ -226,7 +227,7 @@ def test_sample_command_refuses_fewer_candidates_than_images(tmp_path):
               "--candidates", "2", "--out", str(tmp_path / "out")])
 
 
-# --- without text loss ------------------------------------------------------------------------------
+# --- without text loss, MFU -----------------------------------------------------------------------
 
 
 def test_a_prior_without_text_loss_is_built_saved_exported_and_loaded_without_a_text_head(tmp_path, tokenizer_dir):
@@ -263,3 +264,55 @@ def test_a_prior_without_text_loss_trains_on_two_ddp_processes(tmp_path):
     assert [rank["step"] for rank in ranks] == [3, 3]
     for name, weight in ranks[0]["weights"].items():
         torch.testing.assert_close(ranks[1]["weights"][name], weight, rtol=0, atol=0, msg=name)
+
+
+def test_mfu_is_logged_against_the_given_peak_flops_and_not_on_a_cpu_without_one(tmp_path):
+    for peak in (1e12, None):
+        prior = tiny_prior(None, tokenizer=None, peak_flops=peak)
+        fit = trainer(tmp_path, max_steps=2)  # throughput from the second step on: the time between two
+        fit.fit(prior, DataLoader(Tokens(prior), batch_size=4))
+        metrics = fit.callback_metrics
+        if peak is None:
+            assert "throughput/mfu" not in metrics and "throughput/tokens_per_s" in metrics
+        else:
+            expected = metrics["throughput/tokens_per_s"].item() * prior.transformer.flops_per_token() / peak
+            assert metrics["throughput/mfu"].item() == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("name", "peak"),
+    [
+        ("NVIDIA H100 80GB HBM3", 989e12),  # SXM
+        ("NVIDIA H100 PCIe", 756e12),
+        ("NVIDIA H100 NVL", 835e12),
+        ("NVIDIA H200", 989e12),
+        ("NVIDIA A100-SXM4-80GB", 312e12),
+        ("NVIDIA L40S", 362e12),
+        ("NVIDIA GeForce RTX 4090", None),
+    ],
+)
+def test_a_gpus_peak_is_looked_up_by_its_whole_name(name, peak):
+    assert peak_bf16_flops(name) == peak
+
+
+def test_an_unknown_gpu_logs_no_mfu_with_a_warning_and_peak_flops_overrides_the_table(monkeypatch):
+    gpu = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA GeForce RTX 4090")
+    with pytest.warns(UserWarning, match=r"'NVIDIA GeForce RTX 4090'.*peak_flops"):
+        assert peak_flops_for_mfu(gpu, None) is None
+    assert peak_flops_for_mfu(gpu, 165e12) == 165e12
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 PCIe")
+    assert peak_flops_for_mfu(gpu, None) == 756e12
+    assert peak_flops_for_mfu(gpu, 700e12) == 700e12
+    assert peak_flops_for_mfu(torch.device("cpu"), None) is None
+
+
+def test_peak_flops_is_a_typed_argument_that_fits_command_line_sets():
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser()
+    parser.add_subclass_arguments(L.LightningModule, "model")  # as `tessera fit`'s LightningCLI does
+    args = parser.parse_args(["--model=lightning_modules.prior.TextImagePrior", "--model.init_args.peak_flops=7.56e14"])
+    with torch.device("meta"):  # GPT-2 small's shape, not allocated
+        prior = parser.instantiate_classes(args).model
+    assert prior.peak_flops == 7.56e14

@@ -126,12 +126,29 @@ def test_swiglu_rmsnorm_without_bias_keeps_the_mlp_parameter_count_and_has_no_bi
     assert torch.isfinite(model.loss(ids, mask, image_tokens(2))["loss"])
 
 
-def test_flops_per_token_is_6n_plus_12_l_d_t():
-    model = tiny_model()
-    c = model.config
-    n = model.num_params()
-    assert model.flops_per_token() == 6 * n + 12 * c.n_layer * c.n_embd * c.sequence_length
-    assert model.flops_per_token(sequence_length=10) == 6 * n + 12 * c.n_layer * c.n_embd * 10
+def test_flops_per_token_counts_both_heads_at_the_positions_they_run_at():
+    # 2 layers x 32 over 8 caption + 16 image tokens, 23 input positions (the last image token is
+    # only a target); 6 FLOPs per matmul weight and position, forward and backward
+    blocks = 6 * 2 * (3 * 32 * 32 + 32 * 32 + 2 * 4 * 32 * 32) * 23  # qkv, attention out, MLP in and out
+    attention = 12 * 2 * 32 * 23 * 23  # 12 L d T at each of the 23 positions
+    text_head = 6 * 32 * 128 * 7  # 100 ids padded to 128, at the 7 caption predictions
+    image_head = 6 * 32 * 64 * 16  # 60 codes padded to 64, at the 16 image predictions
+    assert tiny_model().flops_per_sequence() == blocks + attention + text_head + image_head == 4_166_400
+    assert tiny_model().flops_per_token() == 4_166_400 / 24  # per token of the 24 that tokens/s counts
+    assert TextImageTransformer(tiny_config(), text_head=False).flops_per_sequence() == 4_166_400 - text_head
+
+
+@pytest.mark.parametrize("text_head", [True, False])
+def test_flops_per_sequence_are_what_torchs_flop_counter_counts_in_a_training_step(text_head):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = TextImageTransformer(tiny_config(), text_head=text_head)
+    ids, mask = captions([5, 8, 3])
+    # the math kernel, whose matmuls the counter sees (it has no formula for the CPU's fused kernel)
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model.loss(ids, mask, image_tokens(3), text_loss_weight=float(text_head))["loss"].backward()
+    assert counter.get_total_flops() == 3 * model.flops_per_sequence()
 
 
 def test_residual_projections_get_gpt2_scaled_init():

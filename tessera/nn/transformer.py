@@ -13,7 +13,7 @@ References:
 2) minDALL-E, Kakao Brain 2021: https://github.com/kakaobrain/minDALL-E
    (separate text and image embeddings, positions and heads; the 1.3B shape)
 3) nanoGPT, Karpathy: https://github.com/karpathy/nanoGPT/blob/master/model.py
-   (the blocks, GPT-2's init, FLOPs per token for MFU)
+   (the blocks, GPT-2's init, FLOPs per token for MFU, its head included)
 4) Autoregressive Model Beats Diffusion: Llama for Scalable Image Generation (LlamaGen), Sun et al.
    2024: https://arxiv.org/abs/2406.06525 (RMSNorm, SwiGLU, a static preallocated KV cache)
 5) PaLM, Chowdhery et al. 2022, appendix B: https://arxiv.org/abs/2204.02311 (6N + 12 L d T)
@@ -45,6 +45,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+from tessera.flops import attention_flops, matmul_flops
 
 IGNORE_INDEX = -100  # cross-entropy skips these targets: caption padding
 
@@ -323,14 +325,24 @@ class TextImageTransformer(nn.Module):
             n -= sum(p.numel() for m in (*tables, *heads) for p in m.parameters())
         return n
 
-    def flops_per_token(self, sequence_length: int | None = None) -> int:
-        """Training FLOPs per token, forward and backward: 6N for the weight matmuls plus 12 L d T
-        for attention's scores and weighted sum (PaLM appendix B, nanoGPT's estimate_mfu), N from
-        `num_params()`. Leaving the heads out undercounts the work by ~7% at 300m (their 6 d V per
-        token), so an MFU from this is conservative and compares with the GPT-2 reference's."""
+    def flops_per_sequence(self) -> int:
+        """Training FLOPs, forward and backward, of one sequence as `loss` runs it (tessera/flops.py):
+        the blocks' matmuls at the T + N - 1 input positions, the text head at the T - 1 caption
+        predictions, the image head at the N image ones (both at their padded widths), and
+        attention over the T + N - 1 positions. With the text head, the heads are 70% of the tiny
+        preset's work, 16% of 100m's and 7% of 300m's."""
         c = self.config
-        T = c.sequence_length if sequence_length is None else sequence_length
-        return 6 * self.num_params() + 12 * c.n_layer * c.n_embd * T
+        positions = c.sequence_length - 1  # the last image token is only a target, never an input
+        weights = sum(m.weight.numel() for m in self.blocks.modules() if isinstance(m, nn.Linear))
+        flops = matmul_flops(weights, positions) + attention_flops(c.n_layer, c.n_embd, positions)
+        if self.text_head is not None:
+            flops += matmul_flops(self.text_head.weight.numel(), c.text_length - 1)
+        return flops + matmul_flops(self.image_head.weight.numel(), c.image_length)
+
+    def flops_per_token(self) -> float:
+        """`flops_per_sequence()` per token of the sequence_length that tokens/s counts, so that
+        MFU = tokens/s x flops_per_token() / peak FLOP/s."""
+        return self.flops_per_sequence() / self.config.sequence_length
 
     # --- training ----------------------------------------------------------------------------
 
