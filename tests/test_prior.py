@@ -1,6 +1,6 @@
 """The TextImagePrior LightningModule through a real Trainer on CPU: learning on the shapes set,
 start-up checks, caption dropout, exact resume, generation, the sample command and callback, a
-prior without text loss (no text head, under DDP too), MFU and its peak."""
+prior without text loss (no text head, under DDP too), accumulation, MFU and its peak."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from tessera.nn.autoencoder import AutoencoderConfig
 from tessera.nn.transformer import TransformerConfig
 from tessera.nn.vector_quantizer import VectorQuantizer
 from tests.distributed import as_launched_rank, run_distributed
-from tests.test_vqgan import tiny_vqgan, trainer
+from tests.test_vqgan import StepAfterEachBatch, tiny_vqgan, trainer
 
 TEXT_LENGTH = 24
 
@@ -227,7 +227,7 @@ def test_sample_command_refuses_fewer_candidates_than_images(tmp_path):
               "--candidates", "2", "--out", str(tmp_path / "out")])
 
 
-# --- without text loss, MFU -----------------------------------------------------------------------
+# --- without text loss, accumulation, MFU ---------------------------------------------------------
 
 
 def test_a_prior_without_text_loss_is_built_saved_exported_and_loaded_without_a_text_head(tmp_path, tokenizer_dir):
@@ -264,6 +264,14 @@ def test_a_prior_without_text_loss_trains_on_two_ddp_processes(tmp_path):
     assert [rank["step"] for rank in ranks] == [3, 3]
     for name, weight in ranks[0]["weights"].items():
         torch.testing.assert_close(ranks[1]["weights"][name], weight, rtol=0, atol=0, msg=name)
+
+
+def test_with_accumulation_an_epochs_leftover_batches_make_a_step_of_their_own(tmp_path):
+    """Lightning's automatic optimization, as the tokenizer's manual steps: no batch joins the next epoch's step."""
+    prior, steps = tiny_prior(None, tokenizer=None), StepAfterEachBatch()
+    fit = trainer(tmp_path, max_steps=4, accumulate_grad_batches=2, callbacks=[steps])
+    fit.fit(prior, DataLoader(Tokens(prior), batch_size=3))  # batches of 3, 3 and 2 samples
+    assert steps.steps == [0, 1, 2, 2, 3, 4]
 
 
 def test_mfu_is_logged_against_the_given_peak_flops_and_not_on_a_cpu_without_one(tmp_path):
