@@ -9,7 +9,6 @@ from __future__ import annotations
 import io
 import logging
 import multiprocessing
-import os
 import random
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from lightning_modules.prior import PriorOptimizerConfig, TextImagePrior
 from tessera.nn.autoencoder import AutoencoderConfig
 from tessera.nn.transformer import TransformerConfig
 from tessera.nn.vector_quantizer import VectorQuantizer
-from tests.distributed import run_distributed
+from tests.distributed import as_launched_rank, run_distributed
 from tests.samples import encode, write_wds_shard
 from tests.test_vqgan import tiny_vqgan
 
@@ -201,7 +200,7 @@ def _on_two_ranks(rank: int, world_size: int, vqgan_shards: str, root: str) -> l
     torch.set_num_threads(1)
     # loader workers fork, as under torchrun or Lightning's launcher, instead of re-importing everything
     multiprocessing.set_start_method("fork", force=True)
-    os.environ.update(LOCAL_RANK=str(rank), NODE_RANK="0", WORLD_SIZE=str(world_size))  # the process group is up: no launching
+    as_launched_rank(rank, world_size)
     root = Path(root)
     token_shards = write_token_shards(root) if rank == 0 else str(root / "{00000..00002}.tar")
     torch.distributed.barrier()

@@ -107,6 +107,45 @@ def test_with_accumulation_a_step_is_accumulate_grad_batches_batches(tmp_path):
     assert discriminator_steps(model) == 3
 
 
+class StepAfterEachBatch(L.Callback):
+    """trainer.global_step after every training batch."""
+
+    def __init__(self):
+        self.steps = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.steps.append(trainer.global_step)
+
+
+def test_an_epoch_of_no_multiple_of_accumulate_grad_batches_ends_with_a_step_of_its_leftover(tmp_path):
+    model, steps = tiny_vqgan(optimizer=OptimizerConfig(accumulate_grad_batches=2)), StepAfterEachBatch()
+    trainer(tmp_path, max_steps=4, callbacks=[steps]).fit(model, loader(num_samples=24))  # 3 batches an epoch
+    # each epoch: a step of batches 0 and 1, then one of batch 2 alone; none carries into the next epoch
+    assert steps.steps == [0, 1, 2, 2, 3, 4]
+    assert discriminator_steps(model) == 4
+
+
+def accumulating_vqgan() -> VQGAN:
+    torch.manual_seed(0)
+    return tiny_vqgan(optimizer=OptimizerConfig(lr=1e-3, accumulate_grad_batches=2))
+
+
+def test_resumed_at_an_epochs_leftover_step_or_mid_epoch_accumulation_ends_with_the_uninterrupted_weights(tmp_path):
+    """3 equal batches an epoch, 2 a step: resumed from the step of epoch 0's leftover batch (its
+    last) and from epoch 1's first step (its leftover batch next)."""
+    data = DataLoader(ConcatDataset([ShapesImages(8)] * 3), batch_size=8, shuffle=False)
+    straight = accumulating_vqgan()
+    every_step = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_top_k=-1)
+    trainer(tmp_path / "a", max_steps=4, enable_checkpointing=True, callbacks=[every_step]).fit(straight, data)
+
+    for name in ("epoch=0-step=2.ckpt", "epoch=1-step=3.ckpt"):
+        resumed = accumulating_vqgan()
+        trainer(tmp_path / "b", max_steps=4).fit(resumed, data, ckpt_path=tmp_path / "ckpt" / name)
+        assert resumed.global_step == 4
+        for key, value in straight.state_dict().items():
+            torch.testing.assert_close(resumed.state_dict()[key], value, rtol=0, atol=0, msg=f"{name}: {key}")
+
+
 def test_discriminator_does_not_train_before_disc_start(tmp_path):
     model = tiny_vqgan(loss=LossConfig(pretrained_lpips=False, disc_start=3))
     initial = {k: v.clone() for k, v in model.discriminator.state_dict().items()}
