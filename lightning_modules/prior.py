@@ -97,6 +97,7 @@ class TextImagePrior(L.LightningModule):
         optimizer: PriorOptimizerConfig | None = None,
         compile: bool = False,
         peak_flops: float | None = None,
+        sampling: SamplingConfig | None = None,
     ):
         """
         Args:
@@ -114,12 +115,18 @@ class TextImagePrior(L.LightningModule):
             peak_flops: dense bf16 peak FLOP/s of one device, for the logged MFU. None looks the GPU
                 up by name in `tessera.flops.PEAK_BF16_FLOPS`; a GPU not there logs no MFU (and says
                 so once), a CPU none.
+            sampling: how this prior's images are drawn unless told otherwise (`generate` without
+                settings, `tessera sample`, `tessera evaluate`): the settings it was tuned with,
+                kept in its checkpoints and exports. None: SamplingConfig's defaults.
         """
         super().__init__()
         if isinstance(transformer, dict):  # a checkpoint's hyperparameters
             transformer = TransformerConfig(**transformer)
         if isinstance(optimizer, dict):
             optimizer = PriorOptimizerConfig(**optimizer)
+        if isinstance(sampling, dict):
+            sampling = SamplingConfig(**sampling)
+        self.sampling = sampling
         self.config = transformer if transformer is not None else TransformerConfig()
         self.optimizer_config = optimizer if optimizer is not None else PriorOptimizerConfig()
         if not 0.0 <= caption_dropout < 1.0:
@@ -135,6 +142,7 @@ class TextImagePrior(L.LightningModule):
                 "image_loss_weight": image_loss_weight,
                 "optimizer": asdict(self.optimizer_config),
                 "compile": compile,
+                "sampling": asdict(sampling) if sampling is not None else None,
             }
         )
         self.transformer = build_transformer(self.config, text_loss_weight)
@@ -162,10 +170,11 @@ class TextImagePrior(L.LightningModule):
 
     @torch.no_grad()
     def generate(self, prompts: list[str], sampling: SamplingConfig | None = None, seed: int = 0) -> torch.Tensor:
-        """Images (B, 3, H, W) in [-1, 1] for `prompts`, reproducible for a seed."""
+        """Images (B, 3, H, W) in [-1, 1] for `prompts`, reproducible for a seed; drawn with
+        `sampling`, else with the prior's own settings (its `sampling` argument)."""
         if self.image_tokenizer is None:
             raise ValueError("generate needs the stage-1 tokenizer: set `tokenizer` to its checkpoint or export")
-        sampling = sampling or SamplingConfig()
+        sampling = sampling or self.sampling or SamplingConfig()
         text_ids = self.captions(prompts).ids.to(self.device)
         generator = torch.Generator(self.device).manual_seed(seed)
         autocast = torch.autocast("cuda", torch.bfloat16) if self.device.type == "cuda" else nullcontext()

@@ -19,7 +19,8 @@ References:
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 
@@ -83,6 +84,24 @@ class SamplingConfig:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if self.cfg_scale < 0:
             raise ValueError(f"cfg_scale must be >= 0 (0: unconditional, 1: no guidance), got {self.cfg_scale}")
+
+
+SAMPLING_FIELDS = ("top_k", "top_p", "temperature", "cfg_scale")
+
+
+def with_overrides(base: SamplingConfig | None, **given: Any) -> tuple[SamplingConfig, dict[str, str]]:
+    """`base` (a prior's recorded settings; None: SamplingConfig's defaults) with every value in
+    `given` that is not None put over it, and where each field's value came from: "given",
+    "prior" or "default". top_k 0 and top_p 1 given mean keep every token."""
+    values, sources = asdict(base if base is not None else SamplingConfig()), {}
+    for name in SAMPLING_FIELDS:
+        if given.get(name) is not None:
+            values[name], sources[name] = given[name], "given"
+        else:
+            sources[name] = "prior" if base is not None else "default"
+    values["top_k"] = values["top_k"] or None
+    values["top_p"] = None if values["top_p"] == 1 else values["top_p"]
+    return SamplingConfig(**values), sources
 
 
 def filter_logits(logits: torch.Tensor, config: SamplingConfig) -> torch.Tensor:

@@ -23,6 +23,7 @@ from tessera.flops import peak_bf16_flops
 from tessera.nn.autoencoder import AutoencoderConfig
 from tessera.nn.transformer import TransformerConfig
 from tessera.nn.vector_quantizer import VectorQuantizer
+from tessera.sampling import SamplingConfig
 from tests.distributed import as_launched_rank, run_distributed
 from tests.test_vqgan import StepAfterEachBatch, tiny_vqgan, trainer
 
@@ -178,6 +179,38 @@ def test_sample_command_writes_pngs_a_grid_and_its_settings(tmp_path, tokenizer_
     first = np.asarray(Image.open(out / "images" / "0000_00.png"))
     assert main(argv[:-1] + [str(tmp_path / "again")]) == 0
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "again" / "images" / "0000_00.png")), first)
+
+
+def test_a_priors_sampling_settings_travel_with_it_and_the_command_line_overrides_them(tmp_path, tokenizer_dir):
+    from lightning_modules.prior import export_prior, load_prior
+    from tessera.commands.cli import main
+
+    prior = tiny_prior(tokenizer_dir, sampling={"top_k": 5, "cfg_scale": 1.5})
+    fit = trainer(tmp_path, max_steps=1)
+    fit.fit(prior, DataLoader(Tokens(prior), batch_size=8))
+    fit.save_checkpoint(tmp_path / "prior.ckpt")
+    export_prior(tmp_path / "prior.ckpt", tmp_path / "export")
+    for path in (tmp_path / "prior.ckpt", tmp_path / "export"):
+        assert load_prior(path).sampling == SamplingConfig(top_k=5, cfg_scale=1.5)
+
+    argv = ["sample", "--prior", str(tmp_path / "export"), "--prompt", "a red circle", "--num-images", "1"]
+    assert main(argv + ["--out", str(tmp_path / "own")]) == 0
+    settings = json.loads((tmp_path / "own" / "settings.json").read_text())
+    assert (settings["top_k"], settings["cfg_scale"], settings["temperature"]) == (5, 1.5, 1.0)
+    assert settings["sampling_from"] == {"top_k": "prior", "top_p": "prior", "temperature": "prior", "cfg_scale": "prior"}
+    assert main(argv + ["--cfg-scale", "3", "--top-k", "0", "--out", str(tmp_path / "given")]) == 0
+    settings = json.loads((tmp_path / "given" / "settings.json").read_text())
+    assert (settings["top_k"], settings["cfg_scale"]) == (None, 3.0)
+    assert settings["sampling_from"]["cfg_scale"] == "given" and settings["sampling_from"]["temperature"] == "prior"
+
+
+def test_a_prior_without_sampling_settings_samples_with_the_defaults(tmp_path, tokenizer_dir):
+    from tessera.sampling import with_overrides
+
+    assert tiny_prior(tokenizer_dir).sampling is None
+    sampling, sources = with_overrides(None, temperature=0.5)
+    assert sampling == SamplingConfig(temperature=0.5)
+    assert sources == {"top_k": "default", "top_p": "default", "temperature": "given", "cfg_scale": "default"}
 
 
 def test_sample_logger_logs_a_grid_of_the_fixed_prompts(tmp_path, tokenizer_dir):

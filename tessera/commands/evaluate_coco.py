@@ -33,9 +33,11 @@ import json
 import os
 import random
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from tessera.commands.sample import add_sampling_arguments
 from tessera.launch import process_device, rank_and_world_size
 
 if TYPE_CHECKING:  # torch, torchmetrics and PIL load when a command runs, not when the CLI parser is built
@@ -129,10 +131,10 @@ def evaluate_coco(
     num_samples: int = 30_000,
     seed: int = 0,
     batch_size: int = 32,
-    top_k: int | None = 256,
+    top_k: int | None = None,
     top_p: float | None = None,
-    temperature: float = 1.0,
-    cfg_scale: float = 1.0,
+    temperature: float | None = None,
+    cfg_scale: float | None = None,
     candidates: int = 1,
     clip_model: str = "ViT-B-32-quickgelu",
     clip_weights: str | Path | None = None,
@@ -152,11 +154,13 @@ def evaluate_coco(
     poll_seconds: float = 10.0,
 ) -> dict | None:
     """Generate this rank's share of the protocol's images; on rank 0, then FID, CLIP score and results.json.
+    Sampling settings left None are the prior's own (its `sampling` argument), else SamplingConfig's.
 
     Returns the results on rank 0, None on the others. See the module docstring for the protocol."""
     from tessera.clip_score import CONVENTIONS
     from tessera.fid import frechet_distance, sha256
-    from tessera.sampling import SamplingConfig
+    from lightning_modules.prior import prior_config
+    from tessera.sampling import SamplingConfig, with_overrides
 
     started = time.perf_counter()
     out = Path(out)
@@ -169,11 +173,13 @@ def evaluate_coco(
     metric = local_metric(extractor, inception_weights, extractor_id, image_size, device_) if rank == 0 else None
     if metric is not None and cache is not None and cache.is_file():
         metric.load_statistics(cache)
-    sampling = SamplingConfig(top_k=top_k, top_p=top_p, temperature=temperature, cfg_scale=cfg_scale)
+    recorded = prior_config(prior).get("sampling")
+    sampling, sources = with_overrides(SamplingConfig(**recorded) if recorded else None, top_k=top_k, top_p=top_p,
+                                       temperature=temperature, cfg_scale=cfg_scale)
     settings = {
         "checkpoint_sha256": sha256(prior),
         "captions": str(Path(annotations or captions).name), "num_samples": num_samples, "seed": seed,
-        "sampler": {"top_k": top_k, "top_p": top_p, "temperature": temperature, "cfg_scale": cfg_scale,
+        "sampler": {**asdict(sampling), "sampling_from": sources,
                     "candidates": candidates, "rerank_clip_model": clip_model if candidates > 1 else None},
         "batch_size": batch_size, "image_size": image_size,
     }
@@ -400,10 +406,7 @@ def add_coco_fid_parsers(evaluations) -> None:
     coco.add_argument("--num-samples", type=int, default=30_000)
     coco.add_argument("--seed", type=int, default=0, help="chooses images and captions, and seeds sampling")
     coco.add_argument("--batch-size", type=int, default=32, help="images drawn at once (with candidates)")
-    coco.add_argument("--cfg-scale", type=float, default=1.0)
-    coco.add_argument("--top-k", type=int, default=256)
-    coco.add_argument("--top-p", type=float, default=None)
-    coco.add_argument("--temperature", type=float, default=1.0)
+    add_sampling_arguments(coco)
     coco.add_argument("--candidates", type=int, default=1, help="draw N per caption and keep CLIP's best (needs --clip-weights)")
     coco.add_argument("--reference", choices=["all", "chosen"], default="all", help="all val2014 images, or only the chosen ones")
     coco.add_argument("--tokenizer", type=Path, default=None, help="the stage-1 tokenizer, if not where the checkpoint says")

@@ -256,10 +256,9 @@ def shortfall(stages: list[Stage]) -> str | None:
 def evaluate(out: Path, tokenizer, prior_checkpoint: Path, val_pattern: str, image_size: int, fidelity_samples: int, log: StageLog) -> dict:
     from callbacks.image_logging import image_grid
     from datamodules.caption_image import CaptionImageDataModule
-    from tessera.commands.evaluate_shapes import DEFAULT_CFG_SCALE, evaluate_shapes, headline
+    from tessera.commands.evaluate_shapes import evaluate_shapes, headline
     from tessera.pixels import psnr
     from lightning_modules.prior import TextImagePrior
-    from tessera.sampling import SamplingConfig
 
     data = CaptionImageDataModule(train_shards=val_pattern, image_size=image_size, batch_size=64, num_workers=0, text_length=32, shuffle_buffer=0)
     data.setup("fit")
@@ -275,7 +274,7 @@ def evaluate(out: Path, tokenizer, prior_checkpoint: Path, val_pattern: str, ima
     log("evaluate", f"tokenizer: PSNR {numbers['reconstruction_psnr_db']} dB, codebook usage {numbers['codebook_usage']:.0%}")
 
     prior = TextImagePrior.load_from_checkpoint(prior_checkpoint, map_location="cpu", weights_only=True).eval()
-    sampling = SamplingConfig(top_k=64, cfg_scale=DEFAULT_CFG_SCALE)
+    sampling = prior.sampling  # configs/prior/tiny_shapes.yaml's, which `tessera sample` uses too
     samples = prior.generate([p for p in SAMPLE_PROMPTS for _ in range(4)], sampling, seed=0)
     save_grid(image_grid(samples, nrow=4), out / "samples.png")
     fidelity = evaluate_shapes(prior, num_samples=fidelity_samples, seed=1234, sampling=sampling, image_size=image_size)

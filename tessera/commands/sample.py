@@ -7,6 +7,8 @@ import json
 import time
 from pathlib import Path
 
+from tessera.sampling import SAMPLING_FIELDS, with_overrides
+
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
     sample = commands.add_parser("sample", help="images from a prior checkpoint: OUT/images/*.png, OUT/grid.png, OUT/settings.json")
@@ -18,10 +20,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     sample.add_argument("--candidates", type=int, default=None, help="images drawn per prompt, the best --num-images kept by CLIP (needs --clip-weights)")
     sample.add_argument("--clip-model", default="ViT-B-32-quickgelu", help="open_clip architecture of --clip-weights")
     sample.add_argument("--clip-weights", type=Path, default=None, help="local CLIP weights file for reranking")
-    sample.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale; 1 is none")
-    sample.add_argument("--top-k", type=int, default=256)
-    sample.add_argument("--top-p", type=float, default=None)
-    sample.add_argument("--temperature", type=float, default=1.0)
+    add_sampling_arguments(sample)
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--batch-size", type=int, default=32, help="images sampled at once")
     sample.add_argument("--tokenizer", type=Path, default=None, help="the stage-1 tokenizer, if not where the checkpoint says")
@@ -38,7 +37,6 @@ def run(args: argparse.Namespace) -> int:
     from tessera.clip_rerank import ClipScorer, rerank
     from tessera.launch import process_device
     from tessera.pixels import to_uint8, to_unit_range
-    from tessera.sampling import SamplingConfig
 
     prompts = args.prompt or [line.strip() for line in args.prompts_file.read_text().splitlines() if line.strip()]
     candidates = args.candidates or args.num_images
@@ -48,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("--candidates above --num-images reranks with CLIP: pass --clip-weights PATH")
     device = process_device(args.device)
     prior = load_prior(args.prior, map_location=device, tokenizer=args.tokenizer)
-    sampling = SamplingConfig(top_k=args.top_k, top_p=args.top_p, temperature=args.temperature, cfg_scale=args.cfg_scale)
+    sampling, sources = sampling_settings(prior.sampling, args)
     scorer = ClipScorer(args.clip_model, args.clip_weights, device) if candidates > args.num_images else None
 
     started = time.perf_counter()
@@ -74,10 +72,25 @@ def run(args: argparse.Namespace) -> int:
     settings = {
         "prior": str(args.prior), "prompts": prompts, "num_images": args.num_images, "candidates": candidates,
         "clip_model": args.clip_model if scorer else None, "clip_scores": scores or None,
-        **{name: getattr(sampling, name) for name in ("top_k", "top_p", "temperature", "cfg_scale")},
+        **{name: getattr(sampling, name) for name in SAMPLING_FIELDS}, "sampling_from": sources,
         "seed": args.seed, "batch_size": args.batch_size, "device": str(device),
         "images_drawn_per_s": round(len(prompts) * candidates / seconds, 2),
     }
     (args.out / "settings.json").write_text(json.dumps(settings, indent=2) + "\n")
     print(f"[sample] {len(images)} images for {len(prompts)} prompts in {seconds:.1f}s: {args.out}")
     return 0
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    """--cfg-scale, --top-k, --top-p, --temperature; each left out takes the prior's own setting."""
+    own = "default: the prior's own (its `sampling` argument), else {}"
+    parser.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale, 1 is none; " + own.format(1))
+    parser.add_argument("--top-k", type=int, help="keep the k likeliest image tokens, 0 all; " + own.format(256))
+    parser.add_argument("--top-p", type=float, help="keep the likeliest tokens up to this mass, 1 all; " + own.format("all"))
+    parser.add_argument("--temperature", type=float, help=own.format(1))
+
+
+def sampling_settings(recorded, args: argparse.Namespace):
+    """(SamplingConfig, where each value came from: "given" on the command line, "prior" or
+    "default") for a prior whose recorded settings are `recorded` (None if it records none)."""
+    return with_overrides(recorded, **{name: getattr(args, name) for name in SAMPLING_FIELDS})
