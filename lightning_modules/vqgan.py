@@ -390,6 +390,16 @@ class VQGAN(L.LightningModule):
         return d_loss, logs
 
     def _layout(self, images: torch.Tensor) -> torch.Tensor:
+        """A batch's images (B, 3, S, S), checked against the size the tokenizer is built for (a
+        convolutional network would take any size, and its export would then promise the wrong
+        grid to stage 2), in the tokenizer's memory layout."""
+        size = self.tokenizer.config.image_size
+        if tuple(images.shape[-2:]) != (size, size):
+            raise ValueError(
+                f"the data gives {images.shape[-2]}x{images.shape[-1]} images but the tokenizer is built for "
+                f"{size}x{size} (model.init_args.autoencoder.image_size): set --data.image_size {size}, or the "
+                "tokenizer's image_size to the data's"
+            )
         return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
 
     def _clip(self, optimizer) -> None:

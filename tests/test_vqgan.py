@@ -99,6 +99,11 @@ def test_max_steps_counts_batches_not_optimizer_steps(tmp_path):
     assert discriminator_steps(model) == 5
 
 
+def test_images_of_another_size_than_the_tokenizers_are_refused_naming_both(tmp_path):
+    with pytest.raises(ValueError, match=r"gives 16x16 images but the tokenizer is built for 32x32.*--data.image_size 32"):
+        trainer(tmp_path, max_steps=1).fit(tiny_vqgan(image_size=32), loader())
+
+
 def test_with_accumulation_a_step_is_accumulate_grad_batches_batches(tmp_path):
     model, counter = tiny_vqgan(optimizer=OptimizerConfig(accumulate_grad_batches=2)), CountBatches()
     trainer(tmp_path, max_steps=3, callbacks=[counter]).fit(model, loader(num_samples=64))
