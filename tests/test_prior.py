@@ -266,7 +266,7 @@ def test_sample_command_refuses_fewer_candidates_than_images(tmp_path):
 
 
 def test_a_prior_without_text_loss_is_built_saved_exported_and_loaded_without_a_text_head(tmp_path, tokenizer_dir):
-    from tessera.cli import main
+    from tessera.commands.cli import main
 
     prior = tiny_prior(tokenizer_dir, text_loss_weight=0.0)
     assert prior.transformer.text_head is None
