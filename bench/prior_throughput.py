@@ -47,7 +47,7 @@ import argparse
 import gc
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -226,7 +226,7 @@ def release(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch-size", type=int, default=None, help="sequences per step (64; 4 with --tiny)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps after the warm-up (20; 2 with --tiny)")
@@ -241,12 +241,16 @@ def main() -> None:
                         help="dense bf16 peak FLOP/s of the device for MFU; default: tessera/flops.py's, by its name")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"])
     parser.add_argument("--tiny", action="store_true", help="2 layers x 64 wide, 16 + 16 tokens: checks the script runs")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     args.batch_size = args.batch_size or (4 if args.tiny else 64)
     args.steps = args.steps or (2 if args.tiny else 20)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.tiny else 5)
     args.compile_backend = args.compile_backend or ("aot_eager" if args.tiny else "inductor")
+    return args
 
+
+def run(args: argparse.Namespace) -> Iterator[dict]:
+    """The header, then one result per setting as it is measured."""
     device = torch.device(args.device)
     config = prior_config(args.tiny)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
@@ -262,14 +266,19 @@ def main() -> None:
         "shape": f"{config.n_layer} layers x {config.n_embd}, {config.n_head} heads, "
                  f"{config.text_length} text + {config.image_length} image tokens",
     }
-    print(json.dumps(header), flush=True)
+    yield header
     for name in args.settings:
         try:
             result = measure(name, args, config, device, peak)
         except torch.OutOfMemoryError:
             result = {"setting": name, "batch": args.batch_size, "error": "out of memory"}
-        print(json.dumps(result), flush=True)
         release(device)
+        yield result
+
+
+def main() -> None:
+    for record in run(parse_args()):
+        print(json.dumps(record), flush=True)
 
 
 if __name__ == "__main__":
