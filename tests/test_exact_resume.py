@@ -146,21 +146,21 @@ def prior_run(shards: str):
 
 
 def fit(make_run, shards: str, root: Path, steps: int, checkpoint_at: int | None = None, ckpt_path: Path | None = None,
-        **trainer_options):
+        callbacks: tuple[L.Callback, ...] = (), **trainer_options):
     """(final weights, keys trained on) of a run to `steps` that saves a checkpoint at step `checkpoint_at` or
-    resumes from `ckpt_path`."""
+    resumes from `ckpt_path`; `trainer_options` replace the CPU trainer's."""
     model, data = make_run(shards)
     keys = RecordKeys()
-    callbacks = [keys]
+    callbacks = [keys, *callbacks]
     if checkpoint_at is not None:
         callbacks.append(ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=checkpoint_at, save_top_k=-1))
     if ckpt_path is not None:  # a fresh process's RNGs would be anywhere: resume must not depend on them
         torch.manual_seed(1234)
         random.seed(1234)
         np.random.seed(1234)
-    trainer = L.Trainer(accelerator="cpu", max_steps=steps, default_root_dir=root, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, enable_checkpointing=checkpoint_at is not None, callbacks=callbacks,
-                        **trainer_options)
+    options = dict(accelerator="cpu", max_steps=steps, default_root_dir=root, logger=False, enable_progress_bar=False,
+                   enable_model_summary=False, enable_checkpointing=checkpoint_at is not None, callbacks=callbacks)
+    trainer = L.Trainer(**{**options, **trainer_options})
     trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
     return {name: value.clone() for name, value in model.state_dict().items()}, keys.keys
 
