@@ -39,6 +39,7 @@ from safetensors.torch import load_file, save_file
 
 from datamodules.stream import without_padding
 from datamodules.text import CLIP_BPE, CaptionTokenizer
+from lightning_modules.clipping import clip_grad_norm
 from lightning_modules.fsdp import checkpoint_hyperparameters, is_sharded_checkpoint
 from lightning_modules.nonfinite import NonFiniteLossGuard, drop_gradients
 from lightning_modules.vqgan import load_tokenizer
@@ -342,7 +343,7 @@ class TextImagePrior(L.LightningModule):
             # the sharded norm needs FSDP's own all-reduce; Lightning's clip_gradients raises under FSDP
             self.trainer.strategy.model.clip_grad_norm_(clip)
         else:
-            self.clip_gradients(optimizer, clip, gradient_clip_algorithm="norm")
+            clip_grad_norm(self, optimizer, clip)
 
 
 def peak_flops_for_mfu(device: torch.device, peak_flops: float | None) -> float | None:

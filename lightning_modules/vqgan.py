@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from datamodules.stream import without_padding
+from lightning_modules.clipping import clip_grad_norm
 from lightning_modules.nonfinite import NonFiniteLossGuard, drop_gradients
 from tessera.lr_schedule import lr_factor
 from tessera.nn.autoencoder import AutoencoderConfig
@@ -404,7 +405,7 @@ class VQGAN(L.LightningModule):
 
     def _clip(self, optimizer) -> None:
         if self.optimizer_config.gradient_clip_val is not None:
-            self.clip_gradients(optimizer, self.optimizer_config.gradient_clip_val, gradient_clip_algorithm="norm")
+            clip_grad_norm(self, optimizer, self.optimizer_config.gradient_clip_val)
 
     # -------------------------------------------------------------------------
     # validation: the EMA weights when kept. Sums over every real sample, added up over the ranks

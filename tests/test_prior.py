@@ -25,7 +25,7 @@ from tessera.nn.transformer import TransformerConfig
 from tessera.nn.vector_quantizer import VectorQuantizer
 from tessera.sampling import SamplingConfig
 from tests.distributed import as_launched_rank, run_distributed
-from tests.test_vqgan import StepAfterEachBatch, tiny_vqgan, trainer
+from tests.test_vqgan import StepAfterEachBatch, grad_norm, tiny_vqgan, trainer
 
 TEXT_LENGTH = 24
 
@@ -130,6 +130,19 @@ class Tokens(Dataset):
 
     def __getitem__(self, index):
         return self.samples[index]
+
+
+def test_gradients_are_clipped_in_bf16_mixed_with_fused_adamw(tmp_path, tokenizer_dir):
+    optimizer = PriorOptimizerConfig(lr=3e-3, warmup_steps=5, schedule="constant", gradient_clip_val=0.5)
+    prior = tiny_prior(tokenizer_dir, optimizer=optimizer)
+    fit = trainer(tmp_path, max_steps=1, precision="bf16-mixed")
+    fit.fit(prior, DataLoader(Tokens(prior), batch_size=8))  # Lightning's mixed-precision clipping refuses fused AdamW
+    (adamw,) = fit.optimizers
+    assert adamw.defaults["fused"]
+    for param in prior.transformer.parameters():
+        param.grad = torch.ones_like(param)
+    prior.configure_gradient_clipping(adamw)
+    assert grad_norm(adamw) == pytest.approx(0.5, rel=1e-2)  # from ~2,500: ones everywhere
 
 
 def test_stop_and_resume_equals_an_uninterrupted_run(tmp_path, tokenizer_dir):

@@ -207,6 +207,25 @@ def test_fp16_precision_is_refused_with_a_reason(precision):
     check_precision("32-true")
 
 
+def grad_norm(optimizer) -> float:
+    """The total gradient norm over an optimizer's parameters."""
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item()
+
+
+def test_both_networks_clip_their_gradients_in_bf16_mixed_with_fused_adam(tmp_path):
+    model = tiny_vqgan(optimizer=OptimizerConfig(lr=1e-3, gradient_clip_val=0.5))
+    fit = trainer(tmp_path, max_steps=1, precision="bf16-mixed")
+    fit.fit(model, loader())  # Lightning's mixed-precision clipping refuses fused optimizers
+    assert all(optimizer.defaults["fused"] for optimizer in fit.optimizers)
+    for optimizer in fit.optimizers:
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                param.grad = torch.ones_like(param)
+        model._clip(optimizer)
+        assert grad_norm(optimizer) == pytest.approx(0.5, rel=1e-2)
+
+
 def test_cosine_schedule_without_max_steps_is_refused(tmp_path):
     model = tiny_vqgan(optimizer=OptimizerConfig(schedule="cosine"))
     with pytest.raises(ValueError, match="max_steps"):
