@@ -98,17 +98,28 @@ def test_the_markdown_has_a_table_per_benchmark_and_says_what_failed_or_was_skip
     assert "**fake_late**\nreference in the same run: nothing.\n\nSkipped: the deadline." in markdown
 
 
-@pytest.mark.slow
-def test_cpu_smoke_runs_every_benchmark_of_bench_and_writes_the_json_and_the_rows(gpu_suite, tmp_path, capsys):
-    """Every script's tiny mode through the suite: about a minute on two cores, half of it the
-    three `tessera fit` processes of requeue_cost and shapes_tokenizer."""
-    assert gpu_suite.main(["--cpu-smoke", "--out", str(tmp_path)]) == 0
+# the smoke run in two parts: the benchmarks that run in this process, and the two that start
+# `tessera fit` processes (about 10 s of imports each on two cores, three of them)
+IN_PROCESS = ["prior_throughput", "sampling_speed", "tokenizer_throughput", "eval_speed", "data_throughput"]
+LAUNCHING_FITS = ["requeue_cost", "shapes_tokenizer"]
+
+
+def test_the_suite_and_its_smoke_tests_cover_every_script_of_bench(gpu_suite):
+    scripts = sorted(path.stem for path in (REPO / "bench").glob("*.py") if path.stem != "gpu_suite")
+    assert sorted(benchmark.name for benchmark in gpu_suite.BENCHMARKS) == scripts
+    assert sorted(IN_PROCESS + LAUNCHING_FITS) == scripts
+
+
+@pytest.mark.parametrize(
+    "names", [IN_PROCESS, pytest.param(LAUNCHING_FITS, marks=pytest.mark.slow)], ids=["in_process", "launching_fits"]
+)
+def test_cpu_smoke_runs_the_benchmarks_and_writes_the_json_and_the_rows(gpu_suite, names, tmp_path, capsys):
+    assert gpu_suite.main(["--cpu-smoke", "--only", *names, "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "gpu_suite.json").read_text())
     assert {"device", "torch", "cuda", "date", "command", "mode", "seconds", "benchmarks"} <= report.keys()
     assert report["device"] == "cpu" and report["mode"] == "cpu-smoke"
-    assert report["command"] == f"python bench/gpu_suite.py --cpu-smoke --out {tmp_path}"
-    scripts = sorted(path.stem for path in (REPO / "bench").glob("*.py") if path.stem != "gpu_suite")
-    assert sorted(entry["name"] for entry in report["benchmarks"]) == scripts  # none left out
+    assert report["command"] == f"python bench/gpu_suite.py --cpu-smoke --only {' '.join(names)} --out {tmp_path}"
+    assert [entry["name"] for entry in report["benchmarks"]] == names
     for entry in report["benchmarks"]:
         assert entry["status"] == "ok", entry.get("traceback")
         assert entry["command"].startswith(f"python bench/{entry['name']}.py ") and entry["reference"]
