@@ -79,9 +79,10 @@ BENCHMARKS = [
         "sampling_speed",
         "transformers GPT-2 generate with a static cache (compiled by transformers) and a dynamic one "
         "(settings gpt2+static, gpt2+dynamic); our cacheless loop (tessera-nocache)",
-        # the goal's three comparisons; guidance and GPT-2 without a cache are left to the full run
+        # the goal's three comparisons, and eager guidance for eval_speed's projection; compiled
+        # guidance and GPT-2 without a cache are left to the full run
         gpu=["--batch-size", "64", "--warmup", "1", "--repeats", "1", "--nocache-steps", "8",
-             "--settings", "tessera", "tessera-nocache", "gpt2+dynamic", "tessera+compile", "gpt2+static"],
+             "--settings", "tessera", "tessera-nocache", "tessera+cfg", "gpt2+dynamic", "tessera+compile", "gpt2+static"],
         smoke=["--tiny", "--device", "cpu", "--warmup", "0", "--settings", "tessera", "tessera-nocache", "gpt2+dynamic"],
         seconds=200,
         columns=("setting", "images_per_s", "ms_per_token_step", "seconds_per_batch", "cudagraph_skips"),

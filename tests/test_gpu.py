@@ -14,8 +14,8 @@ import math
 import os
 import signal
 
-# deterministic cuBLAS needs this workspace setting before the process's first CUDA matmul, which
-# may come before the first Trainer(deterministic=True) sets it
+# deterministic cuBLAS wants this workspace setting in place before the process's first CUDA matmul
+# (an earlier test's); Trainer(deterministic=True) sets it only when it starts
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 import lightning as L  # noqa: E402
@@ -42,7 +42,7 @@ pytestmark = NEEDS_CUDA
 
 CUDA = torch.device("cuda")
 STEPS = 3  # training steps per run: enough for both optimizers' state and a step after it
-TEST_SECONDS = 240  # each test's limit; the slowest, compiling both VQ-GAN networks, takes about a minute
+TEST_SECONDS = 240  # each test's limit, well above what the slowest (compiling both VQ-GAN networks) should take
 ON_ONE_GPU = dict(accelerator="gpu", devices=1, precision="bf16-mixed", deterministic=True)
 
 

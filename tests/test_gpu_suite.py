@@ -98,6 +98,16 @@ def test_the_markdown_has_a_table_per_benchmark_and_says_what_failed_or_was_skip
     assert "**fake_late**\nreference in the same run: nothing.\n\nSkipped: the deadline." in markdown
 
 
+def test_eval_speed_projects_fid_30k_from_the_guided_sampling_speed_of_the_same_run(gpu_suite, tmp_path):
+    benchmarks = {benchmark.name: benchmark for benchmark in gpu_suite.BENCHMARKS}
+    assert "tessera+cfg" in benchmarks["sampling_speed"].gpu
+    measured = {"sampling_speed": [{"bench": "sampling_speed"}, {"setting": "tessera", "images_per_s": 90.0},
+                                   {"setting": "tessera+cfg", "images_per_s": 45.5}]}
+    argv = gpu_suite.arguments(benchmarks["eval_speed"], cpu_smoke=False, work=tmp_path, measured=measured)
+    assert argv[-2:] == ["--sampling-images-per-s", "45.5"]
+    assert "--sampling-images-per-s" not in gpu_suite.arguments(benchmarks["eval_speed"], False, tmp_path, {})
+
+
 # the smoke run in two parts: the benchmarks that run in this process, and the two that start
 # `tessera fit` processes (about 10 s of imports each on two cores, three of them)
 IN_PROCESS = ["prior_throughput", "sampling_speed", "tokenizer_throughput", "eval_speed", "data_throughput"]
