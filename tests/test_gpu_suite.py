@@ -74,9 +74,10 @@ def test_a_failing_or_overrunning_benchmark_is_recorded_with_what_it_measured_an
     assert broken["records"] == [{"setting": "first", "images_per_s": 1.5}]
     assert slow["status"] == "error" and slow["error"] == "stopped at its limit of 1 s"
     assert slow["records"] == [{"setting": "first", "images_per_s": 2.0}]
-    assert fine["status"] == "ok" and fine["records"] == [{"seconds_to_checkpoint": 0.5, "argv": ["--out", str(tmp_path / "work" / "fake_fine")]}]
-    assert fine["command"] == f"python bench/fake_fine.py --out {tmp_path / 'work' / 'fake_fine'}"
-    assert not (tmp_path / "work" / "fake_fine").exists()  # its scratch directory is gone
+    scratch = tmp_path / "work" / "fake_fine"
+    assert fine["status"] == "ok" and fine["records"] == [{"seconds_to_checkpoint": 0.5, "argv": ["--out", str(scratch)]}]
+    assert fine["command"] == f"python bench/fake_fine.py --out {scratch}"
+    assert not scratch.exists()  # its scratch directory is gone
 
 
 def test_benchmarks_after_the_deadline_are_skipped_with_the_reason(gpu_suite, fake_benchmarks, tmp_path):
