@@ -36,6 +36,7 @@ import signal
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -55,7 +56,7 @@ class Benchmark:
     reference: str
     """What it is measured against in the same run."""
     gpu: list[str]
-    """Its arguments on a GPU: reduced sizes, every setting."""
+    """Its arguments on a GPU: reduced sizes, and the settings its goal needs, its reference among them."""
     smoke: list[str]
     """Its arguments with --cpu-smoke: its tiny CPU mode and the fewest settings."""
     seconds: int
@@ -193,7 +194,11 @@ def run_benchmark(benchmark: Benchmark, argv: list[str], seconds: float, limit: 
     return entry
 
 
-def run_suite(benchmarks: list[Benchmark], cpu_smoke: bool, deadline_s: float, work: Path) -> list[dict[str, Any]]:
+def run_suite(
+    benchmarks: list[Benchmark], cpu_smoke: bool, deadline_s: float, work: Path,
+    after_each: Callable[[list[dict[str, Any]]], None] = lambda entries: None,
+) -> list[dict[str, Any]]:
+    """Each benchmark's entry, in order; `after_each` sees the entries so far after every one."""
     started = time.perf_counter()
     entries: list[dict[str, Any]] = []
     measured: dict[str, list[dict]] = {}
@@ -215,6 +220,7 @@ def run_suite(benchmarks: list[Benchmark], cpu_smoke: bool, deadline_s: float, w
         print(f"[gpu_suite] {benchmark.name}: {entry['status']}"
               + (f" in {entry['seconds']} s" if "seconds" in entry else "")
               + (f" ({entry.get('error') or entry.get('reason')})" if entry["status"] != "ok" else ""), flush=True)
+        after_each(entries)
     return entries
 
 
@@ -274,26 +280,28 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 
     started = time.perf_counter()
-    date = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    benchmarks = [b for b in BENCHMARKS if args.only is None or b.name in args.only]
-    args.out.mkdir(parents=True, exist_ok=True)
-    entries = run_suite(benchmarks, args.cpu_smoke, args.deadline_s, args.out / "work")
-    shutil.rmtree(args.out / "work", ignore_errors=True)
-    report = {
+    report: dict[str, Any] = {
         "device": torch.cuda.get_device_name() if not args.cpu_smoke else "cpu",
         "torch": torch.__version__,
         "cuda": torch.version.cuda if not args.cpu_smoke else None,
-        "date": date,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": shlex.join(["python", "bench/gpu_suite.py", *(sys.argv[1:] if argv is None else argv)]),
         "mode": "cpu-smoke" if args.cpu_smoke else "gpu",
         "deadline_s": args.deadline_s,
-        "seconds": round(time.perf_counter() - started, 1),
-        "benchmarks": entries,
     }
-    (args.out / "gpu_suite.json").write_text(json.dumps(report, indent=1) + "\n")
-    rows = markdown(report)
-    (args.out / "gpu_suite.md").write_text(rows)
-    print(rows, flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    def write(entries: list[dict[str, Any]]) -> None:
+        # after every benchmark: a session that ends early still leaves what was measured
+        report.update(seconds=round(time.perf_counter() - started, 1), benchmarks=entries)
+        (args.out / "gpu_suite.json").write_text(json.dumps(report, indent=1) + "\n")
+        (args.out / "gpu_suite.md").write_text(markdown(report))
+
+    benchmarks = [b for b in BENCHMARKS if args.only is None or b.name in args.only]
+    entries = run_suite(benchmarks, args.cpu_smoke, args.deadline_s, args.out / "work", after_each=write)
+    shutil.rmtree(args.out / "work", ignore_errors=True)
+    write(entries)
+    print(markdown(report), flush=True)
     return 0 if all(entry["status"] == "ok" for entry in entries) else 1
 
 

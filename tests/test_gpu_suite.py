@@ -68,7 +68,10 @@ def fake_benchmarks(gpu_suite, tmp_path, monkeypatch) -> list:
 def test_a_failing_or_overrunning_benchmark_is_recorded_with_what_it_measured_and_the_suite_goes_on(
     gpu_suite, fake_benchmarks, tmp_path
 ):
-    broken, slow, fine = gpu_suite.run_suite(fake_benchmarks, cpu_smoke=False, deadline_s=60, work=tmp_path / "work")
+    written = []  # the suite writes its JSON after every benchmark: a session cut short keeps what was measured
+    broken, slow, fine = gpu_suite.run_suite(fake_benchmarks, cpu_smoke=False, deadline_s=60, work=tmp_path / "work",
+                                             after_each=lambda entries: written.append([e["status"] for e in entries]))
+    assert written == [["error"], ["error", "error"], ["error", "error", "ok"]]
     assert broken["status"] == "error" and broken["error"] == "RuntimeError: no kernel for this shape"
     assert "RuntimeError" in broken["traceback"]
     assert broken["records"] == [{"setting": "first", "images_per_s": 1.5}]
