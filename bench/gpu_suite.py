@@ -12,7 +12,8 @@ arguments; time only bounds the run, for a GPU session of 9 minutes with `pytest
   - no benchmark starts after `--deadline-s` (360); the remaining ones are recorded as skipped,
     and `--only NAME ...` runs them in a later session.
 The GPU benchmarks come first; data_throughput and shapes_tokenizer measure the CPU and come
-last. A benchmark that fails is recorded with its error and the suite goes on.
+last. A benchmark that fails is recorded with its error and the suite goes on. The JSON and the
+markdown are rewritten after every benchmark.
 
     python bench/gpu_suite.py --out gpu_suite                      # -> gpu_suite/gpu_suite.json, .md
     python bench/gpu_suite.py --out gpu_suite --only data_throughput shapes_tokenizer
