@@ -21,7 +21,7 @@ import pytest
 from PIL import Image
 
 from datamodules.shapes_analysis import ATTRIBUTES
-from tessera.commands.quickstart import DISPLAY_SCALE, SAMPLE_PROMPTS, StageLog, headline_measures, prompt_grid, write_report
+from tessera.commands.quickstart import DISPLAY_SCALE, SAMPLE_PROMPTS, StageLog, fidelity_rows, headline_rows, prompt_grid, write_report
 
 WARNING = "The prior stopped on the time limit after 225 of 2,546 steps: results are below what the default reaches."
 
@@ -93,11 +93,14 @@ def page_text(page: str) -> str:
 def test_report_names_every_number_in_plain_words_with_its_meaning_and_chance(report):
     page, markdown = (report / "report.html").read_text(), (report / "report.md").read_text()
     numbers = {"caption_fidelity": caption_fidelity(), "reconstruction_psnr_db": 31.42, "codebook_usage": 0.871}
-    for measure in headline_measures(numbers):
-        assert measure.name in page_text(page) and measure.meaning in page_text(page), measure
-        assert f"| {measure.name} | {measure.value} | {measure.chance or '-'} | {measure.meaning} |" in markdown, measure
-    seen_all = next(m for m in headline_measures(numbers) if m.name == "everything right, seen prompts")
-    assert (seen_all.value, seen_all.chance) == ("90.0%", "0.38%")
+    _, rows = headline_rows(numbers)
+    _, attributes = fidelity_rows(numbers["caption_fidelity"])
+    for (name, meaning), *values in rows + attributes:
+        assert f"{name} {meaning}" in " ".join(page_text(page).split()), name
+        numbers_md = [value if isinstance(value, str) else f"{value[0]} (chance {value[1]})" for value in values]
+        assert f"| {name} | {' | '.join(numbers_md)} | {meaning} |" in markdown, name
+    assert rows[2][0][0] == "everything right, seen prompts" and rows[2][1:] == ["90.0%", "0.38%"]
+    assert attributes[0][0][0] == "number of shapes" and attributes[0][1:] == [("99.0%", "0.41%"), ("99.0%", "0.41%"), "100.0%"]
     for key in ("seen_all", "color_and_shape", "chance_all", "held_out_all", "analyser_all", "reconstruction_psnr_db", "codebook_usage"):
         assert key not in page_text(page) and key not in markdown, f"raw metric key {key} in the report"
 

@@ -336,19 +336,9 @@ def loss_curves(run_dirs: dict[str, Path], path: Path) -> None:
 
 # -----------------------------------------------------------------------------
 # the report: report.md and report.html say the same in the same words; the page is plain HTML and
-# CSS (no script, nothing fetched) whose pictures are the PNGs beside it
-
-
-@dataclass
-class Measure:
-    """A number of the report in plain words: what it is called, what it means, and what a model
-    that learnt nothing would score (empty where that has no meaning)."""
-
-    name: str
-    value: str
-    chance: str
-    meaning: str
-
+# CSS (no script, nothing fetched) whose pictures are the PNGs beside it. Its tables are rows of
+# cells: a row's first is its name or (name, what it means), the others a number or (number, its
+# chance level: what a prior that learnt nothing from its captions would score)
 
 # caption fidelity per attribute, as datamodules/shapes_analysis.py's `match` judges it, in reading order
 FIDELITY_MEASURES = {
@@ -364,7 +354,8 @@ FIDELITY_MEASURES = {
 GROUPS = {"seen": "seen prompts", "held_out": "held-out prompts"}
 GROUP_MEANINGS = {"seen": "captions like the training data's", "held_out": "captions the training data lacks"}
 LAYOUT_NAMES = {"single": "one shape", "pair": "two shapes and a relation", "row": "three in a row", "column": "three in a column"}
-CHANCE = ("chance: the score of a prior that ignores its caption and draws perfect scenes of the training data; "
+ANALYSER = "everything right on exact renders of the same captions: the most fidelity can show"
+CHANCE_NOTE = ("Chance: the score of a prior that ignores its caption and draws perfect scenes of the training data; "
           "analyser: the same judgement of exact renders of the same captions, the most a prior can score")
 
 
@@ -378,35 +369,32 @@ def percent(share: float) -> str:
     return f"{share:.1%}" if share >= 0.01 or share == 0 else f"{share:.2%}"
 
 
-def headline_measures(numbers: dict) -> list[Measure]:
+def headline_rows(numbers: dict) -> tuple[list[str], list[list]]:
     """The numbers to quote: the tokenizer's two, then the caption fidelity of `headline` per group."""
     fidelity = numbers["caption_fidelity"]
-    measures = [
-        Measure("reconstruction PSNR", f"{numbers['reconstruction_psnr_db']} dB", "",
-                "how near the tokenizer's reconstructions of validation images are to them; 6 dB more halves the pixel error"),
-        Measure("codebook in use", percent(numbers["codebook_usage"]), "",
-                "the share of the tokenizer's codes found in the training set's tokens; unused codes are wasted"),
+    rows = [
+        [("reconstruction PSNR", "how near the tokenizer's reconstructions of validation images are to them; "
+          "6 dB more halves the pixel error"), f"{numbers['reconstruction_psnr_db']} dB", "–"],
+        [("codebook in use", "the share of the tokenizer's codes found in the training set's tokens; unused codes are wasted"),
+         percent(numbers["codebook_usage"]), "–"],
     ]
     for group, group_name in GROUPS.items():
         for key in ("all", "color_and_shape"):
             name, meaning = FIDELITY_MEASURES[key]
-            measures.append(Measure(f"{name}, {group_name}", percent(fidelity[group]["fidelity"][key]),
-                                    percent(fidelity[group]["chance"][key]), f"samples for {GROUP_MEANINGS[group]}: {meaning}"))
-    analyser = min(fidelity[group]["analyser"]["all"] for group in GROUPS)
-    measures.append(Measure("analyser accuracy", percent(analyser), "",
-                            "everything right on exact renders of the same captions: the most fidelity can show"))
-    return measures
+            rows.append([(f"{name}, {group_name}", f"samples for {GROUP_MEANINGS[group]}: {meaning}"),
+                         percent(fidelity[group]["fidelity"][key]), percent(fidelity[group]["chance"][key])])
+    rows.append([("analyser accuracy", ANALYSER), percent(min(fidelity[group]["analyser"]["all"] for group in GROUPS)), "–"])
+    return ["measure", "value", "chance"], rows
 
 
 def fidelity_rows(fidelity: dict) -> tuple[list[str], list[list]]:
-    """Caption fidelity per attribute: per group its value beside its chance level, and the analyser's accuracy."""
-    header = ["measure", "seen prompts", "held-out prompts", "analyser"]
+    """Caption fidelity per attribute: per group its value and chance level, and the analyser's accuracy."""
     rows = [
-        [name] + [(percent(fidelity[group]["fidelity"][key]), percent(fidelity[group]["chance"][key])) for group in GROUPS]
+        [(name, meaning)] + [(percent(fidelity[group]["fidelity"][key]), percent(fidelity[group]["chance"][key])) for group in GROUPS]
         + [percent(min(fidelity[group]["analyser"][key] for group in GROUPS))]
-        for key, (name, _) in FIDELITY_MEASURES.items()
+        for key, (name, meaning) in FIDELITY_MEASURES.items()
     ]
-    return header, rows
+    return ["measure", "seen prompts", "held-out prompts", "analyser"], rows
 
 
 def layout_rows(fidelity: dict) -> tuple[list[str], list[list[str]]]:
@@ -439,8 +427,6 @@ def write_report(out: Path, numbers: dict, warning: str | None, tokenizer_run: P
 
 def report_markdown(numbers: dict, warning: str | None, summary: str, stage_lines: list[str]) -> str:
     fidelity = numbers["caption_fidelity"]
-    headline = markdown_table(["measure", "value", "chance", "what it means"],
-                              [[m.name, m.value, m.chance or "-", m.meaning] for m in headline_measures(numbers)])
     prompts = "\n".join(f"{index + 1}. {text}" for index, text in enumerate(sample_captions()))
     top = f"**{warning}**\n\n" if warning else ""
     return f"""# Tessera quickstart report
@@ -449,9 +435,9 @@ def report_markdown(numbers: dict, warning: str | None, summary: str, stage_line
 
 ## Numbers
 
-{headline}
+{markdown_table(*headline_rows(numbers))}
 
-{CHANCE[0].upper()}{CHANCE[1:]}.
+{CHANCE_NOTE}.
 
 ## Tokenizer: validation images (top) and reconstructions (bottom)
 
@@ -486,8 +472,16 @@ Seen prompts by layout:
 
 
 def markdown_table(header: list[str], rows: list[list]) -> str:
-    """`html_table`'s table in markdown; a (value, chance) cell reads "value (chance c)"."""
-    cells = lambda row: [cell if isinstance(cell, str) else f"{cell[0]} (chance {cell[1]})" for cell in row]
+    """`html_table`'s table in markdown: what each row means in a last column, a chance level in
+    brackets after its number."""
+    explained = any(isinstance(row[0], tuple) for row in rows)
+
+    def cells(row: list) -> list[str]:
+        name, meaning = row[0] if isinstance(row[0], tuple) else (row[0], "")
+        numbers = [cell if isinstance(cell, str) else f"{cell[0]} (chance {cell[1]})" for cell in row[1:]]
+        return [name, *numbers] + ([meaning] if explained else [])
+
+    header = header + ["what it means"] if explained else header
     lines = [header, ["---"] * len(header), *map(cells, rows)]
     return "\n".join("| " + " | ".join(cell.replace("|", "\\|") for cell in line) + " |" for line in lines)
 
@@ -514,11 +508,6 @@ def report_html(out: Path, numbers: dict, warning: str | None, summary: str, sta
     """The page: headings, tables with every number named and explained, the pictures with their captions."""
     esc = html.escape
     fidelity = numbers["caption_fidelity"]
-    headline = "".join(
-        f'<tr><th scope="row">{esc(m.name)}<small>{esc(m.meaning)}</small></th>'
-        f'<td class="number">{esc(m.value)}</td><td class="number">{esc(m.chance) or "–"}</td></tr>'
-        for m in headline_measures(numbers)
-    )
     samples = "".join(figure(out, prompt_grid(index), text, "grid") for index, text in enumerate(sample_captions()))
     warning_box = f'<p class="warning"><strong>Stopped short.</strong> {esc(warning)}</p>' if warning else ""
     return f"""<!doctype html>
@@ -534,11 +523,8 @@ def report_html(out: Path, numbers: dict, warning: str | None, summary: str, sta
 {warning_box}
 <p>{esc(summary)}</p>
 <h2>Numbers</h2>
-<table>
-<thead><tr><th>measure</th><th class="number">value</th><th class="number">chance</th></tr></thead>
-<tbody>{headline}</tbody>
-</table>
-<p class="note">{esc(CHANCE[0].upper() + CHANCE[1:])}.</p>
+{html_table(*headline_rows(numbers))}
+<p class="note">{esc(CHANCE_NOTE)}.</p>
 <h2>Tokenizer</h2>
 {figure(out, "reconstructions.png", "Validation images (top row) and the tokenizer's reconstructions of them (bottom row).", "grid")}
 <h2>Prior: samples</h2>
@@ -569,12 +555,14 @@ def figure(out: Path, source: str, caption: str, kind: str) -> str:
 
 
 def html_table(header: list[str], rows: list[list]) -> str:
-    """A table whose first column names each row and whose other cells are numbers, or (value,
-    chance) pairs: the chance level in small print under the value."""
-    def cell(value) -> str:
-        text = html.escape(value) if isinstance(value, str) else f"{html.escape(value[0])}<small>chance {html.escape(value[1])}</small>"
-        return f'<td class="number">{text}</td>'
+    """A table of the rows the report's tables are made of: what a row means in small print under
+    its name, a chance level under its number."""
+    def small(cell) -> str:
+        return html.escape(cell) if isinstance(cell, str) else f"{html.escape(cell[0])}<small>{html.escape(cell[1])}</small>"
+
+    def row(cells: list) -> str:
+        numbers = (cell if isinstance(cell, str) else (cell[0], f"chance {cell[1]}") for cell in cells[1:])
+        return f'<tr><th scope="row">{small(cells[0])}</th>' + "".join(f'<td class="number">{small(c)}</td>' for c in numbers) + "</tr>"
 
     head = f"<th>{html.escape(header[0])}</th>" + "".join(f'<th class="number">{html.escape(c)}</th>' for c in header[1:])
-    body = "".join(f'<tr><th scope="row">{html.escape(row[0])}</th>{"".join(map(cell, row[1:]))}</tr>' for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(map(row, rows))}</tbody></table>"
