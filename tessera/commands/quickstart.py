@@ -8,7 +8,8 @@ run would use, with the same configs:
     4. tessera fit (prior)            configs/prior/tiny_shapes.yaml on the token shards
     5. tessera sample / evaluate      samples for seen and held-out prompts, caption fidelity,
                                       reconstruction PSNR, codebook usage
-    6. report.md and report.html      the pictures, loss curves and numbers
+    6. report.html and report.md      a page (no script; phone-width) of the numbers in plain words
+                                      with their chance levels, the pictures, the loss curves
 
 Each training stage runs its config's max_steps (`--tokenizer-steps`, `--prior-steps` change
 them), so a seed gives the same numbers on a fast machine, a slow one or a busy one; a line every
