@@ -194,8 +194,8 @@ class Browser:
         assert "error" not in reply, f"{method}: {reply['error']}"
         return reply["result"]
 
-    def wait_for(self, event: str) -> dict:
-        while not (found := [e for e in self.events if e.get("method") == event]):
+    def wait_for(self, event: str, session: str) -> dict:
+        while not (found := [e for e in self.events if e.get("method") == event and e.get("sessionId") == session]):
             self.events.append(self.receive())
         self.events.remove(found[0])
         return found[0]
@@ -216,12 +216,16 @@ class Browser:
         self.send("Emulation.setDeviceMetricsOverride", session, width=width, height=height, deviceScaleFactor=1, mobile=width < 600)
         self.send("Page.enable", session)
         self.send("Page.navigate", session, url=page.as_uri())
-        self.wait_for("Page.loadEventFired")  # every picture loaded or failed
+        self.wait_for("Page.loadEventFired", session)  # every picture loaded or failed
         return self.send("Runtime.evaluate", session, expression=MEASURE, returnByValue=True)["result"]["value"]
 
     def close(self) -> None:
-        self.send("Browser.close")
-        self.process.wait(timeout=30)
+        if self.process.poll() is None:
+            os.write(self.commands, json.dumps({"id": 0, "method": "Browser.close"}).encode() + b"\0")
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
         os.close(self.commands), os.close(self.replies), self.log.close()
 
 
