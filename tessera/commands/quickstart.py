@@ -355,6 +355,9 @@ FIDELITY_MEASURES = {
 GROUPS = {"seen": "seen prompts", "held_out": "held-out prompts"}
 GROUP_MEANINGS = {"seen": "captions like the training data's", "held_out": "captions the training data lacks"}
 LAYOUT_NAMES = {"single": "one shape", "pair": "two shapes and a relation", "row": "three in a row", "column": "three in a column"}
+RECONSTRUCTIONS = "Validation images (top row) and the tokenizer's reconstructions of them (bottom row)."
+LOSSES = "Training (lines) and validation (dots) losses of each stage against its step."
+ATTRIBUTES_NOTE = "{num_samples} samples per group, analysed at {image_size} px; the share of them with the attribute right."
 ANALYSER = "everything right on exact renders of the same captions: the most fidelity can show"
 CHANCE_NOTE = ("Chance: the score of a prior that ignores its caption and draws perfect scenes of the training data; "
           "analyser: the same judgement of exact renders of the same captions, the most a prior can score")
@@ -440,11 +443,15 @@ def report_markdown(numbers: dict, warning: str | None, summary: str, stage_line
 
 {CHANCE_NOTE}.
 
-## Tokenizer: validation images (top) and reconstructions (bottom)
+## Tokenizer
 
 ![reconstructions](reconstructions.png)
 
-## Prior: samples, a row per prompt ({numbers['sampling']})
+{RECONSTRUCTIONS}
+
+## Prior: samples
+
+Four samples per prompt ({numbers['sampling']}), a row each:
 
 ![samples](samples.png)
 
@@ -452,7 +459,7 @@ def report_markdown(numbers: dict, warning: str | None, summary: str, stage_line
 
 ## Caption fidelity per attribute
 
-{fidelity['num_samples']} samples per group, analysed at {fidelity['image_size']} px.
+{ATTRIBUTES_NOTE.format(**fidelity)}
 
 {markdown_table(*fidelity_rows(fidelity))}
 
@@ -463,6 +470,8 @@ Seen prompts by layout:
 ## Loss curves
 
 ![loss curves](loss_curves.png)
+
+{LOSSES}
 
 ## Stages
 
@@ -509,7 +518,7 @@ def report_html(out: Path, numbers: dict, warning: str | None, summary: str, sta
     """The page: headings, tables with every number named and explained, the pictures with their captions."""
     esc = html.escape
     fidelity = numbers["caption_fidelity"]
-    samples = "".join(figure(out, prompt_grid(index), text, "grid") for index, text in enumerate(sample_captions()))
+    samples = "".join(picture(out, prompt_grid(index), text, pixelated=True) for index, text in enumerate(sample_captions()))
     warning_box = f'<p class="warning"><strong>Stopped short.</strong> {esc(warning)}</p>' if warning else ""
     return f"""<!doctype html>
 <html lang="en">
@@ -527,17 +536,17 @@ def report_html(out: Path, numbers: dict, warning: str | None, summary: str, sta
 {html_table(*headline_rows(numbers))}
 <p class="note">{esc(CHANCE_NOTE)}.</p>
 <h2>Tokenizer</h2>
-{figure(out, "reconstructions.png", "Validation images (top row) and the tokenizer's reconstructions of them (bottom row).", "grid")}
+{picture(out, "reconstructions.png", RECONSTRUCTIONS, pixelated=True)}
 <h2>Prior: samples</h2>
 <p>Four samples per prompt ({esc(numbers['sampling'])}).</p>
 {samples}
 <h2>Caption fidelity per attribute</h2>
-<p>{fidelity['num_samples']} samples per group, analysed at {fidelity['image_size']} px; the share of them with the attribute right.</p>
+<p>{ATTRIBUTES_NOTE.format(**fidelity)}</p>
 {html_table(*fidelity_rows(fidelity))}
 <p>Seen prompts by layout:</p>
 {html_table(*layout_rows(fidelity))}
 <h2>Loss curves</h2>
-{figure(out, "loss_curves.png", "Training (lines) and validation (dots) losses of each stage against its step.", "")}
+{picture(out, "loss_curves.png", LOSSES, pixelated=False)}
 <h2>Stages</h2>
 <pre>{esc(chr(10).join(stage_lines))}</pre>
 </body>
@@ -545,12 +554,13 @@ def report_html(out: Path, numbers: dict, warning: str | None, summary: str, sta
 """
 
 
-def figure(out: Path, source: str, caption: str, kind: str) -> str:
+def picture(out: Path, source: str, caption: str, pixelated: bool) -> str:
     """A picture beside the page with its caption under it; its size is given, so the page does not
-    shift as it loads, and the style scales it down to the screen."""
+    shift as it loads, and the style scales it down to the screen (a grid of flat-coloured pixels
+    without blurring them)."""
     with Image.open(out / source) as image:
         width, height = image.size
-    kind = f' class="{kind}"' if kind else ""
+    kind = ' class="grid"' if pixelated else ""
     return (f'<figure><img{kind} src="{html.escape(source)}" width="{width}" height="{height}" alt="{html.escape(caption)}">'
             f"<figcaption>{html.escape(caption)}</figcaption></figure>\n")
 
