@@ -8,7 +8,8 @@ run would use, with the same configs:
     4. tessera fit (prior)            configs/prior/tiny_shapes.yaml on the token shards
     5. tessera sample / evaluate      samples for seen and held-out prompts, caption fidelity,
                                       reconstruction PSNR, codebook usage
-    6. report.md and report.html      the pictures, loss curves and numbers
+    6. report.html and report.md      a page (no script; phone-width) of the numbers in plain words
+                                      with their chance levels, the pictures, the loss curves
 
 Each training stage runs its config's max_steps (`--tokenizer-steps`, `--prior-steps` change
 them), so a seed gives the same numbers on a fast machine, a slow one or a busy one; a line every
@@ -277,6 +278,9 @@ def evaluate(out: Path, tokenizer, prior_checkpoint: Path, val_pattern: str, ima
     sampling = prior.sampling  # configs/prior/tiny_shapes.yaml's, which `tessera sample` uses too
     samples = prior.generate([p for p in SAMPLE_PROMPTS for _ in range(4)], sampling, seed=0)
     save_grid(image_grid(samples, nrow=4), out / "samples.png")
+    (out / "samples").mkdir(exist_ok=True)
+    for index, prompt_samples in enumerate(samples.split(4)):  # (4, 3, H, W) each, in SAMPLE_PROMPTS order
+        save_grid(image_grid(prompt_samples, nrow=4), out / prompt_grid(index))
     fidelity = evaluate_shapes(prior, num_samples=fidelity_samples, seed=1234, sampling=sampling, image_size=image_size)
     numbers["caption_fidelity"] = fidelity
     numbers["sampling"] = f"top-k {sampling.top_k}, guidance scale {sampling.cfg_scale}"
@@ -312,7 +316,8 @@ def loss_curves(run_dirs: dict[str, Path], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, len(run_dirs), figsize=(5 * len(run_dirs), 3.2))
+    # one above the other: the report's page is as narrow as a phone's screen
+    figure, axes = plt.subplots(len(run_dirs), 1, figsize=(6, 2.8 * len(run_dirs)))
     for axis, (stage, run_dir) in zip(axes, run_dirs.items()):
         metrics = sorted(run_dir.glob("csv/version_*/metrics.csv"))
         rows = list(csv.DictReader(metrics[-1].open())) if metrics else []  # none before log_every_n_steps
@@ -329,49 +334,245 @@ def loss_curves(run_dirs: dict[str, Path], path: Path) -> None:
     plt.close(figure)
 
 
+# -----------------------------------------------------------------------------
+# the report: report.md and report.html say the same in the same words; the page is plain HTML and
+# CSS (no script, nothing fetched) whose pictures are the PNGs beside it. Its tables are rows of
+# cells: a row's first is its name or (name, what it means), the others a number or (number, its
+# chance level: what a prior that learnt nothing from its captions would score)
+
+# caption fidelity per attribute, as datamodules/shapes_analysis.py's `match` judges it, in reading order
+FIDELITY_MEASURES = {
+    "count": ("number of shapes", "as many shapes as the caption names"),
+    "color": ("colours", "the caption's colours, no more and no fewer"),
+    "shape": ("kinds", "the caption's kinds of shape (circle, square, triangle, diamond)"),
+    "size": ("sizes", "the caption's sizes (small, large)"),
+    "position": ("positions", "the shapes where the caption puts them"),
+    "color_and_shape": ("colour and kind right", "each shape named in its colour and kind together "
+                        "(a red circle, not a red square beside a blue circle)"),
+    "all": ("everything right", "each shape named in its colour, kind and size, where the caption puts it"),
+}
+GROUPS = {"seen": "seen prompts", "held_out": "held-out prompts"}
+GROUP_MEANINGS = {"seen": "captions like the training data's", "held_out": "captions the training data lacks"}
+LAYOUT_NAMES = {"single": "one shape", "pair": "two shapes and a relation", "row": "three in a row", "column": "three in a column"}
+RECONSTRUCTIONS = "Validation images (top row) and the tokenizer's reconstructions of them (bottom row)."
+LOSSES = "Training (lines) and validation (dots) losses of each stage against its step."
+ATTRIBUTES_NOTE = "{num_samples} samples per group, analysed at {image_size} px; the share of them with the attribute right."
+ANALYSER = "everything right on exact renders of the same captions: the most fidelity can show"
+CHANCE_NOTE = ("Chance: the score of a prior that ignores its caption and draws perfect scenes of the training data; "
+          "analyser: the same judgement of exact renders of the same captions, the most a prior can score")
+
+
+def prompt_grid(index: int) -> str:
+    """Where, relative to the quickstart's directory, the samples of SAMPLE_PROMPTS[index] are."""
+    return f"samples/{index + 1}.png"
+
+
+def percent(share: float) -> str:
+    """0.945 -> '94.5%'; shares under 1% keep two decimals, so a chance level of 0.04% is not '0.0%'."""
+    return f"{share:.1%}" if share >= 0.01 or share == 0 else f"{share:.2%}"
+
+
+def headline_rows(numbers: dict) -> tuple[list[str], list[list]]:
+    """The numbers to quote: the tokenizer's two, then the caption fidelity of `headline` per group."""
+    fidelity = numbers["caption_fidelity"]
+    rows = [
+        [("reconstruction PSNR", "how near the tokenizer's reconstructions of validation images are to them; "
+          "6 dB more halves the pixel error"), f"{numbers['reconstruction_psnr_db']} dB", "–"],
+        [("codebook in use", "the share of the tokenizer's codes found in the training set's tokens; unused codes are wasted"),
+         percent(numbers["codebook_usage"]), "–"],
+    ]
+    for group, group_name in GROUPS.items():
+        for key in ("all", "color_and_shape"):
+            name, meaning = FIDELITY_MEASURES[key]
+            rows.append([(f"{name}, {group_name}", f"samples for {GROUP_MEANINGS[group]}: {meaning}"),
+                         percent(fidelity[group]["fidelity"][key]), percent(fidelity[group]["chance"][key])])
+    rows.append([("analyser accuracy", ANALYSER), percent(min(fidelity[group]["analyser"]["all"] for group in GROUPS)), "–"])
+    return ["measure", "value", "chance"], rows
+
+
+def fidelity_rows(fidelity: dict) -> tuple[list[str], list[list]]:
+    """Caption fidelity per attribute: per group its value and chance level, and the analyser's accuracy."""
+    rows = [
+        [(name, meaning)] + [(percent(fidelity[group]["fidelity"][key]), percent(fidelity[group]["chance"][key])) for group in GROUPS]
+        + [percent(min(fidelity[group]["analyser"][key] for group in GROUPS))]
+        for key, (name, meaning) in FIDELITY_MEASURES.items()
+    ]
+    return ["measure", "seen prompts", "held-out prompts", "analyser"], rows
+
+
+def layout_rows(fidelity: dict) -> tuple[list[str], list[list[str]]]:
+    """Seen prompts' fidelity per layout of the caption."""
+    by_layout = fidelity["seen"]["fidelity_by_layout"]
+    header = ["layout", "samples"] + [FIDELITY_MEASURES[key][0] for key in ("color_and_shape", "all")]
+    rows = [[LAYOUT_NAMES[layout], str(v["n"]), percent(v["color_and_shape"]), percent(v["all"])] for layout, v in by_layout.items()]
+    return header, rows
+
+
+def sample_captions() -> list[str]:
+    """Each showcase prompt as its grid's caption, those the training data lacks said so."""
+    from datamodules.shapes import caption
+    from tessera.commands.evaluate_shapes import HELD_OUT_SCENES
+
+    held_out = {caption(scene) for scene in HELD_OUT_SCENES}
+    return [f"“{prompt}”" + (" (held out: never in the training data)" if prompt in held_out else "") for prompt in SAMPLE_PROMPTS]
+
+
 def write_report(out: Path, numbers: dict, warning: str | None, tokenizer_run: Path, prior_run: Path, log: StageLog) -> None:
+    """OUT/report.md and OUT/report.html, from `run_quickstart`'s numbers and the PNGs `evaluate` wrote
+    into OUT (the loss curves are drawn here, from the two runs' CSV logs)."""
     loss_curves({"tokenizer": tokenizer_run, "prior": prior_run}, out / "loss_curves.png")
-    from tessera.commands.evaluate_shapes import headline
+    summary = (f"The whole pipeline on this machine's CPU in {numbers['minutes']} minutes: synthetic shards, a tiny "
+               f"VQ-GAN tokenizer ({numbers['steps']['tokenizer']:,} steps), token shards, a tiny prior "
+               f"({numbers['steps']['prior']:,} steps), samples and their evaluation.")
+    (out / "report.md").write_text(report_markdown(numbers, warning, summary, log.lines))
+    (out / "report.html").write_text(report_html(out, numbers, warning, summary, log.lines))
 
-    table = "\n".join(f"| {key} | {value} |" for key, value in headline(numbers["caption_fidelity"]).items())
-    prompts = "\n".join(f"{i + 1}. {prompt}" for i, prompt in enumerate(SAMPLE_PROMPTS))
+
+def report_markdown(numbers: dict, warning: str | None, summary: str, stage_lines: list[str]) -> str:
+    fidelity = numbers["caption_fidelity"]
+    prompts = "\n".join(f"{index + 1}. {text}" for index, text in enumerate(sample_captions()))
     top = f"**{warning}**\n\n" if warning else ""
-    markdown = f"""# Tessera quickstart report
+    return f"""# Tessera quickstart report
 
-{top}Whole pipeline on this machine's CPU in {numbers['minutes']} minutes: synthetic shards, a tiny
-VQ-GAN tokenizer ({numbers['steps']['tokenizer']:,} steps), token shards, a tiny prior
-({numbers['steps']['prior']:,} steps), samples and their evaluation.
+{top}{summary}
 
-## Tokenizer: validation images (top) and reconstructions (bottom)
+## Numbers
+
+{markdown_table(*headline_rows(numbers))}
+
+{CHANCE_NOTE}.
+
+## Tokenizer
 
 ![reconstructions](reconstructions.png)
 
-Reconstruction PSNR {numbers['reconstruction_psnr_db']} dB; {numbers['codebook_usage']:.0%} of the codebook in use on the training set.
+{RECONSTRUCTIONS}
 
-## Prior: samples (a row per prompt, {numbers['sampling']})
+## Prior: samples
+
+Four samples per prompt ({numbers['sampling']}), a row each:
 
 ![samples](samples.png)
 
 {prompts}
 
-## Caption fidelity (the shapes analyser on generated images)
+## Caption fidelity per attribute
 
-| measure | value |
-|---|---|
-{table}
+{ATTRIBUTES_NOTE.format(**fidelity)}
+
+{markdown_table(*fidelity_rows(fidelity))}
+
+Seen prompts by layout:
+
+{markdown_table(*layout_rows(fidelity))}
 
 ## Loss curves
 
 ![loss curves](loss_curves.png)
 
+{LOSSES}
+
 ## Stages
 
 ```
-{chr(10).join(log.lines)}
+{chr(10).join(stage_lines)}
 ```
 """
-    (out / "report.md").write_text(markdown)
-    body = html.escape(markdown)
-    for name in ("reconstructions", "samples", "loss_curves"):
-        body = body.replace(html.escape(f"![{name.replace('_', ' ')}]({name}.png)"), f'<img src="{name}.png" alt="{name}">')
-    (out / "report.html").write_text(f"<!doctype html><meta charset=utf-8><title>Tessera quickstart</title><pre>{body}</pre>\n")
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    """`html_table`'s table in markdown: what each row means in a last column, a chance level in
+    brackets after its number."""
+    explained = any(isinstance(row[0], tuple) for row in rows)
+
+    def cells(row: list) -> list[str]:
+        name, meaning = row[0] if isinstance(row[0], tuple) else (row[0], "")
+        numbers = [cell if isinstance(cell, str) else f"{cell[0]} (chance {cell[1]})" for cell in row[1:]]
+        return [name, *numbers] + ([meaning] if explained else [])
+
+    header = header + ["what it means"] if explained else header
+    lines = [header, ["---"] * len(header), *map(cells, rows)]
+    return "\n".join("| " + " | ".join(cell.replace("|", "\\|") for cell in line) + " |" for line in lines)
+
+
+PAGE_STYLE = """
+body { font: 16px/1.5 system-ui, sans-serif; color: #222; max-width: 50rem; margin: 0 auto; padding: 0 1rem 2rem; }
+h1 { font-size: 1.6rem; } h2 { font-size: 1.25rem; margin-top: 2rem; border-bottom: 1px solid #ddd; }
+.warning { background: #fff4d6; border: 2px solid #d99a00; border-radius: 6px; padding: .75rem 1rem; }
+table { border-collapse: collapse; width: 100%; margin: .5rem 0; }
+th, td { text-align: left; vertical-align: top; padding: .35rem .4rem; border-bottom: 1px solid #e3e3e3; }
+th.number, td.number { text-align: right; } td.number { white-space: nowrap; font-variant-numeric: tabular-nums; }
+th small, td small { display: block; font-weight: normal; color: #555; font-size: .8rem; }
+.note { color: #555; font-size: .9rem; }
+figure { margin: 1rem 0; }
+figcaption { font-size: .95rem; }
+img { display: block; max-width: 100%; height: auto; }
+img.grid { image-rendering: pixelated; }
+pre { white-space: pre-wrap; overflow-wrap: anywhere; font-size: .8rem; background: #f5f5f5; padding: .5rem; }
+@media (max-width: 30rem) { body { font-size: 15px; padding: 0 .6rem 1.5rem; } th, td { padding: .3rem .2rem; } }
+"""
+
+
+def report_html(out: Path, numbers: dict, warning: str | None, summary: str, stage_lines: list[str]) -> str:
+    """The page: headings, tables with every number named and explained, the pictures with their captions."""
+    esc = html.escape
+    fidelity = numbers["caption_fidelity"]
+    samples = "".join(picture(out, prompt_grid(index), text, pixelated=True) for index, text in enumerate(sample_captions()))
+    warning_box = f'<p class="warning"><strong>Stopped short.</strong> {esc(warning)}</p>' if warning else ""
+    return f"""<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>Tessera quickstart report</title>
+<style>{PAGE_STYLE}</style>
+</head>
+<body>
+<h1>Tessera quickstart report</h1>
+{warning_box}
+<p>{esc(summary)}</p>
+<h2>Numbers</h2>
+{html_table(*headline_rows(numbers))}
+<p class="note">{esc(CHANCE_NOTE)}.</p>
+<h2>Tokenizer</h2>
+{picture(out, "reconstructions.png", RECONSTRUCTIONS, pixelated=True)}
+<h2>Prior: samples</h2>
+<p>Four samples per prompt ({esc(numbers['sampling'])}).</p>
+{samples}
+<h2>Caption fidelity per attribute</h2>
+<p>{ATTRIBUTES_NOTE.format(**fidelity)}</p>
+{html_table(*fidelity_rows(fidelity))}
+<p>Seen prompts by layout:</p>
+{html_table(*layout_rows(fidelity))}
+<h2>Loss curves</h2>
+{picture(out, "loss_curves.png", LOSSES, pixelated=False)}
+<h2>Stages</h2>
+<pre>{esc(chr(10).join(stage_lines))}</pre>
+</body>
+</html>
+"""
+
+
+def picture(out: Path, source: str, caption: str, pixelated: bool) -> str:
+    """A picture beside the page with its caption under it; its size is given, so the page does not
+    shift as it loads, and the style scales it down to the screen (a grid of flat-coloured pixels
+    without blurring them)."""
+    with Image.open(out / source) as image:
+        width, height = image.size
+    kind = ' class="grid"' if pixelated else ""
+    return (f'<figure><img{kind} src="{html.escape(source)}" width="{width}" height="{height}" alt="{html.escape(caption)}">'
+            f"<figcaption>{html.escape(caption)}</figcaption></figure>\n")
+
+
+def html_table(header: list[str], rows: list[list]) -> str:
+    """A table of the rows the report's tables are made of: what a row means in small print under
+    its name, a chance level under its number."""
+    def small(cell) -> str:
+        return html.escape(cell) if isinstance(cell, str) else f"{html.escape(cell[0])}<small>{html.escape(cell[1])}</small>"
+
+    def row(cells: list) -> str:
+        numbers = (cell if isinstance(cell, str) else (cell[0], f"chance {cell[1]}") for cell in cells[1:])
+        return f'<tr><th scope="row">{small(cells[0])}</th>' + "".join(f'<td class="number">{small(c)}</td>' for c in numbers) + "</tr>"
+
+    head = f"<th>{html.escape(header[0])}</th>" + "".join(f'<th class="number">{html.escape(c)}</th>' for c in header[1:])
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(map(row, rows))}</tbody></table>"
