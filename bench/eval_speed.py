@@ -1,7 +1,7 @@
 """Evaluation speed: Inception feature images/s, CLIP images/s, PNG read-back images/s, and the
 projected wall time of `tessera evaluate coco` (FID-30K) for the "300m" prior.
 
-Goal (issue 5): FID-30K of a 300M prior in under 10 minutes on one H100; FIELD-NOTES reference:
+Goal: FID-30K of a 300M prior in under 10 minutes on one H100; reference figures:
 Inception feature extraction at ~4.5k images/s on an H100 with TF32, ~2.2k in strict fp32.
 
 - inception: 256 px uint8 batches already on the device through the FID Inception (torchmetrics'

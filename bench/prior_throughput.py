@@ -15,7 +15,7 @@ autocast (fp32 weights), backward, gradient-norm clip 1.0, fused AdamW step (lr 
   - gpt2: the reference a user would otherwise write: `transformers.GPT2LMHeadModel` of the same
     shape (n_positions 320, dropout 0 as ours, SDPA attention, head tied to the input embedding)
     over one joint vocabulary, text ids then image ids offset by 49,408: 65,792 ids, 65,856 with
-    the padding FIELD-NOTES' measurement used; loss from `labels=`, cross-entropy over all 319
+    the padding the reference measurement used; loss from `labels=`, cross-entropy over all 319
     next-token targets; eager;
   - gpt2+compile: the same with `torch.compile(model)` (its loss is inside forward, so inside
     the graph, as with tessera+compile).
@@ -29,9 +29,9 @@ text head at 63 and its 16,384-wide image head at 256 (`TextImageTransformer.flo
 GPT-2's blocks and its 65,856-wide head at all 320, 13% more work per token than tessera's.
 Peak: the device's dense bf16 figure from tessera/flops.py's table of device names (989 TFLOP/s
 on an H100 SXM or an H200; printed in the header); --peak-flops for a device the table lacks,
-which otherwise reports no MFU. FIELD-NOTES' one-H100 reference, GPT-2 at 72.0k tokens/s eager
+which otherwise reports no MFU. The one-H100 80GB reference, GPT-2 at 72.0k tokens/s eager
 and 165.7k compiled, is 16.8% and 38.7% MFU counted so (13.9% and 32.0% without its head, as
-FIELD-NOTES gives them).
+the reference gives them).
 
     python bench/prior_throughput.py                                  # one H100: all settings, batch 64
     python bench/prior_throughput.py --settings tessera+compile gpt2+compile --steps 50
@@ -77,7 +77,7 @@ def prior_config(tiny: bool) -> TransformerConfig:
 
 def gpt2_config(config: TransformerConfig) -> GPT2Config:
     """GPT-2 of the prior's shape over one joint vocabulary: 49,408 + 16,384 = 65,792 ids at 300m,
-    plus one spare row, rounded up to a multiple of 64: 65,856, the vocabulary of FIELD-NOTES' reference."""
+    plus one spare row, rounded up to a multiple of 64: 65,856, the vocabulary of the reference measurement."""
     return GPT2Config(
         vocab_size=_round_up(config.text_vocab_size + config.image_vocab_size + 1, 64),
         n_positions=config.sequence_length,

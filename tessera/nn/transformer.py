@@ -141,7 +141,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(n_layer=4, n_head=4, n_embd=128, text_length=32, image_grid=8, image_vocab_size=512),
     # GPT-2 small's shape: 85M without embeddings
     "100m": dict(n_layer=12, n_head=12, n_embd=768),
-    # GPT-2 medium's shape: 302M without embeddings, as the transformers reference in FIELD-NOTES
+    # GPT-2 medium's shape: 302M without embeddings, as the transformers reference measured in BENCHMARKS.md
     "300m": dict(n_layer=24, n_head=16, n_embd=1024),
     # minDALL-E: 1.19B without embeddings, ~1.4B with our CLIP-sized text vocabulary
     "1.3b": dict(n_layer=42, n_head=24, n_embd=1536),
@@ -329,7 +329,7 @@ class TextImageTransformer(nn.Module):
 
     def num_params(self, exclude_embeddings: bool = True) -> int:
         """Parameter count; by default without the embedding tables and the two heads: PaLM's N (its
-        head is its shared input embedding), and the 302M of the GPT-2 medium reference in FIELD-NOTES."""
+        head is its shared input embedding), and the 302M of the GPT-2 medium reference in BENCHMARKS.md."""
         n = sum(p.numel() for p in self.parameters())
         if exclude_embeddings:
             tables = (self.text_embed, self.text_pos, self.image_embed, self.image_row, self.image_col)
