@@ -27,6 +27,7 @@ refuses manual optimization; a 76M-parameter tokenizer fits on every GPU, so DDP
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -334,7 +335,11 @@ class VQGAN(L.LightningModule):
             self._clip(opt_d)
             opt_d.optimizer.step()  # the raw optimizer: not counted in global_step
             opt_d.zero_grad(set_to_none=True)
-        schedule_d.step()  # on the training step, whether D trains yet or not
+        with warnings.catch_warnings():
+            # on the training step whether D trains yet or not, so its schedule reads the global
+            # step; before disc_start torch warns that D's optimizer has not stepped, as intended
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+            schedule_d.step()
 
     def generator_loss(self, images: torch.Tensor, gan_active: bool) -> tuple[torch.Tensor, torch.Tensor, dict]:
         reconstructions, quantized = self.tokenizer(images)
