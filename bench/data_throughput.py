@@ -30,7 +30,7 @@ from torchvision import transforms
 
 from datamodules.caption_image import epoch_samples
 from datamodules.shard_writer import SourceSample, write_shards
-from datamodules.stream import CaptionImageStream
+from datamodules.stream import CaptionImageStream, shard_sizes
 from datamodules.text import CaptionTokenizer
 
 
@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> Iterator[dict]:
     write_shards(PhotoLike(args.images), data, samples_per_shard=256, image_format="jpg", quality=90,
                  workers=os.cpu_count() or 1)
     urls = [str(p) for p in sorted(data.glob("[0-9]*.tar"))]
-    samples = epoch_samples(urls, None, "images")
+    samples = epoch_samples(urls, shard_sizes(urls), None, "images")
     yield {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__,
            "images": samples, "mean_kb": round(sum(Path(u).stat().st_size for u in urls) / samples / 1024, 1),
            "shards": len(urls), "batch_size": args.batch_size}

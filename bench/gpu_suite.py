@@ -45,7 +45,9 @@ from typing import Any
 
 import torch
 
+REPO = Path(__file__).resolve().parents[1]
 WORK = "{work}"  # in an argument list: the benchmark's own scratch directory, deleted after it
+IN_REPO = "{repo}/"  # in an argument: a path in this checkout, whatever the working directory
 
 
 @dataclass
@@ -76,6 +78,14 @@ BENCHMARKS = [
         smoke=["--tiny", "--device", "cpu", "--warmup", "0", "--steps", "1", "--settings", "tessera", "gpt2"],
         seconds=200,
         columns=("setting", "tokens_per_s", "mfu", "ms_per_step", "peak_memory_gib", "loss"),
+    ),
+    Benchmark(
+        "memory_estimate",
+        "the peak prior_throughput measured above for the same prior and batch on one GPU (setting tessera; "
+        "without DDP's gradient buckets, 4 bytes a parameter fewer than the estimate counts)",
+        gpu=[f"{IN_REPO}configs/prior/300m.yaml", f"{IN_REPO}configs/trainer/ddp.yaml", "--batch-size", "64"],
+        smoke=[f"{IN_REPO}configs/prior/tiny_shapes.yaml", f"{IN_REPO}configs/trainer/ddp.yaml"],
+        seconds=30,
     ),
     Benchmark(
         "sampling_speed",
@@ -140,7 +150,8 @@ def _expire(signum, frame):
 
 def arguments(benchmark: Benchmark, cpu_smoke: bool, work: Path, measured: dict[str, list[dict]]) -> list[str]:
     """The benchmark's argument list for this run, its scratch directory filled in."""
-    argv = [str(work) if arg == WORK else arg for arg in (benchmark.smoke if cpu_smoke else benchmark.gpu)]
+    argv = [str(work) if arg == WORK else arg.replace(IN_REPO, f"{REPO}/")
+            for arg in (benchmark.smoke if cpu_smoke else benchmark.gpu)]
     if benchmark.name == "eval_speed" and not cpu_smoke:
         # the projected FID-30K time needs a sampling speed: this run's, eager with guidance as
         # `tessera evaluate coco --cfg-scale` samples
@@ -155,7 +166,7 @@ def run_benchmark(benchmark: Benchmark, argv: list[str], seconds: float, limit: 
     after `seconds`, what `limit` names."""
     entry: dict[str, Any] = {
         "name": benchmark.name,
-        "command": shlex.join(["python", f"bench/{benchmark.name}.py", *argv]),
+        "command": shlex.join(["python", f"bench/{benchmark.name}.py", *argv]).replace(f"{REPO}/", ""),
         "reference": benchmark.reference,
         "columns": list(benchmark.columns),
         "records": [],
@@ -278,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.cpu_smoke and not torch.cuda.is_available():
         parser.error("no CUDA device here: the suite is for a GPU (--cpu-smoke checks it on a CPU)")
     # the scripts import each other by module name, as when run from bench/
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    sys.path.insert(0, str(REPO / "bench"))
 
     started = time.perf_counter()
     report: dict[str, Any] = {

@@ -15,7 +15,8 @@ Counts, in bytes per GPU, for AdamW with fp32 master weights under bf16 autocast
 - the heads' logits: bf16 output, its fp32 copy and the fp32 gradient (10 bytes a logit).
 The batch size (per GPU) comes from the prior's config (its `data` section), the strategy, activation checkpointing and
 the GPU count from the trainer config. Allocator fragmentation and CUDA's context (~0.5-1 GiB)
-are not counted: `fits` keeps 15% of the card free. `pytest -m gpu` compares this with a measured peak.
+are not counted: `fits` keeps 15% of the card free. bench/gpu_suite.py sets the estimate for the
+300m prior at batch 64 beside the peak bench/prior_throughput.py measures for it on one GPU.
 """
 
 from __future__ import annotations
@@ -94,18 +95,25 @@ def estimate_from_configs(prior_config: Path, trainer_config: Path, data_config:
     return prior_memory(transformer, **assumed), assumed
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("prior_config", type=Path)
     parser.add_argument("trainer_config", type=Path)
     parser.add_argument("--data-config", type=Path, default=REPO / "configs/data/laion_style.yaml")
     parser.add_argument("--batch-size", type=int, default=None, help="per GPU; the data config's by default")
     parser.add_argument("--gpu-memory-gib", type=float, default=79.1, help="the card's memory (an H100 80GB: 79.1 GiB)")
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> dict:
     estimate, assumed = estimate_from_configs(args.prior_config, args.trainer_config, args.data_config, args.batch_size)
     rounded = {key: round(value, 1) if isinstance(value, float) else value for key, value in asdict(estimate).items()}
     fits = estimate.total <= HEADROOM * args.gpu_memory_gib
-    print(json.dumps({**assumed, **rounded, "total_gib": round(estimate.total, 1), "fits": fits}))
+    return {**assumed, **rounded, "total_gib": round(estimate.total, 1), "fits": fits}
+
+
+def main() -> None:
+    print(json.dumps(run(parse_args())))
 
 
 if __name__ == "__main__":
