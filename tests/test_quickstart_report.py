@@ -8,6 +8,7 @@ TESSERA_REQUIRE_CHROMIUM=1 (CI), where a skip is a failure.
 
 from __future__ import annotations
 
+import fcntl
 import html
 import json
 import os
@@ -169,6 +170,13 @@ MEASURE = """(() => {
 })()"""
 
 
+def above_9(fd: int) -> int:
+    """`fd` moved to the lowest free number above 9."""
+    moved = fcntl.fcntl(fd, fcntl.F_DUPFD, 10)
+    os.close(fd)
+    return moved
+
+
 class Browser:
     """A headless Chromium driven over the DevTools protocol on a pipe (--remote-debugging-pipe): it
     reads JSON commands from its fd 3 and writes replies and events to its fd 4, each ended by NUL.
@@ -177,6 +185,7 @@ class Browser:
     def __init__(self, chromium: str, profile: Path):
         commands, self.commands = os.pipe()
         self.replies, replies = os.pipe()
+        commands, replies = above_9(commands), above_9(replies)  # so that moving them to 3 and 4 overwrites neither
         shell = f'exec "$@" 3<&{commands} 4>&{replies} {commands}<&- {replies}>&-'
         flags = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--remote-debugging-pipe", f"--user-data-dir={profile}"]
         self.log = (profile.parent / "chromium.log").open("w")
