@@ -109,7 +109,7 @@ BENCHMARKS = [
     ),
     Benchmark(
         "eval_speed",
-        "FIELD-NOTES' Inception at ~4.5k images/s with TF32 on one H100, ~2.2k in fp32; FID-30K goal 10 minutes",
+        "the reference Inception rate: ~4.5k images/s with TF32 on one H100, ~2.2k in fp32; FID-30K goal 10 minutes",
         gpu=["--batch-size", "250", "--repeats", "3", "--read-back-images", "500", "--workers", "8"],
         smoke=["--tiny", "--device", "cpu", "--clip-model", "ViT-S-32"],
         seconds=90,
