@@ -40,6 +40,7 @@ from datamodules.stream import without_padding
 from datamodules.text import CLIP_BPE, CaptionTokenizer
 from lightning_modules.fsdp import checkpoint_hyperparameters, is_sharded_checkpoint
 from lightning_modules.nonfinite import NonFiniteLossGuard, drop_gradients
+from lightning_modules.parallel import adjust_ddp
 from lightning_modules.vqgan import load_tokenizer
 from tessera.lr_schedule import lr_factor
 from tessera.nn.transformer import TextImageTransformer, TransformerConfig
@@ -181,6 +182,8 @@ class TextImagePrior(L.LightningModule):
     # training
 
     def configure_model(self) -> None:
+        if self._trainer is not None:
+            adjust_ddp(self.trainer.strategy)
         if self.hparams.compile:
             for block in self.transformer.blocks:
                 block.compile()
