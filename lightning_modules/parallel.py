@@ -26,3 +26,14 @@ def adjust_ddp(strategy: Strategy, find_unused_parameters: bool = False) -> None
     strategy._ddp_kwargs["forward_sync_buffers"] = False
     if find_unused_parameters:
         strategy._ddp_kwargs["find_unused_parameters"] = True
+
+
+# what wrappers insert into parameter names: FSDP1, activation checkpointing, torch.compile of a module
+WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def unwrapped_name(name: str) -> str:
+    """A parameter's name in the module as built, before any wrapper renamed it."""
+    for prefix in WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name

@@ -40,7 +40,7 @@ from datamodules.stream import without_padding
 from datamodules.text import CLIP_BPE, CaptionTokenizer
 from lightning_modules.fsdp import checkpoint_hyperparameters, is_sharded_checkpoint
 from lightning_modules.nonfinite import NonFiniteLossGuard, drop_gradients
-from lightning_modules.parallel import adjust_ddp
+from lightning_modules.parallel import adjust_ddp, unwrapped_name
 from lightning_modules.vqgan import load_tokenizer
 from tessera.lr_schedule import lr_factor
 from tessera.nn.transformer import TextImageTransformer, TransformerConfig
@@ -158,6 +158,8 @@ class TextImagePrior(L.LightningModule):
         self.register_buffer("null_text_mask", null.mask[0], persistent=False)  # (T,)
         # counted here, before FSDP shards the parameters (a shard's numel would undercount them)
         self.flops_per_token = self.transformer.flops_per_token()
+        # and the weight-decayed parameters chosen by shape here too: FSDP1 flattens them all to 1-D
+        self.decayed = {name for name, p in self.transformer.named_parameters() if p.dim() >= 2}
         self._last_step_time: float | None = None
         self.nonfinite = NonFiniteLossGuard(self.optimizer_config.max_nonfinite_steps)
 
@@ -301,13 +303,18 @@ class TextImagePrior(L.LightningModule):
         # every rank holds the same values: syncing only keeps Lightning from warning that they were not
         self.log_dict({name: value.float() for name, value in logs.items()}, sync_dist=True)
 
+    def parameter_groups(self) -> list[dict]:
+        """AdamW's groups: decay on the matrices and embeddings, none on norms and biases, chosen by
+        the names recorded before any wrapping (whose prefixes are dropped here)."""
+        named = [(unwrapped_name(name), p) for name, p in self.transformer.named_parameters() if p.requires_grad]
+        return [
+            {"params": [p for name, p in named if name in self.decayed], "weight_decay": self.optimizer_config.weight_decay},
+            {"params": [p for name, p in named if name not in self.decayed], "weight_decay": 0.0},
+        ]
+
     def configure_optimizers(self):
         config = self.optimizer_config
-        params = [p for p in self.transformer.parameters() if p.requires_grad]
-        groups = [
-            {"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},  # norms and biases
-        ]
+        groups = self.parameter_groups()
         # fused kernels on CUDA and CPU: on two CPU cores the tiny prior's step is ~20% faster, its
         # optimizer step 7x (the 6.3M-entry caption embedding dominates the per-tensor foreach path)
         fused = {"fused": True} if self.device.type in ("cuda", "cpu") else {}
