@@ -38,9 +38,14 @@ from safetensors.torch import load_file, save_file
 
 from datamodules.stream import without_padding
 from datamodules.text import CLIP_BPE, CaptionTokenizer
-from lightning_modules.fsdp import checkpoint_hyperparameters, is_sharded_checkpoint
+from lightning_modules.fsdp import (
+    AtomicModelParallelStrategy,
+    checkpoint_hyperparameters,
+    is_sharded_checkpoint,
+    sharded_weights_key,
+)
 from lightning_modules.nonfinite import NonFiniteLossGuard, drop_gradients
-from lightning_modules.parallel import adjust_ddp, unwrapped_name
+from lightning_modules.parallel import adjust_ddp, shard, unwrapped_name
 from lightning_modules.vqgan import load_tokenizer
 from tessera.lr_schedule import lr_factor
 from tessera.nn.transformer import TextImageTransformer, TransformerConfig
@@ -184,9 +189,12 @@ class TextImagePrior(L.LightningModule):
     # training
 
     def configure_model(self) -> None:
-        if self._trainer is not None:
-            adjust_ddp(self.trainer.strategy)
-        if self.hparams.compile:
+        strategy = self.trainer.strategy if self._trainer is not None else None
+        adjust_ddp(strategy)
+        if isinstance(strategy, AtomicModelParallelStrategy):
+            shard(self.transformer, self.transformer.blocks, strategy, str(self.trainer.precision), self.hparams.compile,
+                  methods=("loss", "prefill", "decode_step"))  # the entry points, none calling another
+        elif self.hparams.compile:
             for block in self.transformer.blocks:
                 block.compile()
 
@@ -396,9 +404,10 @@ def load_transformer_weights(transformer: TextImageTransformer, path: str | Path
         # DCP reads into the tensors it is given, each whole from the shards of every rank that
         # saved one; only the "model" entries are asked for, so the optimizer shards stay on disk.
         # no_dist: this process alone, even where a process group exists (after a fit).
-        state = {"model": {PREFIX + name: tensor for name, tensor in transformer.state_dict().items()}}
+        key = sharded_weights_key(path)
+        state = {key: {PREFIX + name: tensor for name, tensor in transformer.state_dict().items()}}
         dcp.load(state, checkpoint_id=path, no_dist=True)
-        weights = state["model"]
+        weights = state[key]
     else:
         weights = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["state_dict"]
     transformer.load_state_dict({name.removeprefix(PREFIX): w for name, w in weights.items() if name.startswith(PREFIX)})

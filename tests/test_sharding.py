@@ -3,13 +3,24 @@ wrapping, FSDP2 against DDP, its checkpoints, resume and export."""
 
 from __future__ import annotations
 
+import multiprocessing
+import os
+from pathlib import Path
+
+import lightning as L
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.strategies import DDPStrategy
+from safetensors.torch import load_file
 
+from lightning_modules.fsdp import AtomicModelParallelStrategy
 from lightning_modules.parallel import unwrapped_name
 from lightning_modules.prior import TextImagePrior
+from tessera.commands.cli import main
 from tessera.nn.transformer import Block, TransformerConfig
 from tests.distributed import run_distributed
+from tests.test_exact_resume import prior_run, write_token_shards
 
 
 def tiny_prior() -> TextImagePrior:
@@ -42,3 +53,61 @@ def _fsdp1_groups(rank: int, world_size: int) -> list[set[int]]:
 def test_weight_decay_falls_on_the_matrices_of_an_fsdp1_wrapped_prior():
     for decayed, not_decayed in run_distributed(_fsdp1_groups):
         assert decayed == {2} and not_decayed == {1}
+
+
+# --- the prior under FSDP2 --------------------------------------------------------------------
+
+
+class RecordLosses(L.Callback):
+    def __init__(self):
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(outputs["loss"].item())
+
+
+def fit_prior(shards: str, root: Path, strategy, steps: int, ckpt_path: Path | None = None) -> list[float]:
+    """The losses of a 2-process run of the prior (dropout, caption dropout, clipping) that saves a
+    checkpoint every 2 steps, or resumes from `ckpt_path`."""
+    model, data = prior_run(shards)
+    losses = RecordLosses()
+    every_2 = ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=2, save_top_k=-1)
+    if ckpt_path is not None:  # a fresh process's RNGs would be anywhere: resume must not depend on them
+        torch.manual_seed(1234)
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_steps=steps, default_root_dir=root,
+                        logger=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[losses, every_2])
+    trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
+    return losses.losses
+
+
+def _prior_under_ddp_and_fsdp2(rank: int, world_size: int, root: str) -> dict:
+    torch.set_num_threads(1)
+    multiprocessing.set_start_method("fork", force=True)  # loader workers fork, as under a launcher
+    os.environ.update(LOCAL_RANK=str(rank), NODE_RANK="0", WORLD_SIZE=str(world_size))  # the process group is up
+    root = Path(root)
+    shards = write_token_shards(root) if rank == 0 else str(root / "{00000..00002}.tar")
+    torch.distributed.barrier()
+    # 24 samples an epoch, 12 per rank in batches of 4: step 2 is mid-epoch
+    ddp = fit_prior(shards, root / "ddp", DDPStrategy(), steps=4)
+    fsdp2 = fit_prior(shards, root / "fsdp2", AtomicModelParallelStrategy(), steps=4)
+    (middle,) = (root / "fsdp2" / "ckpt").glob("*step=2.ckpt")
+    resumed = fit_prior(shards, root / "resumed", AtomicModelParallelStrategy(), steps=4, ckpt_path=middle)
+    return {"ddp": ddp, "fsdp2": fsdp2, "resumed": resumed}
+
+
+@pytest.mark.slow
+def test_the_prior_under_fsdp2_trains_as_under_ddp_and_resumes_mid_epoch_bitwise(tmp_path):
+    ranks = run_distributed(_prior_under_ddp_and_fsdp2, str(tmp_path))
+    for rank in ranks:
+        torch.testing.assert_close(rank["fsdp2"], rank["ddp"])
+        assert rank["resumed"] == rank["fsdp2"][2:]
+
+    def exported(run: str) -> dict[str, torch.Tensor]:
+        (last,) = (tmp_path / run / "ckpt").glob("*step=4.ckpt")
+        assert main(["export", "--checkpoint", str(last), "--out", str(tmp_path / run / "export")]) == 0
+        return load_file(tmp_path / run / "export" / "model.safetensors")
+
+    ddp, fsdp2, resumed = exported("ddp"), exported("fsdp2"), exported("resumed")
+    for name in ddp:
+        torch.testing.assert_close(fsdp2[name], ddp[name], msg=name)
+        assert torch.equal(resumed[name], fsdp2[name]), name
