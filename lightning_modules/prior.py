@@ -12,7 +12,8 @@ Start-up checks: the tokenizer's codebook size and id grid must match the transf
 vocabulary and grid, and the text tokenizer's vocabulary must fit the text embedding; the first
 batch's text length and id grid are checked too. A mismatch is an error naming both numbers.
 
-Strategies: DDP, or FSDP with the `Block`s as wrapping units (configs/trainer/fsdp.yaml).
+Strategies: DDP, or FSDP2 with the `Block`s as shard units (configs/trainer/fsdp.yaml,
+`configure_model`); FSDP1 (lightning_modules.fsdp.AtomicFSDPStrategy) still trains and loads.
 The frozen tokenizer lives outside the module tree: not in checkpoints, not wrapped by DDP or
 FSDP, never cast by a precision plugin.
 

@@ -11,16 +11,24 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import DDPStrategy
 from safetensors.torch import load_file
+from torch.utils.data import DataLoader
+
+from callbacks.samples import SampleLogger
 
 from lightning_modules.fsdp import AtomicModelParallelStrategy
 from lightning_modules.parallel import unwrapped_name
-from lightning_modules.prior import TextImagePrior
+from lightning_modules.prior import TextImagePrior, load_prior
 from tessera.commands.cli import main
 from tessera.nn.transformer import Block, TransformerConfig
 from tests.distributed import run_distributed
 from tests.test_exact_resume import prior_run, write_token_shards
+from tests.test_prior import Tokens, tokenizer_dir  # noqa: F401 (tokenizer_dir: a fixture)
+from tests.test_prior import tiny_prior as tiny_prior_with_tokenizer
+
+PROMPTS = ["a red circle", "two blue squares"]
 
 
 def tiny_prior() -> TextImagePrior:
@@ -111,3 +119,47 @@ def test_the_prior_under_fsdp2_trains_as_under_ddp_and_resumes_mid_epoch_bitwise
     for name in ddp:
         torch.testing.assert_close(fsdp2[name], ddp[name], msg=name)
         assert torch.equal(resumed[name], fsdp2[name]), name
+
+
+class Killed(BaseException):
+    """The process killed mid-save: no `except Exception` on the way stops it."""
+
+
+def _sample_save_and_die_under_fsdp2(rank: int, world_size: int, root: str, tokenizer_dir: str) -> dict:
+    import lightning.pytorch.strategies.model_parallel as model_parallel
+
+    torch.set_num_threads(1)
+    os.environ.update(LOCAL_RANK=str(rank), NODE_RANK="0", WORLD_SIZE=str(world_size))  # the process group is up
+    root = Path(root)
+    prior = tiny_prior_with_tokenizer(tokenizer_dir)
+    samples = SampleLogger(PROMPTS, every_n_steps=2, images_per_prompt=1, top_k=8)
+    fit = L.Trainer(accelerator="cpu", devices=2, strategy=AtomicModelParallelStrategy(), max_steps=2, default_root_dir=root,
+                    logger=CSVLogger(root), enable_checkpointing=False, enable_progress_bar=False,
+                    enable_model_summary=False, callbacks=[samples])
+    fit.fit(prior, DataLoader(Tokens(prior), batch_size=4))
+    fit.save_checkpoint(root / "last.ckpt")
+    images = prior.generate(PROMPTS, seed=0)  # every rank, the sharded model
+
+    written = model_parallel._distributed_checkpoint_save
+
+    def save_then_die(*args, **kwargs):  # every rank's shards written, then the job dies before the swap
+        written(*args, **kwargs)
+        raise Killed
+
+    model_parallel._distributed_checkpoint_save = save_then_die
+    try:
+        fit.save_checkpoint(root / "last.ckpt")
+    except Killed:
+        pass
+    return {"images": images}
+
+
+@pytest.mark.slow
+def test_fsdp2_samples_on_every_rank_and_a_save_killed_midway_leaves_the_previous_checkpoint(tmp_path, tokenizer_dir):
+    ranks = run_distributed(_sample_save_and_die_under_fsdp2, str(tmp_path), str(tokenizer_dir))
+    assert (tmp_path / "lightning_logs" / "version_0" / "samples" / "step_00000002.png").is_file()
+    assert (tmp_path / ".last.ckpt.tmp").is_dir()  # the killed save's shards, never swapped in
+    assert main(["export", "--checkpoint", str(tmp_path / "last.ckpt"), "--out", str(tmp_path / "export")]) == 0
+    unsharded = load_prior(tmp_path / "export").generate(PROMPTS, seed=0)
+    for rank in ranks:
+        torch.testing.assert_close(rank["images"], unsharded)
