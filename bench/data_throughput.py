@@ -18,6 +18,7 @@ import os
 import platform
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -77,24 +78,26 @@ def images_per_second(loader: DataLoader, warmup_batches: int = 2) -> float:
     return images / (time.perf_counter() - started)
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=2048)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--data", type=Path, default=None, help="where to write the shards (a temporary directory by default)")
-    args = parser.parse_args()
-    torch.set_num_threads(1)
+    return parser.parse_args(argv)
 
+
+def run(args: argparse.Namespace) -> Iterator[dict]:
+    """The shards' description, then one result per (workers, pipeline) as it is measured."""
+    torch.set_num_threads(1)
     data = args.data or Path(tempfile.mkdtemp(prefix="tessera-bench-"))
     write_shards(PhotoLike(args.images), data, samples_per_shard=256, image_format="jpg", quality=90,
                  workers=os.cpu_count() or 1)
     urls = [str(p) for p in sorted(data.glob("[0-9]*.tar"))]
     samples = epoch_samples(urls, None, "images")
-    mean_kb = sum(Path(u).stat().st_size for u in urls) / samples / 1024
-    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}; "
-          f"{samples} JPEGs (~512px shorter side, {mean_kb:.0f} KB each) in {len(urls)} shards; batch {args.batch_size}")
-    print(f"{'workers':>7} {'pipeline':>18} {'images/s':>9} {'per worker':>10}")
+    yield {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__,
+           "images": samples, "mean_kb": round(sum(Path(u).stat().st_size for u in urls) / samples / 1024, 1),
+           "shards": len(urls), "batch_size": args.batch_size}
     for workers in args.workers:
         results = {
             "tessera": tessera_loader(urls, samples, args.batch_size, workers, jpeg_draft=True),
@@ -103,7 +106,19 @@ def main() -> None:
         }
         for name, loader in results.items():
             rate = images_per_second(loader)
-            print(f"{workers:>7} {name:>18} {rate:>9.0f} {rate / workers:>10.0f}", flush=True)
+            yield {"workers": workers, "pipeline": name, "images_per_s": round(rate, 1),
+                   "per_worker": round(rate / workers, 1)}
+
+
+def main() -> None:
+    records = run(parse_args())
+    shards = next(records)
+    print(f"# {shards['cpu']}, {shards['cores']} cores, torch {shards['torch']}; "
+          f"{shards['images']} JPEGs (~512px shorter side, {shards['mean_kb']:.0f} KB each) in {shards['shards']} shards; "
+          f"batch {shards['batch_size']}")
+    print(f"{'workers':>7} {'pipeline':>18} {'images/s':>9} {'per worker':>10}")
+    for r in records:
+        print(f"{r['workers']:>7} {r['pipeline']:>18} {r['images_per_s']:>9.0f} {r['per_worker']:>10.0f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Evaluation speed: Inception feature images/s, CLIP images/s, PNG read-back images/s, and the
 projected wall time of `tessera evaluate coco` (FID-30K) for the "300m" prior.
 
-Goal (issue 5): FID-30K of a 300M prior in under 10 minutes on one H100; FIELD-NOTES reference:
+Goal: FID-30K of a 300M prior in under 10 minutes on one H100; reference figures:
 Inception feature extraction at ~4.5k images/s on an H100 with TF32, ~2.2k in strict fp32.
 
 - inception: 256 px uint8 batches already on the device through the FID Inception (torchmetrics'
@@ -90,7 +90,7 @@ def read_back_per_s(count: int, workers: int, batch_size: int) -> float:
         return count / (time.perf_counter() - started)
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="CPU smoke run: batch 2, one timed batch")
     parser.add_argument("--device", default=None)
@@ -104,9 +104,13 @@ def main() -> None:
     parser.add_argument("--sampling-images-per-s", type=float, default=None, help="the prior's sampling speed per GPU")
     parser.add_argument("--gpus", type=int, default=1)
     parser.add_argument("--num-samples", type=int, default=30_000)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.tiny:
         args.batch_size, args.repeats, args.read_back_images, args.workers = 2, 1, 8, 0
+    return args
+
+
+def run(args: argparse.Namespace) -> dict:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     warmup = 1 if args.tiny else 3
 
@@ -151,7 +155,11 @@ def main() -> None:
                    f"sampling_seconds_{n}": round(sampling_seconds, 1),
                    f"projected_fid_{n}_minutes": round((sampling_seconds + measure_seconds) / 60, 2),
                    "goal_minutes_one_h100": 10}
-    print(json.dumps(report, indent=1))
+    return report
+
+
+def main() -> None:
+    print(json.dumps(run(parse_args()), indent=1))
 
 
 if __name__ == "__main__":

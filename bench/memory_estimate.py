@@ -13,7 +13,7 @@ Counts, in bytes per GPU, for AdamW with fp32 master weights under bf16 autocast
   never store); with activation checkpointing each block keeps only its fp32 input and one block
   at a time is recomputed;
 - the heads' logits: bf16 output, its fp32 copy and the fp32 gradient (10 bytes a logit).
-The batch size comes from the data config (per GPU), the strategy, activation checkpointing and
+The batch size (per GPU) comes from the prior's config (its `data` section), the strategy, activation checkpointing and
 the GPU count from the trainer config. Allocator fragmentation and CUDA's context (~0.5-1 GiB)
 are not counted: `fits` keeps 15% of the card free. `pytest -m gpu` compares this with a measured peak.
 """
@@ -75,7 +75,8 @@ def prior_memory(config: TransformerConfig, batch_size: int, sharded: bool, gpus
 def estimate_from_configs(prior_config: Path, trainer_config: Path, data_config: Path,
                           batch_size: int | None = None) -> tuple[MemoryEstimate, dict]:
     """The estimate for a `tessera fit --config PRIOR --config TRAINER --config DATA` run, and what it assumed."""
-    model = yaml.safe_load(prior_config.read_text())["model"]["init_args"]
+    prior = yaml.safe_load(prior_config.read_text())
+    model = prior["model"]["init_args"]
     trainer = yaml.safe_load(trainer_config.read_text())["trainer"]
     data = yaml.safe_load(data_config.read_text())["data"]["init_args"]
     strategy = trainer.get("strategy", {})
@@ -83,7 +84,7 @@ def estimate_from_configs(prior_config: Path, trainer_config: Path, data_config:
     strategy_args = strategy.get("init_args", {}) if isinstance(strategy, dict) else {}
     transformer = TransformerConfig(**model["transformer"])
     assumed = {
-        "batch_size": batch_size or data["batch_size"],
+        "batch_size": batch_size or prior.get("data", {}).get("init_args", {}).get("batch_size") or data["batch_size"],
         "sharded": "FSDP" in strategy_class or "ModelParallel" in strategy_class,
         "gpus": int(trainer.get("devices", 1)) * int(trainer.get("num_nodes", 1)),
         "activation_checkpointing": bool(strategy_args.get("activation_checkpointing_policy"))

@@ -15,21 +15,23 @@ autocast (fp32 weights), backward, gradient-norm clip 1.0, fused AdamW step (lr 
   - gpt2: the reference a user would otherwise write: `transformers.GPT2LMHeadModel` of the same
     shape (n_positions 320, dropout 0 as ours, SDPA attention, head tied to the input embedding)
     over one joint vocabulary, text ids then image ids offset by 49,408: 65,792 ids, 65,856 with
-    the padding FIELD-NOTES' measurement used; loss from `labels=`, cross-entropy over all 319
+    the padding the reference measurement used; loss from `labels=`, cross-entropy over all 319
     next-token targets; eager;
   - gpt2+compile: the same with `torch.compile(model)` (its loss is inside forward, so inside
     the graph, as with tessera+compile).
 
 Tokens per step are batch x 320 for both (tessera feeds 319 positions, the last image token is
-only a target; GPT-2 feeds 320 and computes logits for the last one too). MFU = tokens/s x
-(6N + 12 L d T) / peak, with N the parameters without embeddings and heads for both (GPT-2's
-head is its tied input embedding), T = 320 (PaLM appendix B; `TextImageTransformer.flops_per_token`).
-The formula leaves out the heads' 6 d V per token, which GPT-2 pays over 65,856 ids at every
-position and tessera over 49,408 (63 text positions) or 16,384 (256 image positions): the same
-MFU means the same speed on the 302M of blocks, and GPT-2 does ~14% more work than counted,
-tessera ~7%. Peak: 989 TFLOP/s bf16 dense on H100/H200 (printed in the header; --peak-flops
-for another device). FIELD-NOTES' one-H100 reference: GPT-2 72.0k tokens/s eager (13.9% MFU),
-165.7k compiled (32.0%).
+only a target; GPT-2 feeds 320 and computes logits for the last one too). MFU = tokens/s x FLOPs
+per token / peak, the FLOPs each model executes, counted by tessera/flops.py for both (6 per
+matmul weight and position, heads included, + attention's 12 L d T per position as PaLM
+appendix B; embedding lookups not counted): tessera's blocks at 319 positions, its 49,408-wide
+text head at 63 and its 16,384-wide image head at 256 (`TextImageTransformer.flops_per_token`);
+GPT-2's blocks and its 65,856-wide head at all 320, 13% more work per token than tessera's.
+Peak: the device's dense bf16 figure from tessera/flops.py's table of device names (989 TFLOP/s
+on an H100 SXM or an H200; printed in the header); --peak-flops for a device the table lacks,
+which otherwise reports no MFU. The one-H100 80GB reference, GPT-2 at 72.0k tokens/s eager
+and 165.7k compiled, is 16.8% and 38.7% MFU counted so (13.9% and 32.0% without its head, as
+the reference gives them).
 
     python bench/prior_throughput.py                                  # one H100: all settings, batch 64
     python bench/prior_throughput.py --settings tessera+compile gpt2+compile --steps 50
@@ -45,14 +47,15 @@ import argparse
 import gc
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 import transformers
 from transformers import GPT2Config, GPT2LMHeadModel
+from transformers.pytorch_utils import Conv1D
 
-from lightning_modules.prior import peak_flops
+from tessera.flops import attention_flops, matmul_flops, peak_bf16_flops
 from tessera.nn.transformer import TextImageTransformer, TransformerConfig
 
 SETTINGS = ["tessera", "tessera+compile", "tessera+compile-blocks", "gpt2", "gpt2+compile"]
@@ -74,7 +77,7 @@ def prior_config(tiny: bool) -> TransformerConfig:
 
 def gpt2_config(config: TransformerConfig) -> GPT2Config:
     """GPT-2 of the prior's shape over one joint vocabulary: 49,408 + 16,384 = 65,792 ids at 300m,
-    plus one spare row, rounded up to a multiple of 64: 65,856, the vocabulary of FIELD-NOTES' reference."""
+    plus one spare row, rounded up to a multiple of 64: 65,856, the vocabulary of the reference measurement."""
     return GPT2Config(
         vocab_size=_round_up(config.text_vocab_size + config.image_vocab_size + 1, 64),
         n_positions=config.sequence_length,
@@ -96,9 +99,13 @@ def gpt2_non_embedding_params(model: GPT2LMHeadModel) -> int:
     return n - model.transformer.wte.weight.numel() - model.transformer.wpe.weight.numel()
 
 
-def flops_per_token(n_params: int, n_layer: int, n_embd: int, seq_len: int) -> int:
-    """6N for the weight matmuls, forward and backward, plus 12 L d T for attention (PaLM appendix B)."""
-    return 6 * n_params + 12 * n_layer * n_embd * seq_len
+def gpt2_flops_per_token(model: GPT2LMHeadModel) -> float:
+    """Training FLOPs per token as tessera/flops.py counts them: the blocks' matmuls (Conv1D) and the
+    head (tied to the token table, whose lookup is no matmul) at every position, and attention."""
+    config = model.config
+    weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, (Conv1D, torch.nn.Linear)))
+    T = config.n_positions
+    return (matmul_flops(weights, T) + attention_flops(config.n_layer, config.n_embd, T)) / T
 
 
 def adamw(model: torch.nn.Module) -> torch.optim.AdamW:
@@ -118,7 +125,7 @@ class Trainee:
     model: torch.nn.Module
     loss: Callable[[], torch.Tensor]
     n_params: int  # without embeddings
-    flops_per_token: int
+    flops_per_token: float
 
 
 def build(name: str, config: TransformerConfig, batch_size: int, device: torch.device, compile_kwargs: dict) -> Trainee:
@@ -126,7 +133,6 @@ def build(name: str, config: TransformerConfig, batch_size: int, device: torch.d
     text_ids = torch.randint(0, config.text_vocab_size, (batch_size, config.text_length), generator=generator)
     image_ids = torch.randint(0, config.image_vocab_size, (batch_size, config.image_length), generator=generator)
     text_ids, image_ids = text_ids.to(device), image_ids.to(device)
-    T = config.sequence_length
     torch.manual_seed(0)
 
     if name.startswith("tessera"):
@@ -140,7 +146,7 @@ def build(name: str, config: TransformerConfig, batch_size: int, device: torch.d
                 block.compile(**compile_kwargs)
         n_params = model.num_params()
         return Trainee(
-            model, lambda: loss_fn(text_ids, text_mask, image_ids)["loss"], n_params, model.flops_per_token(T)
+            model, lambda: loss_fn(text_ids, text_mask, image_ids)["loss"], n_params, model.flops_per_token()
         )
 
     model = GPT2LMHeadModel(gpt2_config(config)).to(device)
@@ -152,7 +158,7 @@ def build(name: str, config: TransformerConfig, batch_size: int, device: torch.d
         model,
         lambda: forward(input_ids=input_ids, labels=input_ids).loss,
         n_params,
-        flops_per_token(n_params, config.n_layer, config.n_embd, T),
+        gpt2_flops_per_token(model),
     )
 
 
@@ -203,7 +209,7 @@ def measure(
         "ms_per_step": round(1000 * seconds / args.steps, 1),
         "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1) if device.type == "cuda" else None,
         "params_non_embedding": trainee.n_params,
-        "flops_per_token": trainee.flops_per_token,
+        "flops_per_token": round(trainee.flops_per_token),
         "timed_steps": args.steps,
         "loss": round(loss.item(), 4),
     }
@@ -220,7 +226,7 @@ def release(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch-size", type=int, default=None, help="sequences per step (64; 4 with --tiny)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps after the warm-up (20; 2 with --tiny)")
@@ -232,21 +238,26 @@ def main() -> None:
     parser.add_argument("--compile-mode", default="default", choices=["default", "max-autotune-no-cudagraphs"],
                         help="Inductor mode for every compiled setting, both sides")
     parser.add_argument("--peak-flops", type=float, default=None,
-                        help="bf16 dense peak FLOP/s for MFU; default 989e12 on an H100 or H200 (PriorModule's table)")
+                        help="dense bf16 peak FLOP/s of the device for MFU; default: tessera/flops.py's, by its name")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"])
     parser.add_argument("--tiny", action="store_true", help="2 layers x 64 wide, 16 + 16 tokens: checks the script runs")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     args.batch_size = args.batch_size or (4 if args.tiny else 64)
     args.steps = args.steps or (2 if args.tiny else 20)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.tiny else 5)
     args.compile_backend = args.compile_backend or ("aot_eager" if args.tiny else "inductor")
+    return args
 
+
+def run(args: argparse.Namespace) -> Iterator[dict]:
+    """The header, then one result per setting as it is measured."""
     device = torch.device(args.device)
     config = prior_config(args.tiny)
-    peak = args.peak_flops if args.peak_flops is not None else peak_flops(device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    peak = args.peak_flops if args.peak_flops is not None else (peak_bf16_flops(name) if name else None)
     header = {
         "bench": "prior_throughput",
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "device": name or "cpu",
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "transformers": transformers.__version__,
@@ -255,14 +266,19 @@ def main() -> None:
         "shape": f"{config.n_layer} layers x {config.n_embd}, {config.n_head} heads, "
                  f"{config.text_length} text + {config.image_length} image tokens",
     }
-    print(json.dumps(header), flush=True)
+    yield header
     for name in args.settings:
         try:
             result = measure(name, args, config, device, peak)
         except torch.OutOfMemoryError:
             result = {"setting": name, "batch": args.batch_size, "error": "out of memory"}
-        print(json.dumps(result), flush=True)
         release(device)
+        yield result
+
+
+def main() -> None:
+    for record in run(parse_args()):
+        print(json.dumps(record), flush=True)
 
 
 if __name__ == "__main__":

@@ -69,15 +69,17 @@ def write_token_shards(directory: Path, samples: int, grid: int, codes: int) -> 
     return str(directory / "00000.tar")
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="CPU smoke run with configs/prior/tiny_shapes.yaml")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--signal-step", type=int, default=20)
     parser.add_argument("--steps-after", type=int, default=5)
     parser.add_argument("--out", type=Path, default=None, help="run directory (a temporary one by default)")
-    args = parser.parse_args()
+    return parser.parse_args(argv)
 
+
+def run(args: argparse.Namespace) -> dict:
     config = REPO / "configs/prior" / ("tiny_shapes.yaml" if args.tiny else "300m.yaml")
     transformer = yaml.safe_load(config.read_text())["model"]["init_args"]["transformer"]
     work = args.out or Path(tempfile.mkdtemp(prefix="requeue-cost-"))
@@ -121,13 +123,17 @@ def main() -> None:
     warm = re.search(r"\[probe\] first step (\d+) done ([\d.]+) s", second)
     if warm is None or int(warm.group(1)) != step + 1:
         raise SystemExit(f"launch 2 did not resume at step {step + 1}:\n{second[-4000:]}")
-    print(json.dumps({
+    return {
         "config": config.name, "batch_size": args.batch_size, "checkpoint_step": step,
         "checkpoint_gb": round(checkpoint.stat().st_size / 1e9, 3),
         "signal_to_checkpoint_s": float(written.group(4)), "checkpoint_write_s": float(written.group(3)),
         "restart_to_first_new_step_s": float(warm.group(2)), "cold_start_to_first_step_s": cold,
         "launch_wall_s": [round(first_wall, 1), round(second_wall, 1)],
-    }, indent=1))
+    }
+
+
+def main() -> None:
+    print(json.dumps(run(parse_args()), indent=1))
 
 
 if __name__ == "__main__":

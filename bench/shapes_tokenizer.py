@@ -72,13 +72,16 @@ def token_noise(tokenizer, image_size: int, num_scenes: int = 2048) -> dict:
     }
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=int, default=330, help="training budget (the quickstart's is 6.6 min)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the training process")
     parser.add_argument("--samples", type=int, default=4096, help="training scenes, as the quickstart's")
     parser.add_argument("fit_args", nargs="*", help="further `tessera fit` arguments, after --")
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> dict:
     image_size = shapes_image_size()
     work = Path(tempfile.mkdtemp(prefix="tessera-shapes-tokenizer-"))
     try:
@@ -112,9 +115,13 @@ def main() -> None:
             "reconstructions": {k: round(verdicts[k], 3) for k in ("color", "shape", "size", "color_and_shape")},
             **token_noise(tokenizer, image_size),
         }
-        print(json.dumps(report, indent=1))
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    return report
+
+
+def main() -> None:
+    print(json.dumps(run(parse_args()), indent=1))
 
 
 if __name__ == "__main__":

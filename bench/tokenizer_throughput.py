@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Iterator
 
 import lightning as L
 import torch
@@ -114,7 +115,7 @@ def measure(name: str, batch_size: int, steps: int, warmup: int, device: str, ti
     return result
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--steps", type=int, default=30, help="timed steps, after the warm-up")
@@ -122,12 +123,20 @@ def main() -> None:
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"])
     parser.add_argument("--tiny", action="store_true", help="a small network at 64 px: checks the script runs")
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> Iterator[dict]:
+    """The header, then one result per setting as it is measured."""
     torch.backends.cudnn.benchmark = True  # PyTorch's other defaults stay: the fp32 reference gets TF32 convolutions only
-    header = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "torch": torch.__version__}
-    print(json.dumps(header), flush=True)
+    yield {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "torch": torch.__version__}
     for name in args.settings:
-        print(json.dumps(measure(name, args.batch_size, args.steps, args.warmup, args.device, args.tiny)), flush=True)
+        yield measure(name, args.batch_size, args.steps, args.warmup, args.device, args.tiny)
+
+
+def main() -> None:
+    for record in run(parse_args()):
+        print(json.dumps(record), flush=True)
 
 
 if __name__ == "__main__":

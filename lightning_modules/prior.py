@@ -35,10 +35,12 @@ import torch
 import torch.distributed.checkpoint as dcp
 import torch.nn as nn
 from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.utilities import rank_zero_warn
 from safetensors.torch import load_file, save_file
 
 from datamodules.stream import without_padding
 from datamodules.text import CLIP_BPE, CaptionTokenizer
+from lightning_modules.clipping import clip_grad_norm
 from lightning_modules.fsdp import (
     AtomicModelParallelStrategy,
     checkpoint_hyperparameters,
@@ -48,21 +50,11 @@ from lightning_modules.fsdp import (
 from lightning_modules.nonfinite import NonFiniteLossGuard, drop_gradients
 from lightning_modules.parallel import adjust_ddp, shard, unwrapped_name
 from lightning_modules.vqgan import load_tokenizer
+from tessera.flops import peak_bf16_flops
 from tessera.lr_schedule import lr_factor
 from tessera.nn.transformer import TextImageTransformer, TransformerConfig
 from tessera.nn.vq_tokenizer import CONFIG_FILE, WEIGHTS_FILE, VQTokenizer
 from tessera.sampling import SamplingConfig, sample_image_tokens
-
-# dense bf16 peak FLOP/s per GPU, for MFU (H100 and H200 SXM share the H100's compute)
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
-
-
-def peak_flops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
-
 
 @dataclass
 class PriorOptimizerConfig:
@@ -112,6 +104,8 @@ class TextImagePrior(L.LightningModule):
         image_loss_weight: float = 7.0,
         optimizer: PriorOptimizerConfig | None = None,
         compile: bool = False,
+        peak_flops: float | None = None,
+        sampling: SamplingConfig | None = None,
     ):
         """
         Args:
@@ -121,17 +115,26 @@ class TextImagePrior(L.LightningModule):
             text_tokenizer: "clip-bpe" or a `transformers` tokenizer name or directory; must be the
                 one the data is tokenized with.
             caption_dropout: share of training captions replaced by the empty caption (for guidance).
-            text_loss_weight: weight of the caption tokens' cross-entropy (DALL-E: 1 of 8); 0 skips
-                the text head, which dominates a small model's compute (LlamaGen trains no text loss).
+            text_loss_weight: weight of the caption tokens' cross-entropy (DALL-E: 1 of 8); 0 builds
+                no text head, which dominates a small model's compute (LlamaGen trains no text loss).
             image_loss_weight: weight of the image tokens' cross-entropy (DALL-E: 7 of 8).
             optimizer: AdamW and its schedule.
             compile: torch.compile each transformer block in place.
+            peak_flops: dense bf16 peak FLOP/s of one device, for the logged MFU. None looks the GPU
+                up by name in `tessera.flops.PEAK_BF16_FLOPS`; a GPU not there logs no MFU (and says
+                so once), a CPU none.
+            sampling: how this prior's images are drawn unless told otherwise (`generate` without
+                settings, `tessera sample`, `tessera evaluate`): the settings it was tuned with,
+                kept in its checkpoints and exports. None: SamplingConfig's defaults.
         """
         super().__init__()
         if isinstance(transformer, dict):  # a checkpoint's hyperparameters
             transformer = TransformerConfig(**transformer)
         if isinstance(optimizer, dict):
             optimizer = PriorOptimizerConfig(**optimizer)
+        if isinstance(sampling, dict):
+            sampling = SamplingConfig(**sampling)
+        self.sampling = sampling
         self.config = transformer if transformer is not None else TransformerConfig()
         self.optimizer_config = optimizer if optimizer is not None else PriorOptimizerConfig()
         if not 0.0 <= caption_dropout < 1.0:
@@ -147,9 +150,10 @@ class TextImagePrior(L.LightningModule):
                 "image_loss_weight": image_loss_weight,
                 "optimizer": asdict(self.optimizer_config),
                 "compile": compile,
+                "sampling": asdict(sampling) if sampling is not None else None,
             }
         )
-        self.transformer = TextImageTransformer(self.config)
+        self.transformer = build_transformer(self.config, text_loss_weight)
         self.captions = CaptionTokenizer(text_tokenizer, self.config.text_length)
         if self.captions.vocab_size > self.config.text_vocab_size:
             raise ValueError(
@@ -166,6 +170,8 @@ class TextImagePrior(L.LightningModule):
         self.flops_per_token = self.transformer.flops_per_token()
         # and the weight-decayed parameters chosen by shape here too: FSDP1 flattens them all to 1-D
         self.decayed = {name for name, p in self.transformer.named_parameters() if p.dim() >= 2}
+        self.peak_flops = peak_flops  # a property of the machine, not the model: not a hyperparameter
+        self._device_peak_flops: float | None = None  # what MFU divides by, found at the start of training
         self._last_step_time: float | None = None
         self.nonfinite = NonFiniteLossGuard(self.optimizer_config.max_nonfinite_steps)
 
@@ -174,10 +180,11 @@ class TextImagePrior(L.LightningModule):
 
     @torch.no_grad()
     def generate(self, prompts: list[str], sampling: SamplingConfig | None = None, seed: int = 0) -> torch.Tensor:
-        """Images (B, 3, H, W) in [-1, 1] for `prompts`, reproducible for a seed."""
+        """Images (B, 3, H, W) in [-1, 1] for `prompts`, reproducible for a seed; drawn with
+        `sampling`, else with the prior's own settings (its `sampling` argument)."""
         if self.image_tokenizer is None:
             raise ValueError("generate needs the stage-1 tokenizer: set `tokenizer` to its checkpoint or export")
-        sampling = sampling or SamplingConfig()
+        sampling = sampling or self.sampling or SamplingConfig()
         text_ids = self.captions(prompts).ids.to(self.device)
         generator = torch.Generator(self.device).manual_seed(seed)
         autocast = torch.autocast("cuda", torch.bfloat16) if self.device.type == "cuda" else nullcontext()
@@ -198,6 +205,9 @@ class TextImagePrior(L.LightningModule):
         elif self.hparams.compile:
             for block in self.transformer.blocks:
                 block.compile()
+
+    def on_train_start(self) -> None:
+        self._device_peak_flops = peak_flops_for_mfu(self.device, self.peak_flops)
 
     def image_ids(self, batch: dict) -> torch.Tensor:
         """(B, N) ids of the batch's images, row-major; encoded here when the batch has images."""
@@ -267,9 +277,8 @@ class TextImagePrior(L.LightningModule):
             samples_per_s = batch_size * world / seconds
             tokens_per_s = samples_per_s * self.config.sequence_length
             logs = {"throughput/samples_per_s": samples_per_s, "throughput/tokens_per_s": tokens_per_s}
-            peak = peak_flops(self.device)
-            if peak is not None:
-                logs["throughput/mfu"] = tokens_per_s * self.flops_per_token / (peak * world)
+            if self._device_peak_flops is not None:
+                logs["throughput/mfu"] = tokens_per_s * self.flops_per_token / (self._device_peak_flops * world)
             self.log_dict(logs, rank_zero_only=True)
         self._last_step_time = now
 
@@ -353,7 +362,31 @@ class TextImagePrior(L.LightningModule):
             # the sharded norm needs FSDP's own all-reduce; Lightning's clip_gradients raises under FSDP
             self.trainer.strategy.model.clip_grad_norm_(clip)
         else:
-            self.clip_gradients(optimizer, clip, gradient_clip_algorithm="norm")
+            clip_grad_norm(self, optimizer, clip)
+
+
+def peak_flops_for_mfu(device: torch.device, peak_flops: float | None) -> float | None:
+    """`peak_flops` when given, else the table's figure for this GPU; None (no MFU) on a CPU, or on a
+    GPU the table lacks, which is said once (at the start of training) instead of an MFU against a
+    wrong peak."""
+    if peak_flops is not None:
+        return peak_flops
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    peak = peak_bf16_flops(name)
+    if peak is None:
+        rank_zero_warn(
+            f"no dense bf16 peak FLOP/s is known for {name!r}, so no MFU is logged: set the prior's "
+            "peak_flops (--model.init_args.peak_flops) to one device's peak to log it"
+        )
+    return peak
+
+
+def build_transformer(config: TransformerConfig, text_loss_weight: float) -> TextImageTransformer:
+    """The prior's network; without a text head when the caption loss has no weight, as its checkpoints
+    and exports then hold none (under DDP a parameter that never gets a gradient fails the step after)."""
+    return TextImageTransformer(config, text_head=text_loss_weight > 0)
 
 
 def check_tokenizer_fits(tokenizer: VQTokenizer, config: TransformerConfig, path: str) -> None:
@@ -434,7 +467,7 @@ def export_prior(checkpoint: str | Path, out: str | Path) -> dict[str, Any]:
     config = prior_config(checkpoint)
     # the transformer alone, fp32 on the CPU (load_state_dict casts bf16 weights up to it):
     # neither the stage-1 tokenizer nor a GPU need be here
-    transformer = TextImageTransformer(TransformerConfig(**config["transformer"]))
+    transformer = build_transformer(TransformerConfig(**config["transformer"]), config["text_loss_weight"])
     load_transformer_weights(transformer, checkpoint)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -5,7 +5,9 @@ Steps. Lightning's `global_step` counts optimizer steps, so two optimizers would
 the discriminator is stepped through its raw torch optimizer, which Lightning does not count, so
 `global_step`, `Trainer(max_steps=...)`, `disc_start`, `warmup_steps`, the schedules and
 `log_every_n_steps` all count training steps: one per batch, or one per `accumulate_grad_batches`
-batches when accumulating (Lightning's own meaning of a step under accumulation).
+batches when accumulating (Lightning's own meaning of a step under accumulation). As under
+Lightning's automatic optimization, an epoch whose batch count is no multiple of
+`accumulate_grad_batches` ends with a step of its leftover batches: no gradient crosses an epoch.
 
 Generator loss (taming-transformers, LlamaGen, Open-MAGVIT2):
     rec = L1 or L2 of (x_hat - x) + perceptual_weight * LPIPS(x, x_hat)
@@ -35,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from datamodules.stream import without_padding
+from lightning_modules.clipping import clip_grad_norm
 from lightning_modules.nonfinite import NonFiniteLossGuard, drop_gradients
 from lightning_modules.parallel import adjust_ddp
 from tessera.lr_schedule import lr_factor
@@ -279,9 +282,8 @@ class VQGAN(L.LightningModule):
         images = self._layout(batch["images"])
         config = self.optimizer_config
         opt_g, opt_d = self.optimizers()
-        # the step this batch contributes to; it is taken once `accumulate_grad_batches` batches are in
-        step = self.global_step
-        finishes_step = (batch_idx + 1) % config.accumulate_grad_batches == 0
+        step = self.global_step  # the step this batch contributes to
+        finishes_step = self._finishes_step()
         gan_active = step >= self.loss_config.disc_start
 
         self.toggle_optimizer(opt_g)
@@ -304,6 +306,20 @@ class VQGAN(L.LightningModule):
         logs["nonfinite_skipped"] = torch.tensor(float(self.nonfinite.skipped))
         self.log("train/loss", logs.pop("loss"), prog_bar=True)
         self.log_dict({f"train/{name}": value for name, value in logs.items()}, on_step=True)
+
+    def _finishes_step(self) -> bool:
+        """Whether this batch completes a training step: the `accumulate_grad_batches`-th batch of a
+        window, or the epoch's last batch (its leftover steps alone, as Lightning's automatic
+        optimization does, instead of joining the next epoch's first window).
+
+        Counted by the fit loop's own batch progress, not the batch_idx argument: the same count,
+        but with the epoch's end beside it (the last batch, or num_training_batches under
+        limit_train_batches), and saved in every checkpoint's loop state, so a resumed run keeps
+        its windows where the uninterrupted run had them."""
+        progress = self.trainer.fit_loop.epoch_loop.batch_progress
+        batches = progress.current.ready  # of this epoch, this one included
+        epoch_ends = progress.is_last_batch or batches == self.trainer.num_training_batches
+        return batches % self.optimizer_config.accumulate_grad_batches == 0 or epoch_ends
 
     def _take_step(self, opt_g, opt_d, gan_active: bool) -> None:
         """Step both networks and schedules; a step with a non-finite loss on any rank updates no weight."""
@@ -379,11 +395,21 @@ class VQGAN(L.LightningModule):
         return d_loss, logs
 
     def _layout(self, images: torch.Tensor) -> torch.Tensor:
+        """A batch's images (B, 3, S, S), checked against the size the tokenizer is built for (a
+        convolutional network would take any size, and its export would then promise the wrong
+        grid to stage 2), in the tokenizer's memory layout."""
+        size = self.tokenizer.config.image_size
+        if tuple(images.shape[-2:]) != (size, size):
+            raise ValueError(
+                f"the data gives {images.shape[-2]}x{images.shape[-1]} images but the tokenizer is built for "
+                f"{size}x{size} (model.init_args.autoencoder.image_size): set --data.image_size {size}, or the "
+                "tokenizer's image_size to the data's"
+            )
         return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
 
     def _clip(self, optimizer) -> None:
         if self.optimizer_config.gradient_clip_val is not None:
-            self.clip_gradients(optimizer, self.optimizer_config.gradient_clip_val, gradient_clip_algorithm="norm")
+            clip_grad_norm(self, optimizer, self.optimizer_config.gradient_clip_val)
 
     # -------------------------------------------------------------------------
     # validation: the EMA weights when kept. Sums over every real sample, added up over the ranks

@@ -25,6 +25,12 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, re
         dist.destroy_process_group()
 
 
+def as_launched_rank(rank: int, world_size: int) -> None:
+    """Makes a Trainer(devices=world_size) in this process join the process group already up as rank
+    `rank`, as under torchrun or srun, instead of launching processes of its own."""
+    os.environ.update(LOCAL_RANK=str(rank), NODE_RANK="0", WORLD_SIZE=str(world_size))
+
+
 def run_distributed(fn: Callable, *args, world_size: int = 2) -> list[Any]:
     """fn(rank, world_size, *args) on `world_size` spawned processes; their return values in rank order.
 

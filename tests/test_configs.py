@@ -1,5 +1,6 @@
 """Every YAML in configs/ parses as LightningCLI would parse it and builds its model and data, so no config rots."""
 
+import re
 from pathlib import Path
 
 import lightning as L
@@ -25,9 +26,22 @@ def _without_weight_files(sections: dict) -> dict:
     return sections
 
 
+def _with_its_data_config(path: Path, sections: dict) -> dict:
+    """A stage config's `data` section (its batch size) layered as its documented command layers it:
+    `--config STAGE.yaml --config configs/data/NAME.yaml`, the data config's keys last."""
+    if "data" not in sections or "train_shards" in sections["data"].get("init_args", {}):
+        return sections
+    named = re.search(r"--config (configs/data/\w+\.yaml)", path.read_text())
+    assert named, f"{path} sets part of `data`: its comment must name the data config it goes with"
+    data = yaml.safe_load((path.parents[2] / named.group(1)).read_text())["data"]
+    assert data["class_path"] == sections["data"]["class_path"]
+    sections["data"]["init_args"] = {**sections["data"]["init_args"], **data["init_args"]}
+    return sections
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.relative_to(p.parents[1]).as_posix())
 def test_config_builds_its_sections(path):
-    sections = _without_weight_files(yaml.safe_load(path.read_text()))
+    sections = _with_its_data_config(path, _without_weight_files(yaml.safe_load(path.read_text())))
     assert set(sections) <= {*SECTION_TYPES, "trainer"}, f"{path} has sections no test checks"
     if "trainer" in sections:  # type-checked; built only where its GPUs exist
         trainer_parser = ArgumentParser()

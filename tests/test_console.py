@@ -40,6 +40,7 @@ def test_fit_prints_a_summary_and_progress_without_noise(tmp_path, shapes_dir):
         "--data=datamodules.caption_image.CaptionImageDataModule",
         f"--data.train_shards={shapes_dir / '00000.tar'}", "--data.image_size=32", "--data.batch_size=4",
         "--data.num_workers=0", "--trainer.max_steps=2", "--trainer.limit_val_batches=0",
+        "--trainer.enable_progress_bar=true",
         f"--trainer.default_root_dir={tmp_path}",
     ], tmp_path)
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import io
 import logging
 import multiprocessing
-import os
 import random
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from lightning_modules.prior import PriorOptimizerConfig, TextImagePrior
 from tessera.nn.autoencoder import AutoencoderConfig
 from tessera.nn.transformer import TransformerConfig
 from tessera.nn.vector_quantizer import VectorQuantizer
-from tests.distributed import run_distributed
+from tests.distributed import as_launched_rank, run_distributed
 from tests.samples import encode, write_wds_shard
 from tests.test_vqgan import tiny_vqgan
 
@@ -147,21 +146,21 @@ def prior_run(shards: str):
 
 
 def fit(make_run, shards: str, root: Path, steps: int, checkpoint_at: int | None = None, ckpt_path: Path | None = None,
-        **trainer_options):
+        callbacks: tuple[L.Callback, ...] = (), **trainer_options):
     """(final weights, keys trained on) of a run to `steps` that saves a checkpoint at step `checkpoint_at` or
-    resumes from `ckpt_path`."""
+    resumes from `ckpt_path`; `trainer_options` replace the CPU trainer's."""
     model, data = make_run(shards)
     keys = RecordKeys()
-    callbacks = [keys]
+    callbacks = [keys, *callbacks]
     if checkpoint_at is not None:
         callbacks.append(ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=checkpoint_at, save_top_k=-1))
     if ckpt_path is not None:  # a fresh process's RNGs would be anywhere: resume must not depend on them
         torch.manual_seed(1234)
         random.seed(1234)
         np.random.seed(1234)
-    trainer = L.Trainer(accelerator="cpu", max_steps=steps, default_root_dir=root, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, enable_checkpointing=checkpoint_at is not None, callbacks=callbacks,
-                        **trainer_options)
+    options = dict(accelerator="cpu", max_steps=steps, default_root_dir=root, logger=False, enable_progress_bar=False,
+                   enable_model_summary=False, enable_checkpointing=checkpoint_at is not None, callbacks=callbacks)
+    trainer = L.Trainer(**{**options, **trainer_options})
     trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
     return {name: value.clone() for name, value in model.state_dict().items()}, keys.keys
 
@@ -201,7 +200,7 @@ def _on_two_ranks(rank: int, world_size: int, vqgan_shards: str, root: str) -> l
     torch.set_num_threads(1)
     # loader workers fork, as under torchrun or Lightning's launcher, instead of re-importing everything
     multiprocessing.set_start_method("fork", force=True)
-    os.environ.update(LOCAL_RANK=str(rank), NODE_RANK="0", WORLD_SIZE=str(world_size))  # the process group is up: no launching
+    as_launched_rank(rank, world_size)
     root = Path(root)
     token_shards = write_token_shards(root) if rank == 0 else str(root / "{00000..00002}.tar")
     torch.distributed.barrier()

@@ -208,9 +208,20 @@ def test_export_of_something_that_is_no_checkpoint_says_what_it_is(tmp_path, tok
 # --- a real FSDP run ----------------------------------------------------------------------
 
 
+@pytest.fixture
+def process_group_torn_down():
+    """Lightning keeps the process group of an FSDP fit until the interpreter exits: the GPU tests
+    after this one run as a plain one-GPU job, without it."""
+    yield
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="FSDP needs a CUDA device")
-def test_a_one_gpu_fsdp_fit_resumes_from_its_sharded_last_ckpt_and_exports_it(tmp_path, tokenizer_dir):
+def test_a_one_gpu_fsdp_fit_resumes_from_its_sharded_last_ckpt_and_exports_it(
+    tmp_path, tokenizer_dir, process_group_torn_down
+):
     from tessera.commands.fit import checkpoint_dir, prepare_trainer, resume_checkpoint
 
     class SaveAtTrainStart(L.Callback):

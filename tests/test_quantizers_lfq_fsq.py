@@ -17,6 +17,7 @@ from torch.utils._pytree import tree_leaves
 from tessera.nn.finite_scalar_quantizer import FiniteScalarQuantizer
 from tessera.nn.lookup_free_quantizer import LookupFreeQuantizer, bits_distribution
 from tessera.nn.quantizer_base import build_quantizer, quantizer_spec
+from tests.devices import DEVICES
 from tests.distributed import run_distributed
 
 
@@ -230,10 +231,11 @@ def test_fsq_has_no_auxiliary_loss():
 @pytest.mark.parametrize(
     ("cls", "kwargs"), [(LookupFreeQuantizer, {"dim": 6}), (FiniteScalarQuantizer, {"levels": (8, 5, 5)})]
 )
-def test_bf16_autocast_gives_fp32_losses_and_z_q_in_z_dtype(cls, kwargs):
-    quantizer = cls(**kwargs)
-    z = torch.randn(2, quantizer.dim, 4, 4)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+@pytest.mark.parametrize("device", DEVICES)
+def test_bf16_autocast_gives_fp32_losses_and_z_q_in_z_dtype(cls, kwargs, device):
+    quantizer = cls(**kwargs).to(device)
+    z = torch.randn(2, quantizer.dim, 4, 4, device=device)
+    with torch.autocast(device, dtype=torch.bfloat16):
         out = quantizer(z.bfloat16())
     assert out.z_q.dtype == torch.bfloat16
     assert out.loss.dtype == torch.float32

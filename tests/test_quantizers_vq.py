@@ -11,6 +11,7 @@ from torch.testing import assert_close
 from tessera.nn.quantizer_base import build_quantizer, quantizer_spec
 from tessera.nn.residual_quantizer import ResidualQuantizer
 from tessera.nn.vector_quantizer import VectorQuantizer
+from tests.devices import DEVICES
 from tests.distributed import run_distributed
 
 
@@ -90,14 +91,15 @@ def test_beta_weights_the_commitment_term_not_the_codebook_term():
     assert_close(vq.codebook.grad, expected)
 
 
-def test_codebook_math_is_fp32_and_z_q_follows_z_dtype_under_bf16_autocast():
+@pytest.mark.parametrize("device", DEVICES)
+def test_codebook_math_is_fp32_and_z_q_follows_z_dtype_under_bf16_autocast(device):
     torch.manual_seed(0)
-    vq = VectorQuantizer(dim=4, codebook_size=64)
+    vq = VectorQuantizer(dim=4, codebook_size=64).to(device)
     with torch.no_grad():
         # codes 1e-3 apart: bf16 (8 mantissa bits) cannot tell them apart, fp32 can
         vq.codebook.copy_(1 + 1e-3 * torch.randn(64, 4))
-    z = (1 + 1e-3 * torch.randn(2, 4, 4, 4)).bfloat16()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    z = (1 + 1e-3 * torch.randn(2, 4, 4, 4)).bfloat16().to(device)
+    with torch.autocast(device, dtype=torch.bfloat16):
         out = vq(z)
     reference = vq(z.float())
     assert torch.equal(out.ids, reference.ids)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -125,12 +126,29 @@ def test_swiglu_rmsnorm_without_bias_keeps_the_mlp_parameter_count_and_has_no_bi
     assert torch.isfinite(model.loss(ids, mask, image_tokens(2))["loss"])
 
 
-def test_flops_per_token_is_6n_plus_12_l_d_t():
-    model = tiny_model()
-    c = model.config
-    n = model.num_params()
-    assert model.flops_per_token() == 6 * n + 12 * c.n_layer * c.n_embd * c.sequence_length
-    assert model.flops_per_token(sequence_length=10) == 6 * n + 12 * c.n_layer * c.n_embd * 10
+def test_flops_per_token_counts_both_heads_at_the_positions_they_run_at():
+    # 2 layers x 32 over 8 caption + 16 image tokens, 23 input positions (the last image token is
+    # only a target); 6 FLOPs per matmul weight and position, forward and backward
+    blocks = 6 * 2 * (3 * 32 * 32 + 32 * 32 + 2 * 4 * 32 * 32) * 23  # qkv, attention out, MLP in and out
+    attention = 12 * 2 * 32 * 23 * 23  # 12 L d T at each of the 23 positions
+    text_head = 6 * 32 * 128 * 7  # 100 ids padded to 128, at the 7 caption predictions
+    image_head = 6 * 32 * 64 * 16  # 60 codes padded to 64, at the 16 image predictions
+    assert tiny_model().flops_per_sequence() == blocks + attention + text_head + image_head == 4_166_400
+    assert tiny_model().flops_per_token() == 4_166_400 / 24  # per token of the 24 that tokens/s counts
+    assert TextImageTransformer(tiny_config(), text_head=False).flops_per_sequence() == 4_166_400 - text_head
+
+
+@pytest.mark.parametrize("text_head", [True, False])
+def test_flops_per_sequence_are_what_torchs_flop_counter_counts_in_a_training_step(text_head):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = TextImageTransformer(tiny_config(), text_head=text_head)
+    ids, mask = captions([5, 8, 3])
+    # the math kernel, whose matmuls the counter sees (it has no formula for the CPU's fused kernel)
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model.loss(ids, mask, image_tokens(3), text_loss_weight=float(text_head))["loss"].backward()
+    assert counter.get_total_flops() == 3 * model.flops_per_sequence()
 
 
 def test_residual_projections_get_gpt2_scaled_init():
@@ -212,6 +230,17 @@ def test_loss_weighs_text_1_to_image_7_by_default_and_takes_other_weights():
     torch.testing.assert_close(out["loss"], (out["text_loss"] + 7 * out["image_loss"]) / 8)
     image_only = model.loss(ids, mask, image_tokens(2), text_loss_weight=0.0, image_loss_weight=1.0)
     torch.testing.assert_close(image_only["loss"], out["image_loss"])
+
+
+def test_without_a_text_head_there_are_no_text_logits_and_a_text_loss_is_refused():
+    model = TextImageTransformer(tiny_config(), text_head=False)
+    assert not [name for name in model.state_dict() if name.startswith("text_head")]
+    ids, mask = captions([4, 8])
+    text_logits, image_logits = model(ids, image_tokens(2))
+    assert text_logits is None and image_logits.shape == (2, 16, 64)
+    assert set(model.loss(ids, mask, image_tokens(2), text_loss_weight=0.0)) == {"loss", "image_loss"}
+    with pytest.raises(ValueError, match=r"built without \(text_head=False\): pass text_loss_weight=0"):
+        model.loss(ids, mask, image_tokens(2))
 
 
 def test_loss_is_computed_in_fp32_under_bf16_autocast():
@@ -308,9 +337,33 @@ def test_top_k_keeps_the_same_tokens_as_transformers_top_k_warper(k):
 def test_top_p_keeps_the_same_tokens_as_transformers_top_p_warper(p):
     logits = 3 * torch.randn(4, 1000, generator=torch.Generator().manual_seed(int(p * 1000)))
     ours = filter_top_p(logits, p)
-    theirs = TopPLogitsWarper(top_p=p)(torch.zeros(4, 1, dtype=torch.long), logits)
+    # transformers sums probabilities in the logits' dtype: given them in fp64 it counts as we do
+    theirs = TopPLogitsWarper(top_p=p)(torch.zeros(4, 1, dtype=torch.long), logits.double())
     assert torch.equal(torch.isinf(ours), torch.isinf(theirs))
     assert ((~torch.isinf(ours)).sum(-1) >= 1).all()
+
+
+def kept_by_an_fp64_count(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """(B, V) bool: the most likely ids up to and including the one whose fp64 cumulative probability
+    reaches p, by numpy in float64 throughout."""
+    x = logits.double().numpy()
+    probs = np.exp(x - x.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    order = np.argsort(-probs, axis=-1, kind="stable")
+    ranked = np.take_along_axis(probs, order, axis=-1)
+    kept_ranked = np.cumsum(ranked, axis=-1) - ranked < p  # the mass ranked above each id
+    kept = np.empty_like(kept_ranked)
+    np.put_along_axis(kept, order, kept_ranked, axis=-1)
+    return torch.from_numpy(kept)
+
+
+def test_top_p_on_near_uniform_rows_keeps_the_tokens_an_fp64_count_keeps():
+    # 64 rows over 65,536 ids, each probability within ~10% of the others: the boundary token's mass
+    # differs from its neighbours' by ~1/65,536, near the rounding error of an fp32 running sum
+    # (which kept or dropped it wrongly in 3 of these rows)
+    logits = 0.1 * torch.randn(64, 65536, generator=torch.Generator().manual_seed(0))
+    kept = ~torch.isinf(filter_top_p(logits, 0.9))
+    assert torch.equal(kept, kept_by_an_fp64_count(logits, 0.9))
 
 
 def test_top_p_always_keeps_the_most_likely_token_and_p_1_keeps_all():

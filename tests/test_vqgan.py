@@ -100,12 +100,56 @@ def test_max_steps_counts_batches_not_optimizer_steps(tmp_path):
     assert discriminator_steps(model) == 5
 
 
+def test_images_of_another_size_than_the_tokenizers_are_refused_naming_both(tmp_path):
+    with pytest.raises(ValueError, match=r"gives 16x16 images but the tokenizer is built for 32x32.*--data.image_size 32"):
+        trainer(tmp_path, max_steps=1).fit(tiny_vqgan(image_size=32), loader())
+
+
 def test_with_accumulation_a_step_is_accumulate_grad_batches_batches(tmp_path):
     model, counter = tiny_vqgan(optimizer=OptimizerConfig(accumulate_grad_batches=2)), CountBatches()
     trainer(tmp_path, max_steps=3, callbacks=[counter]).fit(model, loader(num_samples=64))
     assert counter.batches == 6
     assert model.global_step == 3
     assert discriminator_steps(model) == 3
+
+
+class StepAfterEachBatch(L.Callback):
+    """trainer.global_step after every training batch."""
+
+    def __init__(self):
+        self.steps = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.steps.append(trainer.global_step)
+
+
+def test_an_epoch_of_no_multiple_of_accumulate_grad_batches_ends_with_a_step_of_its_leftover(tmp_path):
+    model, steps = tiny_vqgan(optimizer=OptimizerConfig(accumulate_grad_batches=2)), StepAfterEachBatch()
+    trainer(tmp_path, max_steps=4, callbacks=[steps]).fit(model, loader(num_samples=24))  # 3 batches an epoch
+    # each epoch: a step of batches 0 and 1, then one of batch 2 alone; none carries into the next epoch
+    assert steps.steps == [0, 1, 2, 2, 3, 4]
+    assert discriminator_steps(model) == 4
+
+
+def accumulating_vqgan() -> VQGAN:
+    torch.manual_seed(0)
+    return tiny_vqgan(optimizer=OptimizerConfig(lr=1e-3, accumulate_grad_batches=2))
+
+
+def test_resumed_at_an_epochs_leftover_step_or_mid_epoch_accumulation_ends_with_the_uninterrupted_weights(tmp_path):
+    """3 equal batches an epoch, 2 a step: resumed from the step of epoch 0's leftover batch (its
+    last) and from epoch 1's first step (its leftover batch next)."""
+    data = DataLoader(ConcatDataset([ShapesImages(8)] * 3), batch_size=8, shuffle=False)
+    straight = accumulating_vqgan()
+    every_step = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_top_k=-1)
+    trainer(tmp_path / "a", max_steps=4, enable_checkpointing=True, callbacks=[every_step]).fit(straight, data)
+
+    for name in ("epoch=0-step=2.ckpt", "epoch=1-step=3.ckpt"):
+        resumed = accumulating_vqgan()
+        trainer(tmp_path / "b", max_steps=4).fit(resumed, data, ckpt_path=tmp_path / "ckpt" / name)
+        assert resumed.global_step == 4
+        for key, value in straight.state_dict().items():
+            torch.testing.assert_close(resumed.state_dict()[key], value, rtol=0, atol=0, msg=f"{name}: {key}")
 
 
 def test_discriminator_does_not_train_before_disc_start(tmp_path):
@@ -162,6 +206,25 @@ def test_fp16_precision_is_refused_with_a_reason(precision):
         check_precision(precision)
     check_precision("bf16-mixed")
     check_precision("32-true")
+
+
+def grad_norm(optimizer) -> float:
+    """The total gradient norm over an optimizer's parameters."""
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item()
+
+
+def test_both_networks_clip_their_gradients_in_bf16_mixed_with_fused_adam(tmp_path):
+    model = tiny_vqgan(optimizer=OptimizerConfig(lr=1e-3, gradient_clip_val=0.5))
+    fit = trainer(tmp_path, max_steps=1, precision="bf16-mixed")
+    fit.fit(model, loader())  # Lightning's mixed-precision clipping refuses fused optimizers
+    assert all(optimizer.defaults["fused"] for optimizer in fit.optimizers)
+    for optimizer in fit.optimizers:
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                param.grad = torch.ones_like(param)
+        model._clip(optimizer)
+        assert grad_norm(optimizer) == pytest.approx(0.5, rel=1e-2)
 
 
 def test_cosine_schedule_without_max_steps_is_refused(tmp_path):

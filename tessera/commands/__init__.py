@@ -1,7 +1,7 @@
 """The `tessera` verbs: the top layer, which uses every other one (lightning_modules/,
 callbacks/, datamodules/ and the plain-PyTorch core in tessera/). Nothing below imports it.
 
-`cli.py` is the entry point; each verb that needs more than a few lines has its own module:
-`fit.py` (LightningCLI and run directories), `quickstart.py`, `evaluate_coco.py`,
-`evaluate_shapes.py`, `submit.py`.
+`cli.py` is the entry point; each verb has its own module with `add_parser` and the code it
+runs: `shards.py`, `data.py`, `fit.py` (LightningCLI and run directories), `quickstart.py`,
+`evaluate_shapes.py`, `evaluate_coco.py`, `sample.py`, `export.py`, `tokenize.py`, `submit.py`.
 """

@@ -33,9 +33,11 @@ import json
 import os
 import random
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from tessera.commands.sample import add_sampling_arguments
 from tessera.launch import process_device, rank_and_world_size
 
 if TYPE_CHECKING:  # torch, torchmetrics and PIL load when a command runs, not when the CLI parser is built
@@ -129,10 +131,10 @@ def evaluate_coco(
     num_samples: int = 30_000,
     seed: int = 0,
     batch_size: int = 32,
-    top_k: int | None = 256,
+    top_k: int | None = None,
     top_p: float | None = None,
-    temperature: float = 1.0,
-    cfg_scale: float = 1.0,
+    temperature: float | None = None,
+    cfg_scale: float | None = None,
     candidates: int = 1,
     clip_model: str = "ViT-B-32-quickgelu",
     clip_weights: str | Path | None = None,
@@ -152,32 +154,18 @@ def evaluate_coco(
     poll_seconds: float = 10.0,
 ) -> dict | None:
     """Generate this rank's share of the protocol's images; on rank 0, then FID, CLIP score and results.json.
+    Sampling settings left None are the prior's own (its `sampling` argument), else SamplingConfig's.
 
     Returns the results on rank 0, None on the others. See the module docstring for the protocol."""
-    from tessera.pixels import to_uint8, to_unit_range
-    from lightning_modules.prior import load_prior
-    from tessera.clip_score import CONVENTIONS, ClipScore, with_prefix
-    from datamodules.image_folder import add_images, image_batches, reference_statistics
+    from tessera.clip_score import CONVENTIONS
     from tessera.fid import frechet_distance, sha256
-    from tessera.clip_rerank import ClipScorer, rerank
-    from tessera.sampling import SamplingConfig
+    from lightning_modules.prior import prior_config
+    from tessera.sampling import SamplingConfig, with_overrides
 
     started = time.perf_counter()
     out = Path(out)
-    if (annotations is None) == (captions is None):
-        raise ValueError("give the COCO annotations file or a captions file, one of them")
-    if reference not in ("all", "chosen") or (reference == "chosen" and annotations is None):
-        raise ValueError("--reference is 'all' (the images folder) or 'chosen' (the chosen COCO images; needs --annotations)")
-    if candidates > 1 and clip_weights is None:
-        raise ValueError("--candidates above 1 reranks with CLIP: pass --clip-weights")
-    check_inputs(prior, images, annotations or captions, tokenizer, clip_model, clip_weights, inception_weights,
-                 uses_inception=extractor is None)
-    samples = choose_samples(annotations, images, num_samples, seed) if annotations else caption_list(captions, num_samples)
-    if reference == "chosen":
-        missing = [s["file_name"] for s in samples if not (Path(images) / s["file_name"]).is_file()]
-        if missing:
-            raise FileNotFoundError(f"{len(missing)} of the {num_samples} chosen images are not in {images} (e.g. {missing[0]}): "
-                                    "--reference chosen reads them all")
+    samples = _checked_samples(prior, images, annotations, captions, num_samples, seed, reference, candidates,
+                               clip_model, clip_weights, inception_weights, tokenizer, uses_inception=extractor is None)
     device_ = process_device(device)
     cache = (Path(reference_stats) if reference_stats else out / "reference_stats.pt") if reference == "all" else None
     # rank 0 measures; its metric now, so that cached reference statistics made with another extractor,
@@ -185,74 +173,33 @@ def evaluate_coco(
     metric = local_metric(extractor, inception_weights, extractor_id, image_size, device_) if rank == 0 else None
     if metric is not None and cache is not None and cache.is_file():
         metric.load_statistics(cache)
-    sampling = SamplingConfig(top_k=top_k, top_p=top_p, temperature=temperature, cfg_scale=cfg_scale)
+    recorded = prior_config(prior).get("sampling")
+    sampling, sources = with_overrides(SamplingConfig(**recorded) if recorded else None, top_k=top_k, top_p=top_p,
+                                       temperature=temperature, cfg_scale=cfg_scale)
     settings = {
         "checkpoint_sha256": sha256(prior),
         "captions": str(Path(annotations or captions).name), "num_samples": num_samples, "seed": seed,
-        "sampler": {"top_k": top_k, "top_p": top_p, "temperature": temperature, "cfg_scale": cfg_scale,
+        "sampler": {**asdict(sampling), "sampling_from": sources,
                     "candidates": candidates, "rerank_clip_model": clip_model if candidates > 1 else None},
         "batch_size": batch_size, "image_size": image_size,
     }
     (out / "samples").mkdir(parents=True, exist_ok=True)
     _pin_settings(out / "run.json", settings, rank)
 
-    # --- generation: fixed batches, batch k on rank k % world_size, only missing images written
-    per_batch = max(1, batch_size // candidates)
-    blocks = [range(start, min(start + per_batch, num_samples)) for start in range(0, num_samples, per_batch)]
-    mine = [(k, block) for k, block in enumerate(blocks) if k % world_size == rank]
-    todo = [(k, block) for k, block in mine if not all(sample_path(out, i).exists() for i in block)]
-    generated, generation_started = 0, time.perf_counter()
-    if todo:
-        model = load_prior(prior, map_location=device_, tokenizer=tokenizer)
-        scorer = ClipScorer(clip_model, clip_weights, device_) if candidates > 1 else None
-        for k, block in todo:
-            prompts = [samples[i]["caption"] for i in block]
-            drawn = model.generate([p for p in prompts for _ in range(candidates)], sampling, seed=seed * 1_000_003 + k)
-            if scorer is not None:
-                drawn, _ = rerank(drawn, prompts, candidates, 1, scorer)
-            drawn = to_uint8(drawn).cpu()
-            for offset, i in enumerate(block):
-                if not sample_path(out, i).exists():
-                    write_png(drawn[offset], sample_path(out, i), image_size)
-                    generated += 1
-        del model
-    seconds = time.perf_counter() - generation_started
-    (out / "ranks").mkdir(exist_ok=True)
-    (out / "ranks" / f"rank{rank:04d}.json").write_text(json.dumps(
-        {"rank": rank, "world_size": world_size, "generated": generated, "seconds": seconds, "device": str(device_)}) + "\n")
+    generate_share(out, samples, prior, tokenizer, sampling, seed, batch_size, candidates, clip_model, clip_weights,
+                   image_size, device_, rank, world_size)
     if rank != 0:
         return None
 
-    # --- rank 0: wait for every image, then measure
     _wait_for_samples(out, num_samples, wait_timeout, poll_seconds)
     measure_started = time.perf_counter()
-    if reference == "all":
-        real = reference_statistics(metric, images, cache, workers=workers)
-        reference_text = f"all {real.count} images of {Path(images).name}"
-    else:
-        chosen_files = [Path(images) / s["file_name"] for s in samples]
-        add_images(metric, chosen_files, real=True, workers=workers)
-        real = metric.statistics(real=True)
-        metric.reset()
-        reference_text = f"the {real.count} chosen images"
-    clip = ClipScore().to(device_) if clip_weights is not None else None
-    scorer = ClipScorer(clip_model, clip_weights, device_) if clip is not None else None
+    real, reference_text = reference_features(metric, reference, images, cache, samples, workers)
     files = [sample_path(out, i) for i in range(num_samples)]
-    for indices, batch in image_batches(files, image_size, workers=workers):
-        batch = batch.to(device_)
-        metric.update(batch, real=False)
-        if scorer is not None:
-            prompts = with_prefix([samples[i]["caption"] for i in indices.tolist()], caption_prefix)
-            clip.update(scorer(to_unit_range(batch), prompts))
-    fake = metric.statistics(real=False)
+    fake, scores = sample_features(metric, files, samples, image_size, workers, clip_model, clip_weights,
+                                   caption_prefix, device_)
     fid = frechet_distance(real, fake)
-    scores = clip.compute() if clip is not None else {"clip_cosine": None, "clip_score": None}
     _write_grid(out, files[:64])
-
-    ranks = [json.loads(p.read_text()) for p in sorted((out / "ranks").glob("rank*.json"))]
-    ranks = [r for r in ranks if r["world_size"] == world_size and r["rank"] < world_size]
-    total_generated = sum(r["generated"] for r in ranks)
-    generation_seconds = max(r["seconds"] for r in ranks)
+    total_generated, generation_seconds = generation_totals(out, world_size)
     results = {
         "fid": fid,
         "clip_cosine": scores["clip_cosine"],
@@ -268,7 +215,7 @@ def evaluate_coco(
             "preprocessing": metric.preprocessing,
             "feature_extractor": metric.extractor_id,
             "feature_extractor_weights_sha256": metric.weights_sha256,
-            "clip_model": clip_model if clip is not None else None,
+            "clip_model": clip_model if clip_weights is not None else None,
             "clip_conventions": CONVENTIONS,
             "caption_prefix": caption_prefix,
             "reranking": f"best of {candidates} by CLIP {clip_model}" if candidates > 1 else "none",
@@ -286,6 +233,101 @@ def evaluate_coco(
     }
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     return results
+
+
+def _checked_samples(prior, images, annotations, captions, num_samples: int, seed: int, reference: str,
+                     candidates: int, clip_model: str, clip_weights, inception_weights, tokenizer,
+                     uses_inception: bool) -> list[dict]:
+    """The protocol's captions (and COCO images), after every option and input file is checked."""
+    if (annotations is None) == (captions is None):
+        raise ValueError("give the COCO annotations file or a captions file, one of them")
+    if reference not in ("all", "chosen") or (reference == "chosen" and annotations is None):
+        raise ValueError("--reference is 'all' (the images folder) or 'chosen' (the chosen COCO images; needs --annotations)")
+    if candidates > 1 and clip_weights is None:
+        raise ValueError("--candidates above 1 reranks with CLIP: pass --clip-weights")
+    check_inputs(prior, images, annotations or captions, tokenizer, clip_model, clip_weights, inception_weights,
+                 uses_inception=uses_inception)
+    samples = choose_samples(annotations, images, num_samples, seed) if annotations else caption_list(captions, num_samples)
+    if reference == "chosen":
+        missing = [s["file_name"] for s in samples if not (Path(images) / s["file_name"]).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{len(missing)} of the {num_samples} chosen images are not in {images} (e.g. {missing[0]}): "
+                                    "--reference chosen reads them all")
+    return samples
+
+
+def generate_share(out: Path, samples: list[dict], prior, tokenizer, sampling, seed: int, batch_size: int,
+                   candidates: int, clip_model: str, clip_weights, image_size: int, device, rank: int,
+                   world_size: int) -> None:
+    """This rank's images: fixed batches, batch k on rank k % world_size, only missing images drawn.
+    Writes OUT/ranks/rankNNNN.json with how many it drew and how long that took."""
+    from lightning_modules.prior import load_prior
+    from tessera.clip_rerank import ClipScorer, rerank
+    from tessera.pixels import to_uint8
+
+    per_batch = max(1, batch_size // candidates)
+    blocks = [range(start, min(start + per_batch, len(samples))) for start in range(0, len(samples), per_batch)]
+    mine = [(k, block) for k, block in enumerate(blocks) if k % world_size == rank]
+    todo = [(k, block) for k, block in mine if not all(sample_path(out, i).exists() for i in block)]
+    generated, started = 0, time.perf_counter()
+    if todo:
+        model = load_prior(prior, map_location=device, tokenizer=tokenizer)
+        scorer = ClipScorer(clip_model, clip_weights, device) if candidates > 1 else None
+        for k, block in todo:
+            prompts = [samples[i]["caption"] for i in block]
+            drawn = model.generate([p for p in prompts for _ in range(candidates)], sampling, seed=seed * 1_000_003 + k)
+            if scorer is not None:
+                drawn, _ = rerank(drawn, prompts, candidates, 1, scorer)
+            drawn = to_uint8(drawn).cpu()
+            for offset, i in enumerate(block):
+                if not sample_path(out, i).exists():
+                    write_png(drawn[offset], sample_path(out, i), image_size)
+                    generated += 1
+    seconds = time.perf_counter() - started
+    (out / "ranks").mkdir(exist_ok=True)
+    (out / "ranks" / f"rank{rank:04d}.json").write_text(json.dumps(
+        {"rank": rank, "world_size": world_size, "generated": generated, "seconds": seconds, "device": str(device)}) + "\n")
+
+
+def reference_features(metric: FrechetDistance, reference: str, images, cache: Path | None, samples: list[dict],
+                       workers: int):
+    """(the reference's FeatureStats, what they are of): every image of the folder (cached), or the chosen ones."""
+    from datamodules.image_folder import add_images, reference_statistics
+
+    if reference == "all":
+        real = reference_statistics(metric, images, cache, workers=workers)
+        return real, f"all {real.count} images of {Path(images).name}"
+    add_images(metric, [Path(images) / s["file_name"] for s in samples], real=True, workers=workers)
+    real = metric.statistics(real=True)
+    metric.reset()
+    return real, f"the {real.count} chosen images"
+
+
+def sample_features(metric: FrechetDistance, files: list[Path], samples: list[dict], image_size: int, workers: int,
+                    clip_model: str, clip_weights, caption_prefix: str, device):
+    """(the generated images' FeatureStats, their CLIP scores in both conventions, None without CLIP weights)."""
+    from datamodules.image_folder import image_batches
+    from tessera.clip_rerank import ClipScorer
+    from tessera.clip_score import ClipScore, with_prefix
+    from tessera.pixels import to_unit_range
+
+    clip = ClipScore().to(device) if clip_weights is not None else None
+    scorer = ClipScorer(clip_model, clip_weights, device) if clip is not None else None
+    for indices, batch in image_batches(files, image_size, workers=workers):
+        batch = batch.to(device)
+        metric.update(batch, real=False)
+        if scorer is not None:
+            prompts = with_prefix([samples[i]["caption"] for i in indices.tolist()], caption_prefix)
+            clip.update(scorer(to_unit_range(batch), prompts))
+    scores = clip.compute() if clip is not None else {"clip_cosine": None, "clip_score": None}
+    return metric.statistics(real=False), scores
+
+
+def generation_totals(out: Path, world_size: int) -> tuple[int, float]:
+    """(images drawn by this run's ranks, the slowest rank's seconds), from OUT/ranks/."""
+    ranks = [json.loads(p.read_text()) for p in sorted((out / "ranks").glob("rank*.json"))]
+    ranks = [r for r in ranks if r["world_size"] == world_size and r["rank"] < world_size]
+    return sum(r["generated"] for r in ranks), max(r["seconds"] for r in ranks)
 
 
 def check_inputs(prior: str | Path, images: str | Path, captions_file: str | Path, tokenizer: str | Path | None,
@@ -364,10 +406,7 @@ def add_coco_fid_parsers(evaluations) -> None:
     coco.add_argument("--num-samples", type=int, default=30_000)
     coco.add_argument("--seed", type=int, default=0, help="chooses images and captions, and seeds sampling")
     coco.add_argument("--batch-size", type=int, default=32, help="images drawn at once (with candidates)")
-    coco.add_argument("--cfg-scale", type=float, default=1.0)
-    coco.add_argument("--top-k", type=int, default=256)
-    coco.add_argument("--top-p", type=float, default=None)
-    coco.add_argument("--temperature", type=float, default=1.0)
+    add_sampling_arguments(coco)
     coco.add_argument("--candidates", type=int, default=1, help="draw N per caption and keep CLIP's best (needs --clip-weights)")
     coco.add_argument("--reference", choices=["all", "chosen"], default="all", help="all val2014 images, or only the chosen ones")
     coco.add_argument("--tokenizer", type=Path, default=None, help="the stage-1 tokenizer, if not where the checkpoint says")

@@ -46,6 +46,7 @@ from PIL import Image
 
 from datamodules.shapes import LAYOUTS, MIN_IMAGE_SIZE, Scene, ShapeObject, caption, render, sample_scene, to_json
 from datamodules.shapes_analysis import ATTRIBUTES, analyse, expected_from_json, match
+from tessera.commands.sample import add_sampling_arguments, sampling_settings
 from tessera.launch import process_device
 
 if TYPE_CHECKING:  # torch only when sampling: `tessera --help` builds this module's parser
@@ -54,9 +55,6 @@ if TYPE_CHECKING:  # torch only when sampling: `tessera --help` builds this modu
 log = logging.getLogger(__name__)
 
 DEFAULT_SEED = 1000  # of the seen prompts: not the quickstart's train (0) or val (1) seed
-# the quickstart's prior: colour and kind right in 87% of seen samples unguided, 94.5% at 1.5,
-# 89% at 2, 68% at 3 (stronger guidance pushes its confident logits to too few, blurred ids)
-DEFAULT_CFG_SCALE = 1.5
 CHANCE_DRAWS = 64  # random scenes each prompt is matched against for the chance level
 
 
@@ -219,13 +217,11 @@ def add_shapes_parser(evaluations: argparse._SubParsersAction) -> argparse.Argum
         "shapes", help="caption fidelity on the synthetic shapes set: colour, shape, size and position read back",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--prior", required=True, type=Path, help="a TextImagePrior checkpoint (.ckpt) trained on the shapes set")
-    parser.add_argument("--num-samples", required=True, type=int, help="images for the seen prompts, and as many for the held-out ones")
+    parser.add_argument("--prior", required=True, type=Path, help="a prior checkpoint or export trained on the shapes set")
+    parser.add_argument("--num-samples", type=int, default=200,
+                        help="images for the seen prompts, and as many for the held-out ones (200: +-3.5%% at 50%%)")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="draws the seen prompts and seeds sampling")
-    parser.add_argument("--cfg-scale", type=float, default=DEFAULT_CFG_SCALE, help="classifier-free guidance scale; 1 is none")
-    parser.add_argument("--top-k", type=int, default=64)
-    parser.add_argument("--top-p", type=float, default=None)
-    parser.add_argument("--temperature", type=float, default=1.0)
+    add_sampling_arguments(parser)
     parser.add_argument("--batch-size", type=int, default=32, help="images sampled at once")
     parser.add_argument("--image-size", type=int, default=None, help="side images are analysed at; the prior's own by default")
     parser.add_argument("--tokenizer", type=Path, default=None, help="the stage-1 tokenizer, if not where the checkpoint says")
@@ -236,14 +232,12 @@ def add_shapes_parser(evaluations: argparse._SubParsersAction) -> argparse.Argum
 
 
 def _evaluate_shapes(args: argparse.Namespace) -> int:
-    from lightning_modules.prior import TextImagePrior
-    from tessera.sampling import SamplingConfig
+    from lightning_modules.prior import load_prior
 
-    device = process_device(args.device)
-    overrides = {"tokenizer": str(args.tokenizer)} if args.tokenizer else {}
-    prior = TextImagePrior.load_from_checkpoint(args.prior, map_location=device, weights_only=True, **overrides).eval()
-    sampling = SamplingConfig(top_k=args.top_k, top_p=args.top_p, temperature=args.temperature, cfg_scale=args.cfg_scale)
-    report = {"prior": str(args.prior), **evaluate_shapes(prior, args.num_samples, args.seed, sampling, args.image_size, args.batch_size)}
+    prior = load_prior(args.prior, map_location=process_device(args.device), tokenizer=args.tokenizer)
+    sampling, sources = sampling_settings(prior.sampling, args)
+    report = {"prior": str(args.prior), "sampling": asdict(sampling), "sampling_from": sources,
+              **evaluate_shapes(prior, args.num_samples, args.seed, sampling, args.image_size, args.batch_size)}
     text = json.dumps(report, indent=1)
     print(text)
     if args.out is not None:

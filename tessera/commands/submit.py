@@ -29,7 +29,7 @@ TRAINING_JOBS = ("tokenizer", "prior")
 MODEL_JOBS = {"lightning_modules.vqgan.VQGAN": "tokenizer", "lightning_modules.prior.TextImagePrior": "prior"}
 
 
-def add_submit_parser(commands) -> None:
+def add_parser(commands: argparse._SubParsersAction) -> None:
     submit = commands.add_parser(
         "submit", help="render a SLURM job from slurm/ for a config and submit it with sbatch",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,

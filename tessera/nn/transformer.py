@@ -13,7 +13,7 @@ References:
 2) minDALL-E, Kakao Brain 2021: https://github.com/kakaobrain/minDALL-E
    (separate text and image embeddings, positions and heads; the 1.3B shape)
 3) nanoGPT, Karpathy: https://github.com/karpathy/nanoGPT/blob/master/model.py
-   (the blocks, GPT-2's init, FLOPs per token for MFU)
+   (the blocks, GPT-2's init, FLOPs per token for MFU, its head included)
 4) Autoregressive Model Beats Diffusion: Llama for Scalable Image Generation (LlamaGen), Sun et al.
    2024: https://arxiv.org/abs/2406.06525 (RMSNorm, SwiGLU, a static preallocated KV cache)
 5) PaLM, Chowdhery et al. 2022, appendix B: https://arxiv.org/abs/2204.02311 (6N + 12 L d T)
@@ -30,6 +30,9 @@ Choices:
   `is_causal` fast path (flash on GPU) with no padding mask.
 - The heads are padded to a multiple of 64 for efficient matmuls. The padded columns are no
   tokens: the loss and the sampler slice them off, so they are never a target and never drawn.
+- A prior trained without caption loss is built without the text head (`text_head=False`): a
+  parameter that never gets a gradient fails DDP's next step, and the 49,408-wide head would
+  only cost memory and optimizer state.
 """
 
 from __future__ import annotations
@@ -42,6 +45,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+from tessera.flops import attention_flops, matmul_flops
 
 IGNORE_INDEX = -100  # cross-entropy skips these targets: caption padding
 
@@ -136,7 +141,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(n_layer=4, n_head=4, n_embd=128, text_length=32, image_grid=8, image_vocab_size=512),
     # GPT-2 small's shape: 85M without embeddings
     "100m": dict(n_layer=12, n_head=12, n_embd=768),
-    # GPT-2 medium's shape: 302M without embeddings, as the transformers reference in FIELD-NOTES
+    # GPT-2 medium's shape: 302M without embeddings, as the transformers reference measured in BENCHMARKS.md
     "300m": dict(n_layer=24, n_head=16, n_embd=1024),
     # minDALL-E: 1.19B without embeddings, ~1.4B with our CLIP-sized text vocabulary
     "1.3b": dict(n_layer=42, n_head=24, n_embd=1536),
@@ -287,9 +292,10 @@ class KVCache:
 
 
 class TextImageTransformer(nn.Module):
-    """Caption ids (B, text_length) and image ids (B, N) -> next-token logits for both."""
+    """Caption ids (B, text_length) and image ids (B, N) -> next-token logits for both; with
+    `text_head=False`, for the image ids only (a prior trained without caption loss)."""
 
-    def __init__(self, config: TransformerConfig):
+    def __init__(self, config: TransformerConfig, text_head: bool = True):
         super().__init__()
         self.config = config
         d = config.n_embd
@@ -301,7 +307,7 @@ class TextImageTransformer(nn.Module):
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
         self.ln_f = norm_layer(config)
-        self.text_head = nn.Linear(d, config.padded_text_vocab_size, bias=False)
+        self.text_head = nn.Linear(d, config.padded_text_vocab_size, bias=False) if text_head else None
         self.image_head = nn.Linear(d, config.padded_image_vocab_size, bias=False)
 
         self.apply(self._init_weights)
@@ -323,21 +329,32 @@ class TextImageTransformer(nn.Module):
 
     def num_params(self, exclude_embeddings: bool = True) -> int:
         """Parameter count; by default without the embedding tables and the two heads: PaLM's N (its
-        head is its shared input embedding), and the 302M of the GPT-2 medium reference in FIELD-NOTES."""
+        head is its shared input embedding), and the 302M of the GPT-2 medium reference in BENCHMARKS.md."""
         n = sum(p.numel() for p in self.parameters())
         if exclude_embeddings:
             tables = (self.text_embed, self.text_pos, self.image_embed, self.image_row, self.image_col)
-            n -= sum(p.numel() for m in (*tables, self.text_head, self.image_head) for p in m.parameters())
+            heads = (head for head in (self.text_head, self.image_head) if head is not None)
+            n -= sum(p.numel() for m in (*tables, *heads) for p in m.parameters())
         return n
 
-    def flops_per_token(self, sequence_length: int | None = None) -> int:
-        """Training FLOPs per token, forward and backward: 6N for the weight matmuls plus 12 L d T
-        for attention's scores and weighted sum (PaLM appendix B, nanoGPT's estimate_mfu), N from
-        `num_params()`. Leaving the heads out undercounts the work by ~7% at 300m (their 6 d V per
-        token), so an MFU from this is conservative and compares with the GPT-2 reference's."""
+    def flops_per_sequence(self) -> int:
+        """Training FLOPs, forward and backward, of one sequence as `loss` runs it (tessera/flops.py):
+        the blocks' matmuls at the T + N - 1 input positions, the text head at the T - 1 caption
+        predictions, the image head at the N image ones (both at their padded widths), and
+        attention over the T + N - 1 positions. With the text head, the heads are 70% of the tiny
+        preset's work, 16% of 100m's and 7% of 300m's."""
         c = self.config
-        T = c.sequence_length if sequence_length is None else sequence_length
-        return 6 * self.num_params() + 12 * c.n_layer * c.n_embd * T
+        positions = c.sequence_length - 1  # the last image token is only a target, never an input
+        weights = sum(m.weight.numel() for m in self.blocks.modules() if isinstance(m, nn.Linear))
+        flops = matmul_flops(weights, positions) + attention_flops(c.n_layer, c.n_embd, positions)
+        if self.text_head is not None:
+            flops += matmul_flops(self.text_head.weight.numel(), c.text_length - 1)
+        return flops + matmul_flops(self.image_head.weight.numel(), c.image_length)
+
+    def flops_per_token(self) -> float:
+        """`flops_per_sequence()` per token of the sequence_length that tokens/s counts, so that
+        MFU = tokens/s x flops_per_token() / peak FLOP/s."""
+        return self.flops_per_sequence() / self.config.sequence_length
 
     # --- training ----------------------------------------------------------------------------
 
@@ -371,18 +388,19 @@ class TextImageTransformer(nn.Module):
 
     def forward(
         self, text_ids: torch.Tensor, image_ids: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
         """Teacher-forced logits over text_ids (B, T) then image_ids (B, N).
 
         Returns text_logits (B, T - 1, padded_text_vocab_size), the predictions of text tokens
-        1 .. T-1 (at positions 0 .. T-2), and image_logits (B, N, padded_image_vocab_size), the
-        predictions of image tokens 0 .. N-1 (at positions T-1 .. T+N-2). The last image token is
-        never an input, so N may be anything up to image_length; image_ids=None is the same as
-        N = 1: the caption alone, and the logits for image token 0.
+        1 .. T-1 (at positions 0 .. T-2), or None without a text head, and image_logits
+        (B, N, padded_image_vocab_size), the predictions of image tokens 0 .. N-1 (at positions
+        T-1 .. T+N-2). The last image token is never an input, so N may be anything up to
+        image_length; image_ids=None is the same as N = 1: the caption alone, and the logits for
+        image token 0.
         """
         x = self.hidden_states(text_ids, image_ids)  # (B, T + N - 1, C)
         T = text_ids.size(1)
-        text_logits = self.text_head(x[:, : T - 1])  # (B, T - 1, Vt)
+        text_logits = self.text_head(x[:, : T - 1]) if self.text_head is not None else None  # (B, T - 1, Vt)
         image_logits = self.image_head(x[:, T - 1 :])  # (B, N, Vi)
         return text_logits, image_logits
 
@@ -422,6 +440,11 @@ class TextImageTransformer(nn.Module):
         if text_loss_weight < 0 or image_loss_weight < 0 or text_loss_weight + image_loss_weight <= 0:
             raise ValueError(
                 f"loss weights must be >= 0 and not both 0, got text {text_loss_weight}, image {image_loss_weight}"
+            )
+        if text_loss_weight > 0 and self.text_head is None:
+            raise ValueError(
+                f"text_loss_weight {text_loss_weight} needs the text head, which this transformer was built "
+                "without (text_head=False): pass text_loss_weight=0"
             )
         if text_mask.shape != text_ids.shape:
             raise ValueError(f"text_mask {tuple(text_mask.shape)} must match text_ids {tuple(text_ids.shape)}")
