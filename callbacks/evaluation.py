@@ -26,7 +26,7 @@ from pathlib import Path
 import lightning as L
 import torch
 import torch.nn as nn
-from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 
 from datamodules.stream import without_padding
@@ -74,7 +74,7 @@ class _ValidationEvaluation(L.Callback):
         return self.seed + batch_idx * trainer.world_size + trainer.global_rank
 
     def check_prior_strategy(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if hasattr(pl_module, "generate") and isinstance(trainer.strategy, FSDPStrategy):
+        if hasattr(pl_module, "generate") and isinstance(trainer.strategy, (FSDPStrategy, ModelParallelStrategy)):
             raise ValueError(f"{type(self).__name__} samples on each rank alone, which FSDP's sharded forward cannot; use DDP")
 
     def state_dict(self) -> dict:

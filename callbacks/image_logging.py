@@ -34,7 +34,9 @@ def log_image_grid(trainer: L.Trainer, key: str, grid: torch.Tensor, caption: st
             logger.experiment.add_image(key, grid, global_step=step)
             sent.append("tensorboard")
     if not sent:
-        directory = Path(trainer.log_dir or trainer.default_root_dir) / key
+        # the logger's own directory: Trainer.log_dir broadcasts it from rank 0, a collective this rank-0-only call would hang on
+        log_dir = getattr(trainer.loggers[0], "log_dir", None) if trainer.loggers else None
+        directory = Path(log_dir or trainer.default_root_dir) / key
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / f"step_{step:08d}.png"
         Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)

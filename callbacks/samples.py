@@ -5,7 +5,7 @@ from __future__ import annotations
 from contextlib import nullcontext
 
 import lightning as L
-from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
 from callbacks.image_logging import image_grid, log_image_grid
 from tessera.sampling import SamplingConfig
@@ -17,7 +17,8 @@ class SampleLogger(L.Callback):
 
     The model must offer `generate(prompts, sampling, seed) -> images` (TextImagePrior does).
     Under DDP only global rank 0 samples, without collectives. Under FSDP every rank must join
-    the parameter gathers, so all ranks sample inside `summon_full_params` and rank 0 logs.
+    the parameter gathers, so all ranks sample the same images and rank 0 logs: FSDP1 inside
+    `summon_full_params`, FSDP2 (ModelParallelStrategy) through the gathers of each block's call.
     """
 
     def __init__(
@@ -48,11 +49,11 @@ class SampleLogger(L.Callback):
         if step % self.every_n_steps or step == self.last_logged_step:
             return
         self.last_logged_step = step
-        sharded = isinstance(trainer.strategy, FSDPStrategy)
+        sharded = isinstance(trainer.strategy, (FSDPStrategy, ModelParallelStrategy))
         if not (sharded or trainer.is_global_zero):
             return
         gathered = nullcontext()
-        if sharded:
+        if isinstance(trainer.strategy, FSDPStrategy):
             from torch.distributed.fsdp import FullyShardedDataParallel
 
             gathered = FullyShardedDataParallel.summon_full_params(trainer.strategy.model, writeback=False)

@@ -1,13 +1,14 @@
 """
-FSDP sharded checkpoints: written atomically, read back without a process group.
+FSDP strategies whose sharded checkpoints are written atomically, and read back without a process group.
 
-With `state_dict_type="sharded"`, Lightning's FSDPStrategy writes a checkpoint as a directory
-named like a file (`last.ckpt/`): torch.distributed.checkpoint (DCP) files holding
-{"model": state_dict, "optimizer_0": ...}, one per rank plus `.metadata`, and `meta.pt`, a
-torch.save of everything else (hyper_parameters, loop and callback states). It writes into an
-existing directory in place, so a crash in the middle leaves old and new shards mixed: a
-checkpoint neither run can load. `AtomicFSDPStrategy` writes every rank's shards into a staging
-directory beside the target and swaps it in once all ranks have finished.
+Lightning's ModelParallelStrategy (FSDP2, `AtomicModelParallelStrategy`, configs/trainer/fsdp.yaml)
+and FSDPStrategy (FSDP1, with `state_dict_type="sharded"`) write a checkpoint as a directory named
+like a file (`last.ckpt/`): torch.distributed.checkpoint (DCP) files, one per rank plus `.metadata`,
+holding {"state_dict": ..., "optimizer_0": ...} (FSDP2) or {"model": ..., "optimizer_0": ...}
+(FSDP1), and `meta.pt`, a torch.save of everything else (hyper_parameters, loop and callback
+states). Both write into an existing directory in place, so a crash in the middle leaves old and
+new shards mixed: a checkpoint neither run can load. Here every rank's shards go into a staging
+directory beside the target, swapped in once all ranks have finished.
 """
 
 from __future__ import annotations
@@ -15,11 +16,15 @@ from __future__ import annotations
 import os
 import pickle
 import shutil
+from datetime import timedelta
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
-from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy, ParallelStrategy
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.constants import default_pg_timeout
 
 # Lightning's name for the non-tensor rest of a sharded checkpoint, beside the DCP files
 SHARDED_METADATA = "meta.pt"
@@ -28,6 +33,12 @@ SHARDED_METADATA = "meta.pt"
 def is_sharded_checkpoint(path: str | Path) -> bool:
     """A directory as FSDPStrategy's sharded save writes it (Lightning's own test for one)."""
     return (Path(path) / SHARDED_METADATA).is_file()
+
+
+def sharded_weights_key(path: str | Path) -> str:
+    """Where a sharded checkpoint keeps the module's weights: "state_dict" (FSDP2) or "model" (FSDP1)."""
+    entries = FileSystemReader(path).read_metadata().state_dict_metadata  # flattened: "state_dict.transformer..."
+    return "state_dict" if any(name.startswith("state_dict.") for name in entries) else "model"
 
 
 def checkpoint_hyperparameters(path: str | Path) -> dict[str, Any]:
@@ -67,31 +78,84 @@ def swap_in(staging: Path, target: Path) -> None:
     _remove(trash)
 
 
-class AtomicFSDPStrategy(FSDPStrategy):
-    """FSDPStrategy whose sharded checkpoints replace the previous ones atomically.
+def save_atomically(strategy: ParallelStrategy, filepath, save: Callable[[Path], None]) -> None:
+    """Every rank's `save(staging)` into `.NAME.tmp` beside the target, then swapped in by rank 0.
 
-    Every rank writes its shards into `.NAME.tmp` beside the target; after a barrier rank 0 swaps
-    the staging directory in (`swap_in`), and a second barrier keeps any rank from reading the
-    checkpoint before it is there. `full` state dicts are one file, written by rank 0 through the
+    A barrier after the writes lets rank 0 swap only a complete directory in (`swap_in`), and a
+    last one keeps any rank from reading the checkpoint before it is there.
+    """
+    target = Path(strategy.broadcast(filepath))  # rank 0's path on every rank, as Lightning's saves do
+    staging = target.with_name(f".{target.name}.tmp")
+    if strategy.global_rank == 0:
+        _remove(staging)  # a crashed save's partial shards must not mix with this one's
+    strategy.barrier("save_atomically: staging directory clean")
+    save(staging)
+    strategy.barrier("save_atomically: every rank's shards written")
+    if strategy.global_rank == 0:
+        # DCP fsyncs the shard files it writes; meta.pt and the directory entries are ours
+        fsync(staging / SHARDED_METADATA)
+        fsync(staging)
+        swap_in(staging, target)
+    strategy.barrier("save_atomically: swapped in")
+
+
+class AtomicFSDPStrategy(FSDPStrategy):
+    """FSDPStrategy (FSDP1) whose sharded checkpoints replace the previous ones atomically
+    (`save_atomically`). `full` state dicts are one file, written by rank 0 through the
     CheckpointIO plugin (tessera.commands.fit.AtomicCheckpointIO under `tessera fit`).
     """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath, storage_options: Any | None = None) -> None:
         if self._state_dict_type != "sharded":
             return super().save_checkpoint(checkpoint, filepath, storage_options)
-        target = Path(self.broadcast(filepath))  # rank 0's path on every rank, as the parent does
-        staging = target.with_name(f".{target.name}.tmp")
-        if self.global_rank == 0:
-            _remove(staging)  # a crashed save's partial shards must not mix with this one's
-        self.barrier("AtomicFSDPStrategy.save_checkpoint: staging directory clean")
-        super().save_checkpoint(checkpoint, staging, storage_options)
-        self.barrier("AtomicFSDPStrategy.save_checkpoint: every rank's shards written")
-        if self.global_rank == 0:
-            # DCP fsyncs the shard files it writes; meta.pt and the directory entries are ours
-            fsync(staging / SHARDED_METADATA)
-            fsync(staging)
-            swap_in(staging, target)
-        self.barrier("AtomicFSDPStrategy.save_checkpoint: swapped in")
+        save_atomically(self, filepath, partial(super().save_checkpoint, checkpoint, storage_options=storage_options))
+
+
+class AtomicModelParallelStrategy(ModelParallelStrategy):
+    """FSDP2: Lightning's ModelParallelStrategy over one data-parallel mesh of every process, its
+    distributed checkpoints replacing the previous ones atomically (`save_atomically`).
+
+    The module shards itself in `configure_model` (lightning_modules.parallel.shard: `fully_shard`
+    over `data_parallel_mesh`), reading `reshard_after_forward` here; under `bf16-mixed` on GPUs the
+    sharded parameters are gathered in bf16 and gradients reduced in fp32. Activation
+    checkpointing is the transformer's own option (`activation_checkpointing` in its config).
+    """
+
+    def __init__(
+        self,
+        reshard_after_forward: bool = True,
+        save_distributed_checkpoint: bool = True,
+        process_group_backend: str | None = None,
+        timeout: timedelta | None = default_pg_timeout,
+    ):
+        """
+        Args:
+            reshard_after_forward: free each block's gathered parameters after its forward and
+                gather them again for the backward (less memory, one more all-gather per block).
+            save_distributed_checkpoint: one file per rank in a directory (no rank gathers the
+                model); False gathers one .ckpt file on rank 0.
+        """
+        super().__init__(
+            data_parallel_size="auto",
+            tensor_parallel_size=1,
+            save_distributed_checkpoint=save_distributed_checkpoint,
+            process_group_backend=process_group_backend,
+            timeout=timeout,
+        )
+        self.reshard_after_forward = reshard_after_forward
+
+    def setup_environment(self) -> None:
+        self._data_parallel_size = self.num_nodes * self.num_processes  # every process shards the one model
+        super().setup_environment()
+
+    @property
+    def data_parallel_mesh(self):
+        return self.device_mesh["data_parallel"]
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath, storage_options: Any | None = None) -> None:
+        if not self._save_distributed_checkpoint:
+            return super().save_checkpoint(checkpoint, filepath, storage_options)
+        save_atomically(self, filepath, partial(super().save_checkpoint, checkpoint, storage_options=storage_options))
 
 
 def _remove(path: Path) -> None:

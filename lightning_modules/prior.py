@@ -12,7 +12,8 @@ Start-up checks: the tokenizer's codebook size and id grid must match the transf
 vocabulary and grid, and the text tokenizer's vocabulary must fit the text embedding; the first
 batch's text length and id grid are checked too. A mismatch is an error naming both numbers.
 
-Strategies: DDP, or FSDP with the `Block`s as wrapping units (configs/trainer/fsdp.yaml).
+Strategies: DDP, or FSDP2 with the `Block`s as shard units (configs/trainer/fsdp.yaml,
+`configure_model`); FSDP1 (lightning_modules.fsdp.AtomicFSDPStrategy) still trains and loads.
 The frozen tokenizer lives outside the module tree: not in checkpoints, not wrapped by DDP or
 FSDP, never cast by a precision plugin.
 
@@ -40,8 +41,14 @@ from safetensors.torch import load_file, save_file
 from datamodules.stream import without_padding
 from datamodules.text import CLIP_BPE, CaptionTokenizer
 from lightning_modules.clipping import clip_grad_norm
-from lightning_modules.fsdp import checkpoint_hyperparameters, is_sharded_checkpoint
+from lightning_modules.fsdp import (
+    AtomicModelParallelStrategy,
+    checkpoint_hyperparameters,
+    is_sharded_checkpoint,
+    sharded_weights_key,
+)
 from lightning_modules.nonfinite import NonFiniteLossGuard, drop_gradients
+from lightning_modules.parallel import adjust_ddp, shard, unwrapped_name
 from lightning_modules.vqgan import load_tokenizer
 from tessera.flops import peak_bf16_flops
 from tessera.lr_schedule import lr_factor
@@ -161,6 +168,8 @@ class TextImagePrior(L.LightningModule):
         self.register_buffer("null_text_mask", null.mask[0], persistent=False)  # (T,)
         # counted here, before FSDP shards the parameters (a shard's numel would undercount them)
         self.flops_per_token = self.transformer.flops_per_token()
+        # and the weight-decayed parameters chosen by shape here too: FSDP1 flattens them all to 1-D
+        self.decayed = {name for name, p in self.transformer.named_parameters() if p.dim() >= 2}
         self.peak_flops = peak_flops  # a property of the machine, not the model: not a hyperparameter
         self._device_peak_flops: float | None = None  # what MFU divides by, found at the start of training
         self._last_step_time: float | None = None
@@ -188,7 +197,12 @@ class TextImagePrior(L.LightningModule):
     # training
 
     def configure_model(self) -> None:
-        if self.hparams.compile:
+        strategy = self.trainer.strategy if self._trainer is not None else None
+        adjust_ddp(strategy)
+        if isinstance(strategy, AtomicModelParallelStrategy):
+            shard(self.transformer, self.transformer.blocks, strategy, str(self.trainer.precision), self.hparams.compile,
+                  methods=("loss", "prefill", "decode_step"))  # the entry points, none calling another
+        elif self.hparams.compile:
             for block in self.transformer.blocks:
                 block.compile()
 
@@ -307,13 +321,18 @@ class TextImagePrior(L.LightningModule):
         # every rank holds the same values: syncing only keeps Lightning from warning that they were not
         self.log_dict({name: value.float() for name, value in logs.items()}, sync_dist=True)
 
+    def parameter_groups(self) -> list[dict]:
+        """AdamW's groups: decay on the matrices and embeddings, none on norms and biases, chosen by
+        the names recorded before any wrapping (whose prefixes are dropped here)."""
+        named = [(unwrapped_name(name), p) for name, p in self.transformer.named_parameters() if p.requires_grad]
+        return [
+            {"params": [p for name, p in named if name in self.decayed], "weight_decay": self.optimizer_config.weight_decay},
+            {"params": [p for name, p in named if name not in self.decayed], "weight_decay": 0.0},
+        ]
+
     def configure_optimizers(self):
         config = self.optimizer_config
-        params = [p for p in self.transformer.parameters() if p.requires_grad]
-        groups = [
-            {"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},  # norms and biases
-        ]
+        groups = self.parameter_groups()
         # fused kernels on CUDA and CPU: on two CPU cores the tiny prior's step is ~20% faster, its
         # optimizer step 7x (the 6.3M-entry caption embedding dominates the per-tensor foreach path)
         fused = {"fused": True} if self.device.type in ("cuda", "cpu") else {}
@@ -419,9 +438,10 @@ def load_transformer_weights(transformer: TextImageTransformer, path: str | Path
         # DCP reads into the tensors it is given, each whole from the shards of every rank that
         # saved one; only the "model" entries are asked for, so the optimizer shards stay on disk.
         # no_dist: this process alone, even where a process group exists (after a fit).
-        state = {"model": {PREFIX + name: tensor for name, tensor in transformer.state_dict().items()}}
+        key = sharded_weights_key(path)
+        state = {key: {PREFIX + name: tensor for name, tensor in transformer.state_dict().items()}}
         dcp.load(state, checkpoint_id=path, no_dist=True)
-        weights = state["model"]
+        weights = state[key]
     else:
         weights = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["state_dict"]
     transformer.load_state_dict({name.removeprefix(PREFIX): w for name, w in weights.items() if name.startswith(PREFIX)})

@@ -21,7 +21,8 @@ Precision: bf16-mixed or fp32. fp16 is refused: the discriminator's raw step wou
 Lightning's gradient scaler, and the adaptive weight's gradient norms overflow in fp16 anyway.
 
 Strategy: DDP with `find_unused_parameters=True` (the generator step leaves the discriminator
-unused and the other way round); `configs/tokenizer/*.yaml` set it. Lightning's FSDPStrategy
+unused and the other way round), which `configure_model` sets on any DDPStrategy, so that
+`configs/trainer/ddp.yaml` composes with every tokenizer config. Lightning's FSDPStrategy
 refuses manual optimization; a 76M-parameter tokenizer fits on every GPU, so DDP is its strategy.
 """
 
@@ -39,6 +40,7 @@ import torch.nn.functional as F
 from datamodules.stream import without_padding
 from lightning_modules.clipping import clip_grad_norm
 from lightning_modules.nonfinite import NonFiniteLossGuard, drop_gradients
+from lightning_modules.parallel import adjust_ddp
 from tessera.lr_schedule import lr_factor
 from tessera.nn.autoencoder import AutoencoderConfig
 from tessera.nn.discriminator import PatchDiscriminator
@@ -233,6 +235,8 @@ class VQGAN(L.LightningModule):
             raise ValueError("optimizer.schedule 'cosine' needs Trainer(max_steps=...): the step it decays to")
 
     def configure_model(self) -> None:
+        if self._trainer is not None:  # load_from_checkpoint has no trainer
+            adjust_ddp(self.trainer.strategy, find_unused_parameters=True)
         if self.channels_last:
             self.to(memory_format=torch.channels_last)
         self._sync_batch_norm()

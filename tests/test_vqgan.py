@@ -15,6 +15,7 @@ from types import SimpleNamespace
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.strategies import DDPStrategy
 import numpy as np
 import pytest
 import torch
@@ -456,6 +457,46 @@ def test_fit_from_the_tiny_config_on_two_ddp_processes(tmp_path, shapes_dir):
     checkpoint = torch.load(checkpoints[0], weights_only=True)
     assert checkpoint["global_step"] == 4
     assert (tmp_path / "lightning_logs").exists() or list(tmp_path.rglob("config.yaml"))
+
+
+class RecordDDPSettings(L.Callback):
+    def on_train_start(self, trainer, pl_module):
+        ddp = trainer.strategy.model  # the DistributedDataParallel wrapper
+        self.settings = (ddp.find_unused_parameters, ddp.forward_sync_buffers)
+
+
+def _plain_ddp_run(rank: int, world_size: int, root: str) -> dict:
+    """A few G and D steps under a DDPStrategy of no options; (DDP's settings, every buffer) of this rank."""
+    torch.set_num_threads(1)
+    os.environ.update(LOCAL_RANK=str(rank), NODE_RANK="0", WORLD_SIZE=str(world_size))  # the process group is up
+    torch.manual_seed(rank)  # buffers that differed at the start would be synced when DDP wraps the module
+    model = tiny_vqgan(
+        quantizer=VectorQuantizer(dim=4, codebook_size=32, ema_decay=0.9, dead_code_threshold=0.5),
+        loss=LossConfig(pretrained_lpips=False, perceptual_weight=0.1, disc_start=1, lecam_weight=0.1),
+    )
+    settings = RecordDDPSettings()
+    fit = trainer(Path(root), max_steps=2, devices=world_size, strategy=DDPStrategy(), callbacks=[settings])
+    fit.fit(model, loader(num_samples=16, batch_size=4))
+    return {
+        "settings": settings.settings,
+        "buffers": {name: buffer.clone() for name, buffer in model.named_buffers()},
+    }
+
+
+@pytest.mark.slow
+def test_a_plain_ddp_strategy_trains_the_gan_on_two_processes_with_identical_buffers_never_broadcast(tmp_path):
+    """configs/trainer/ddp.yaml's DDPStrategy: the module asks for unused parameters (alternating G
+    and D steps) and no per-step buffer broadcast, yet the codebook EMA, usage counts and LeCAM
+    anchors stay the same on both ranks."""
+    from tests.distributed import run_distributed
+
+    ranks = run_distributed(_plain_ddp_run, str(tmp_path))
+    assert [rank["settings"] for rank in ranks] == [(True, False)] * 2
+    first, second = (rank["buffers"] for rank in ranks)
+    assert "lecam.ema_real" in first and "tokenizer.quantizer.code_sum" in first
+    for name in first:
+        torch.testing.assert_close(second[name], first[name], rtol=0, atol=0, msg=name)
+    assert first["lecam.ema_real"] != 0  # the anchors moved
 
 
 def test_loading_a_checkpoint_that_is_no_vqgan_says_so(tmp_path):

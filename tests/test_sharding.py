@@ -1,0 +1,165 @@
+"""The prior and the tokenizer sharded over 2 CPU processes (gloo): optimizer groups chosen before
+wrapping, FSDP2 against DDP, its checkpoints, resume and export."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.strategies import DDPStrategy
+from safetensors.torch import load_file
+from torch.utils.data import DataLoader
+
+from callbacks.samples import SampleLogger
+
+from lightning_modules.fsdp import AtomicModelParallelStrategy
+from lightning_modules.parallel import unwrapped_name
+from lightning_modules.prior import TextImagePrior, load_prior
+from tessera.commands.cli import main
+from tessera.nn.transformer import Block, TransformerConfig
+from tests.distributed import run_distributed
+from tests.test_exact_resume import prior_run, write_token_shards
+from tests.test_prior import Tokens, tokenizer_dir  # noqa: F401 (tokenizer_dir: a fixture)
+from tests.test_prior import tiny_prior as tiny_prior_with_tokenizer
+
+PROMPTS = ["a red circle", "two blue squares"]
+
+
+def tiny_prior() -> TextImagePrior:
+    torch.manual_seed(0)
+    config = TransformerConfig(text_length=8, image_vocab_size=16, image_grid=2, n_layer=2, n_head=2, n_embd=16)
+    return TextImagePrior(transformer=config)
+
+
+def group_shapes(prior: TextImagePrior) -> list[set[int]]:
+    """The number of dimensions of each AdamW group's parameters, by the module as built."""
+    built = {name: p.dim() for name, p in tiny_prior().transformer.named_parameters()}
+    ids = {id(p): name for name, p in prior.transformer.named_parameters()}
+    return [{built[unwrapped_name(ids[id(p)])] for p in group["params"]} for group in prior.parameter_groups()]
+
+
+def _fsdp1_groups(rank: int, world_size: int) -> list[set[int]]:
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    prior = tiny_prior()
+    # as Lightning's FSDPStrategy wraps it: every parameter becomes a 1-D view of a flat shard
+    prior.transformer = FullyShardedDataParallel(
+        prior.transformer, auto_wrap_policy=ModuleWrapPolicy({Block}), use_orig_params=True, device_id=torch.device("cpu")
+    )
+    assert all(p.dim() == 1 for p in prior.transformer.parameters())
+    return group_shapes(prior)
+
+
+@pytest.mark.slow
+def test_weight_decay_falls_on_the_matrices_of_an_fsdp1_wrapped_prior():
+    for decayed, not_decayed in run_distributed(_fsdp1_groups):
+        assert decayed == {2} and not_decayed == {1}
+
+
+# --- the prior under FSDP2 --------------------------------------------------------------------
+
+
+class RecordLosses(L.Callback):
+    def __init__(self):
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(outputs["loss"].item())
+
+
+def fit_prior(shards: str, root: Path, strategy, steps: int, ckpt_path: Path | None = None) -> list[float]:
+    """The losses of a 2-process run of the prior (dropout, caption dropout, clipping) that saves a
+    checkpoint every 2 steps, or resumes from `ckpt_path`."""
+    model, data = prior_run(shards)
+    losses = RecordLosses()
+    every_2 = ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=2, save_top_k=-1)
+    if ckpt_path is not None:  # a fresh process's RNGs would be anywhere: resume must not depend on them
+        torch.manual_seed(1234)
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_steps=steps, default_root_dir=root,
+                        logger=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[losses, every_2])
+    trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
+    return losses.losses
+
+
+def _prior_under_ddp_and_fsdp2(rank: int, world_size: int, root: str) -> dict:
+    torch.set_num_threads(1)
+    multiprocessing.set_start_method("fork", force=True)  # loader workers fork, as under a launcher
+    os.environ.update(LOCAL_RANK=str(rank), NODE_RANK="0", WORLD_SIZE=str(world_size))  # the process group is up
+    root = Path(root)
+    shards = write_token_shards(root) if rank == 0 else str(root / "{00000..00002}.tar")
+    torch.distributed.barrier()
+    # 24 samples an epoch, 12 per rank in batches of 4: step 2 is mid-epoch
+    ddp = fit_prior(shards, root / "ddp", DDPStrategy(), steps=4)
+    fsdp2 = fit_prior(shards, root / "fsdp2", AtomicModelParallelStrategy(), steps=4)
+    (middle,) = (root / "fsdp2" / "ckpt").glob("*step=2.ckpt")
+    resumed = fit_prior(shards, root / "resumed", AtomicModelParallelStrategy(), steps=4, ckpt_path=middle)
+    return {"ddp": ddp, "fsdp2": fsdp2, "resumed": resumed}
+
+
+@pytest.mark.slow
+def test_the_prior_under_fsdp2_trains_as_under_ddp_and_resumes_mid_epoch_bitwise(tmp_path):
+    ranks = run_distributed(_prior_under_ddp_and_fsdp2, str(tmp_path))
+    for rank in ranks:
+        torch.testing.assert_close(rank["fsdp2"], rank["ddp"])
+        assert rank["resumed"] == rank["fsdp2"][2:]
+
+    def exported(run: str) -> dict[str, torch.Tensor]:
+        (last,) = (tmp_path / run / "ckpt").glob("*step=4.ckpt")
+        assert main(["export", "--checkpoint", str(last), "--out", str(tmp_path / run / "export")]) == 0
+        return load_file(tmp_path / run / "export" / "model.safetensors")
+
+    ddp, fsdp2, resumed = exported("ddp"), exported("fsdp2"), exported("resumed")
+    for name in ddp:
+        torch.testing.assert_close(fsdp2[name], ddp[name], msg=name)
+        assert torch.equal(resumed[name], fsdp2[name]), name
+
+
+class Killed(BaseException):
+    """The process killed mid-save: no `except Exception` on the way stops it."""
+
+
+def _sample_save_and_die_under_fsdp2(rank: int, world_size: int, root: str, tokenizer_dir: str) -> dict:
+    import lightning.pytorch.strategies.model_parallel as model_parallel
+
+    torch.set_num_threads(1)
+    os.environ.update(LOCAL_RANK=str(rank), NODE_RANK="0", WORLD_SIZE=str(world_size))  # the process group is up
+    root = Path(root)
+    prior = tiny_prior_with_tokenizer(tokenizer_dir)
+    samples = SampleLogger(PROMPTS, every_n_steps=2, images_per_prompt=1, top_k=8)
+    fit = L.Trainer(accelerator="cpu", devices=2, strategy=AtomicModelParallelStrategy(), max_steps=2, default_root_dir=root,
+                    logger=CSVLogger(root), enable_checkpointing=False, enable_progress_bar=False,
+                    enable_model_summary=False, callbacks=[samples])
+    fit.fit(prior, DataLoader(Tokens(prior), batch_size=4))
+    fit.save_checkpoint(root / "last.ckpt")
+    images = prior.generate(PROMPTS, seed=0)  # every rank, the sharded model
+
+    written = model_parallel._distributed_checkpoint_save
+
+    def save_then_die(*args, **kwargs):  # every rank's shards written, then the job dies before the swap
+        written(*args, **kwargs)
+        raise Killed
+
+    model_parallel._distributed_checkpoint_save = save_then_die
+    try:
+        fit.save_checkpoint(root / "last.ckpt")
+    except Killed:
+        pass
+    return {"images": images}
+
+
+@pytest.mark.slow
+def test_fsdp2_samples_on_every_rank_and_a_save_killed_midway_leaves_the_previous_checkpoint(tmp_path, tokenizer_dir):
+    ranks = run_distributed(_sample_save_and_die_under_fsdp2, str(tmp_path), str(tokenizer_dir))
+    assert (tmp_path / "lightning_logs" / "version_0" / "samples" / "step_00000002.png").is_file()
+    assert (tmp_path / ".last.ckpt.tmp").is_dir()  # the killed save's shards, never swapped in
+    assert main(["export", "--checkpoint", str(tmp_path / "last.ckpt"), "--out", str(tmp_path / "export")]) == 0
+    unsharded = load_prior(tmp_path / "export").generate(PROMPTS, seed=0)
+    for rank in ranks:
+        torch.testing.assert_close(rank["images"], unsharded)
