@@ -51,7 +51,7 @@ from lightning_modules.nonfinite import NonFiniteLossGuard, drop_gradients
 from lightning_modules.parallel import adjust_ddp, shard, unwrapped_name
 from lightning_modules.vqgan import load_tokenizer
 from tessera.flops import peak_bf16_flops
-from tessera.lr_schedule import lr_factor
+from tessera.lr_schedule import decay_end, lr_factor
 from tessera.nn.transformer import TextImageTransformer, TransformerConfig
 from tessera.nn.vq_tokenizer import CONFIG_FILE, WEIGHTS_FILE, VQTokenizer
 from tessera.sampling import SamplingConfig, sample_image_tokens
@@ -67,7 +67,9 @@ class PriorOptimizerConfig:
     """On weight matrices and embeddings; never on norms and biases."""
     warmup_steps: int = 1000
     schedule: Literal["constant", "cosine"] = "cosine"
-    """Cosine decays to min_lr_ratio * lr at Trainer(max_steps)."""
+    """Cosine decays to min_lr_ratio * lr at decay_steps, flat after."""
+    decay_steps: int | None = None
+    """The step the cosine ends; None: Trainer(max_steps)."""
     min_lr_ratio: float = 0.1
     gradient_clip_val: float | None = 1.0
     """Gradient-norm clip, also under FSDP (Trainer's own option raises there); None does not clip."""
@@ -337,9 +339,7 @@ class TextImagePrior(L.LightningModule):
         # optimizer step 7x (the 6.3M-entry caption embedding dominates the per-tensor foreach path)
         fused = {"fused": True} if self.device.type in ("cuda", "cpu") else {}
         optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, **fused)
-        if config.schedule == "cosine" and self.trainer.max_steps < 0:
-            raise ValueError("optimizer.schedule 'cosine' needs Trainer(max_steps=...): the step it decays to")
-        total_steps = self.trainer.max_steps
+        total_steps = decay_end(config.schedule, config.decay_steps, self.trainer.max_steps)
 
         def factor(step: int) -> float:
             return lr_factor(step, config.warmup_steps, config.schedule, total_steps, config.min_lr_ratio)

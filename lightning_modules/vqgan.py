@@ -41,7 +41,7 @@ from datamodules.stream import without_padding
 from lightning_modules.clipping import clip_grad_norm
 from lightning_modules.nonfinite import NonFiniteLossGuard, drop_gradients
 from lightning_modules.parallel import adjust_ddp
-from tessera.lr_schedule import lr_factor
+from tessera.lr_schedule import decay_end, lr_factor
 from tessera.nn.autoencoder import AutoencoderConfig
 from tessera.nn.discriminator import PatchDiscriminator
 from tessera.nn.ema import EMA
@@ -126,7 +126,9 @@ class OptimizerConfig:
     warmup_steps: int = 0
     """Linear warm-up from 0 over this many training steps."""
     schedule: Literal["constant", "cosine"] = "constant"
-    """After warm-up: constant, or cosine down to min_lr_ratio * lr at Trainer(max_steps)."""
+    """After warm-up: constant, or cosine down to min_lr_ratio * lr at decay_steps, flat after."""
+    decay_steps: int | None = None
+    """The step the cosine ends; None: Trainer(max_steps)."""
     min_lr_ratio: float = 0.1
     gradient_clip_val: float | None = None
     """Clip each network's gradient norm to this (LlamaGen: 1.0); None does not clip."""
@@ -231,8 +233,6 @@ class VQGAN(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         check_precision(str(self.trainer.precision))
-        if self.optimizer_config.schedule == "cosine" and self.trainer.max_steps < 0:
-            raise ValueError("optimizer.schedule 'cosine' needs Trainer(max_steps=...): the step it decays to")
 
     def configure_model(self) -> None:
         if self._trainer is not None:  # load_from_checkpoint has no trainer
@@ -271,7 +271,7 @@ class VQGAN(L.LightningModule):
             weight_decay=config.weight_decay,
             **fused,
         )
-        total_steps = self.trainer.max_steps if self.trainer is not None else None
+        total_steps = decay_end(config.schedule, config.decay_steps, self.trainer.max_steps)
 
         def factor(step: int) -> float:
             return lr_factor(step, config.warmup_steps, config.schedule, total_steps, config.min_lr_ratio)
