@@ -378,7 +378,7 @@ class VQGAN(L.LightningModule):
         """disc_weight, times taming's adaptive factor when asked; a detached fp32 scalar."""
         config = self.loss_config
         if not config.adaptive_disc_weight:
-            return torch.tensor(config.disc_weight, device=nll.device)
+            return nll.new_full((), config.disc_weight)  # a fill on the device, not a blocking copy to it
         last_layer = self.tokenizer.decoder.last_layer
         nll_grad = torch.autograd.grad(nll, last_layer, retain_graph=True)[0].float()
         gan_grad = torch.autograd.grad(gan_loss, last_layer, retain_graph=True)[0].float()
