@@ -108,6 +108,14 @@ BENCHMARKS = [
         columns=("setting", "images_per_s", "ms_per_step", "peak_memory_gib"),
     ),
     Benchmark(
+        "host_syncs",
+        "the design: 2 syncs a step (the non-finite guard, Lightning's progress-bar read-back of the loss)",
+        gpu=["--warmup", "2", "--steps", "3"],
+        smoke=["--tiny", "--device", "cpu", "--warmup", "1", "--steps", "1", "--settings", "prior", "tokenizer-vq"],
+        seconds=120,
+        columns=("setting", "syncs_per_step", "designed", "measured_steps", "sites"),
+    ),
+    Benchmark(
         "eval_speed",
         "the reference Inception rate: ~4.5k images/s with TF32 on one H100, ~2.2k in fp32; FID-30K goal 10 minutes",
         gpu=["--batch-size", "250", "--repeats", "3", "--read-back-images", "500", "--workers", "8"],
