@@ -74,7 +74,7 @@ BENCHMARKS = [
         "transformers GPT-2 of the same shape, eager and compiled (settings gpt2, gpt2+compile)",
         # eager, then compiled as TextImagePrior(compile=True) trains; the whole-loss compile is left to the full run
         gpu=["--batch-size", "64", "--warmup", "2", "--steps", "5",
-             "--settings", "tessera", "gpt2", "tessera+compile-blocks", "gpt2+compile"],
+             "--settings", "tessera", "gpt2", "tessera+compile-blocks-heads", "gpt2+compile"],
         smoke=["--tiny", "--device", "cpu", "--warmup", "0", "--steps", "1", "--settings", "tessera", "gpt2"],
         seconds=200,
         columns=("setting", "tokens_per_s", "mfu", "ms_per_step", "peak_memory_gib", "loss"),

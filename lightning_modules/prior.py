@@ -119,7 +119,9 @@ class TextImagePrior(L.LightningModule):
                 no text head, which dominates a small model's compute (LlamaGen trains no text loss).
             image_loss_weight: weight of the image tokens' cross-entropy (DALL-E: 7 of 8).
             optimizer: AdamW and its schedule.
-            compile: torch.compile each transformer block in place.
+            compile: torch.compile each transformer block in place, and the heads with their fp32
+                cross-entropy as one graph (`TextImageTransformer.head_losses`), whose fp32 logits
+                are then never stored; state-dict keys stay those of the module as built.
             peak_flops: dense bf16 peak FLOP/s of one device, for the logged MFU. None looks the GPU
                 up by name in `tessera.flops.PEAK_BF16_FLOPS`; a GPU not there logs no MFU (and says
                 so once), a CPU none.
@@ -205,6 +207,10 @@ class TextImagePrior(L.LightningModule):
         elif self.hparams.compile:
             for block in self.transformer.blocks:
                 block.compile()
+        if self.hparams.compile:
+            # one graph for the heads and their fp32 cross-entropy, beside the blocks' (compiled in
+            # place, under FSDP2 after sharding); the embeddings stay eager, a lookup each
+            self.transformer.head_losses = torch.compile(self.transformer.head_losses)
 
     def on_train_start(self) -> None:
         self._device_peak_flops = peak_flops_for_mfu(self.device, self.peak_flops)

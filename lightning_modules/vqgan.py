@@ -174,7 +174,8 @@ class VQGAN(L.LightningModule):
             optimizer: learning rates, schedules, clipping, accumulation.
             ema_decay: keep an EMA of the tokenizer's weights, used for validation and export; None keeps none.
             channels_last: NHWC weights and images, the layout tensor cores' convolutions want (GPU).
-            compile: torch.compile the tokenizer and the discriminator in place (same state-dict keys).
+            compile: torch.compile the encoder, the decoder and the discriminator in place (same
+                state-dict keys); the quantizer stays eager.
         """
         super().__init__()
         self.automatic_optimization = False
@@ -241,8 +242,11 @@ class VQGAN(L.LightningModule):
             self.to(memory_format=torch.channels_last)
         self._sync_batch_norm()
         if self.compile_networks:
-            self.tokenizer.compile()
-            self.discriminator.compile()
+            # the convolutional networks, each in place; the quantizer stays eager: its collectives,
+            # EMA statistics and usage window would split the graph (16 breaks in 3 steps of an EMA
+            # VQ under the whole tokenizer's compile) and are not worth a kernel of their own
+            for network in (self.tokenizer.encoder, self.tokenizer.decoder, self.discriminator):
+                network.compile()
 
     def _sync_batch_norm(self) -> None:
         """A BatchNorm discriminator on several processes normalises with every rank's images (SyncBatchNorm)."""
