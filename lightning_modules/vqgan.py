@@ -242,9 +242,9 @@ class VQGAN(L.LightningModule):
             self.to(memory_format=torch.channels_last)
         self._sync_batch_norm()
         if self.compile_networks:
-            # the convolutional networks, each in place; the quantizer stays eager: its collectives,
-            # EMA statistics and usage window would split the graph (16 breaks in 3 steps of an EMA
-            # VQ under the whole tokenizer's compile) and are not worth a kernel of their own
+            # the convolutional networks, each in place; the quantizer stays eager: its collectives
+            # (all-reduced statistics, the gathered usage window, restarts broadcast from rank 0) and
+            # buffer updates are no work for a compiler, and in a compiled graph they split it
             for network in (self.tokenizer.encoder, self.tokenizer.decoder, self.discriminator):
                 network.compile()
 
