@@ -1,10 +1,11 @@
 """What each stage's `compile` option compiles, and that its training steps then trace without graph
-breaks: on the CPU with the "aot_eager" backend (Dynamo's tracing and AOT autograd, no code
-generation), in place of Inductor, which the GPU tests run."""
+breaks, the prior's under FSDP2 too: on the CPU with the "aot_eager" backend (Dynamo's tracing and
+AOT autograd, no code generation), in place of Inductor, which the GPU tests run."""
 
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +13,8 @@ from torch.utils.data import DataLoader
 
 from tessera.nn.lookup_free_quantizer import LookupFreeQuantizer
 from tessera.nn.vector_quantizer import VectorQuantizer
-from tests.test_prior import Tokens, tiny_prior, tokenizer_dir  # noqa: F401 (tokenizer_dir: a fixture)
+from tests.distributed import as_launched_rank, run_distributed
+from tests.test_prior import RecordLoss, Tokens, tiny_prior, tokenizer_dir  # noqa: F401 (tokenizer_dir: a fixture)
 from tests.test_vqgan import loader, tiny_vqgan, trainer
 
 
@@ -54,3 +56,27 @@ def test_the_tokenizer_compiles_its_networks_but_not_its_quantizer_and_trains_wi
     assert dict(aot_eager["graph_break"]) == {}
     assert aot_eager["stats"]["unique_graphs"] >= 3
     assert not [name for name in model.state_dict() if "_orig_mod" in name]  # in place: checkpoints keep their keys
+
+
+def _fsdp2_prior_eager_and_compiled(rank: int, world_size: int, tokenizer_dir: str, root: str) -> dict:
+    from lightning_modules.fsdp import AtomicModelParallelStrategy
+
+    torch.set_num_threads(1)
+    as_launched_rank(rank, world_size)
+    torch.compile = functools.partial(torch.compile, backend="aot_eager")  # this process's only
+    losses = {}
+    for compile in (False, True):
+        prior, record = tiny_prior(tokenizer_dir, compile=compile), RecordLoss()
+        run = trainer(Path(root) / str(compile), max_steps=2, devices=2, strategy=AtomicModelParallelStrategy(),
+                      callbacks=[record])
+        run.fit(prior, DataLoader(Tokens(prior), batch_size=2))
+        losses[compile] = record.losses
+    compiled_blocks = all(compiled(block) for block in prior.transformer.blocks)
+    return {"losses": losses, "graph_breaks": dict(torch._dynamo.utils.counters["graph_break"]), "compiled": compiled_blocks}
+
+
+@pytest.mark.slow
+def test_the_prior_sharded_by_fsdp2_compiles_each_block_after_sharding_and_trains_as_eager(tmp_path, tokenizer_dir):  # noqa: F811
+    for rank in run_distributed(_fsdp2_prior_eager_and_compiled, str(tokenizer_dir), str(tmp_path)):
+        assert rank["compiled"] and rank["graph_breaks"] == {}
+        assert rank["losses"][True] == pytest.approx(rank["losses"][False], rel=1e-5)
