@@ -53,7 +53,7 @@ from tessera.nn.gan_losses import (
     non_saturating_g_loss,
 )
 from tessera.nn.lpips import LPIPS
-from tessera.nn.quantizer_base import Quantizer, build_quantizer, quantizer_spec, usage_stats
+from tessera.nn.quantizer_base import Quantizer, build_quantizer, code_counts, quantizer_spec, usage_stats
 from tessera.nn.vq_tokenizer import VQTokenizer
 from tessera.pixels import psnr
 
@@ -439,7 +439,7 @@ class VQGAN(L.LightningModule):
         rec_loss, perceptual_loss = self.reconstruction_losses(images, reconstructions)  # means over the batch
         psnr_sum = psnr(images, reconstructions).sum()
         sums = [rec_loss * samples, perceptual_loss * samples, psnr_sum, rec_loss.new_tensor(samples)]
-        codes = torch.bincount(quantized.ids.flatten(), minlength=self.tokenizer.codebook_size)  # (K,)
+        codes = code_counts(quantized.ids, self.tokenizer.codebook_size)  # (K,)
         self.val_sums += torch.cat([torch.stack([value.double() for value in sums]), codes.double()])
 
     def on_validation_epoch_end(self) -> None:
