@@ -53,7 +53,7 @@ from tessera.nn.gan_losses import (
     non_saturating_g_loss,
 )
 from tessera.nn.lpips import LPIPS
-from tessera.nn.quantizer_base import Quantizer, build_quantizer, quantizer_spec, usage_stats
+from tessera.nn.quantizer_base import Quantizer, build_quantizer, code_counts, quantizer_spec, usage_stats
 from tessera.nn.vq_tokenizer import VQTokenizer
 from tessera.pixels import psnr
 
@@ -176,7 +176,8 @@ class VQGAN(L.LightningModule):
             optimizer: learning rates, schedules, clipping, accumulation.
             ema_decay: keep an EMA of the tokenizer's weights, used for validation and export; None keeps none.
             channels_last: NHWC weights and images, the layout tensor cores' convolutions want (GPU).
-            compile: torch.compile the tokenizer and the discriminator in place (same state-dict keys).
+            compile: torch.compile the encoder, the decoder and the discriminator in place (same
+                state-dict keys); the quantizer stays eager.
         """
         super().__init__()
         self.automatic_optimization = False
@@ -241,8 +242,11 @@ class VQGAN(L.LightningModule):
             self.to(memory_format=torch.channels_last)
         self._sync_batch_norm()
         if self.compile_networks:
-            self.tokenizer.compile()
-            self.discriminator.compile()
+            # the convolutional networks, each in place; the quantizer stays eager: its collectives
+            # (all-reduced statistics, the gathered usage window, restarts broadcast from rank 0) and
+            # buffer updates are no work for a compiler, and in a compiled graph they split it
+            for network in (self.tokenizer.encoder, self.tokenizer.decoder, self.discriminator):
+                network.compile()
 
     def _sync_batch_norm(self) -> None:
         """A BatchNorm discriminator on several processes normalises with every rank's images (SyncBatchNorm)."""
@@ -378,7 +382,7 @@ class VQGAN(L.LightningModule):
         """disc_weight, times taming's adaptive factor when asked; a detached fp32 scalar."""
         config = self.loss_config
         if not config.adaptive_disc_weight:
-            return torch.tensor(config.disc_weight, device=nll.device)
+            return nll.new_full((), config.disc_weight)  # a fill on the device, not a blocking copy to it
         last_layer = self.tokenizer.decoder.last_layer
         nll_grad = torch.autograd.grad(nll, last_layer, retain_graph=True)[0].float()
         gan_grad = torch.autograd.grad(gan_loss, last_layer, retain_graph=True)[0].float()
@@ -435,7 +439,7 @@ class VQGAN(L.LightningModule):
         rec_loss, perceptual_loss = self.reconstruction_losses(images, reconstructions)  # means over the batch
         psnr_sum = psnr(images, reconstructions).sum()
         sums = [rec_loss * samples, perceptual_loss * samples, psnr_sum, rec_loss.new_tensor(samples)]
-        codes = torch.bincount(quantized.ids.flatten(), minlength=self.tokenizer.codebook_size)  # (K,)
+        codes = code_counts(quantized.ids, self.tokenizer.codebook_size)  # (K,)
         self.val_sums += torch.cat([torch.stack([value.double() for value in sums]), codes.double()])
 
     def on_validation_epoch_end(self) -> None:
