@@ -401,8 +401,13 @@ class TextImageTransformer(nn.Module):
         x = self.hidden_states(text_ids, image_ids)  # (B, T + N - 1, C)
         T = text_ids.size(1)
         text_logits = self.text_head(x[:, : T - 1]) if self.text_head is not None else None  # (B, T - 1, Vt)
-        image_logits = self.image_head(x[:, T - 1 :])  # (B, N, Vi)
+        image_logits = self.image_logits(x[:, T - 1 :], image_ids)  # (B, N, Vi)
         return text_logits, image_logits
+
+    def image_logits(self, context: torch.Tensor, image_ids: torch.Tensor | None) -> torch.Tensor:
+        """The hidden states that predict the image tokens (B, N, C) -> their logits (B, N, Vi).
+        The image ids are not needed here; the RQ-Transformer's depth steps read them."""
+        return self.image_head(context)
 
     def hidden_states(self, text_ids: torch.Tensor, image_ids: torch.Tensor | None = None) -> torch.Tensor:
         """The final-norm hidden states (B, T + N - 1, C) that `forward` feeds to the heads."""
@@ -451,7 +456,8 @@ class TextImageTransformer(nn.Module):
         image_ids = self._flat_image_ids(image_ids, text_ids.size(0))
         x = self.hidden_states(text_ids, image_ids)  # (B, T + N - 1, C)
         T = text_ids.size(1)
-        image_loss = _cross_entropy(self.image_head(x[:, T - 1 :]), image_ids, self.config.image_vocab_size)
+        image_logits = self.image_logits(x[:, T - 1 :], image_ids)
+        image_loss = _cross_entropy(image_logits, image_ids, self.config.image_vocab_size)
         if text_loss_weight == 0:
             return {"loss": image_loss, "image_loss": image_loss}
         text_targets = text_ids[:, 1:].masked_fill(~text_mask[:, 1:].bool(), IGNORE_INDEX)  # (B, T - 1)
