@@ -23,6 +23,7 @@ directory (`export_prior`: the transformer's weights as one safetensors file, pl
 
 from __future__ import annotations
 
+import importlib
 import json
 import time
 from contextlib import nullcontext
@@ -92,7 +93,15 @@ class FrozenModule:
 
 
 class TextImagePrior(L.LightningModule):
-    """Trains `transformer` on caption-then-image sequences; samples images with `generate`."""
+    """Trains `transformer` on caption-then-image sequences; samples images with `generate`.
+
+    Other stage-2 families subclass it (lightning_modules/rq_prior.py), replacing the network
+    (`config_class`, `build_network`, `shard_units`, `entry_points`) and the ids it models
+    (`id_shape`, `check_tokenizer`); steps, optimizer, logs, sampling and files on disk are shared."""
+
+    config_class = TransformerConfig
+    # the network's entry points besides forward, none calling another (FSDP2 gathers around each)
+    entry_points = ("loss", "prefill", "decode_step")
 
     def __init__(
         self,
@@ -129,19 +138,20 @@ class TextImagePrior(L.LightningModule):
         """
         super().__init__()
         if isinstance(transformer, dict):  # a checkpoint's hyperparameters
-            transformer = TransformerConfig(**transformer)
+            transformer = self.config_class(**transformer)
         if isinstance(optimizer, dict):
             optimizer = PriorOptimizerConfig(**optimizer)
         if isinstance(sampling, dict):
             sampling = SamplingConfig(**sampling)
         self.sampling = sampling
-        self.config = transformer if transformer is not None else TransformerConfig()
+        self.config = transformer if transformer is not None else self.config_class()
         self.optimizer_config = optimizer if optimizer is not None else PriorOptimizerConfig()
         if not 0.0 <= caption_dropout < 1.0:
             raise ValueError(f"caption_dropout must be in [0, 1), got {caption_dropout}")
         # plain dicts, so checkpoints load with torch.load(weights_only=True)
         self.save_hyperparameters(
             {
+                CLASS_PATH: f"{type(self).__module__}.{type(self).__qualname__}",  # what `load_prior` builds
                 "transformer": asdict(self.config),
                 "tokenizer": tokenizer,
                 "text_tokenizer": text_tokenizer,
@@ -153,7 +163,7 @@ class TextImagePrior(L.LightningModule):
                 "sampling": asdict(sampling) if sampling is not None else None,
             }
         )
-        self.transformer = build_transformer(self.config, text_loss_weight)
+        self.transformer = self.build_network(self.config, text_loss_weight)
         self.captions = CaptionTokenizer(text_tokenizer, self.config.text_length)
         if self.captions.vocab_size > self.config.text_vocab_size:
             raise ValueError(
@@ -162,7 +172,7 @@ class TextImagePrior(L.LightningModule):
             )
         self.image_tokenizer = FrozenModule(load_tokenizer(tokenizer)) if tokenizer is not None else None
         if self.image_tokenizer is not None:
-            check_tokenizer_fits(self.image_tokenizer.module, self.config, tokenizer)
+            self.check_tokenizer(self.image_tokenizer.module, tokenizer)
         null = self.captions([""])  # the empty caption: what caption dropout trains and guidance contrasts with
         self.register_buffer("null_text_ids", null.ids[0], persistent=False)  # (T,)
         self.register_buffer("null_text_mask", null.mask[0], persistent=False)  # (T,)
@@ -174,6 +184,18 @@ class TextImagePrior(L.LightningModule):
         self._device_peak_flops: float | None = None  # what MFU divides by, found at the start of training
         self._last_step_time: float | None = None
         self.nonfinite = NonFiniteLossGuard(self.optimizer_config.max_nonfinite_steps)
+
+    @staticmethod
+    def build_network(config: TransformerConfig, text_loss_weight: float) -> TextImageTransformer:
+        return build_transformer(config, text_loss_weight)
+
+    def check_tokenizer(self, tokenizer: VQTokenizer, path: str) -> None:
+        check_tokenizer_fits(tokenizer, self.config, path)
+
+    @property
+    def id_shape(self) -> tuple[int, ...]:
+        """The shape of one image's ids, as the tokenizer encodes and decodes them."""
+        return (self.config.image_grid, self.config.image_grid)
 
     # -------------------------------------------------------------------------
     # sampling
@@ -190,8 +212,7 @@ class TextImagePrior(L.LightningModule):
         autocast = torch.autocast("cuda", torch.bfloat16) if self.device.type == "cuda" else nullcontext()
         with autocast:
             ids = sample_image_tokens(self.transformer, text_ids, sampling, generator, null_text_ids=self.null_text_ids)
-        grid = self.config.image_grid
-        return self.image_tokenizer.on(self.device).decode(ids.view(len(prompts), grid, grid)).float()
+        return self.image_tokenizer.on(self.device).decode(ids.view(len(prompts), *self.id_shape)).float()
 
     # -------------------------------------------------------------------------
     # training
@@ -200,30 +221,34 @@ class TextImagePrior(L.LightningModule):
         strategy = self.trainer.strategy if self._trainer is not None else None
         adjust_ddp(strategy)
         if isinstance(strategy, AtomicModelParallelStrategy):
-            shard(self.transformer, self.transformer.blocks, strategy, str(self.trainer.precision), self.hparams.compile,
-                  methods=("loss", "prefill", "decode_step"))  # the entry points, none calling another
+            shard(self.transformer, self.shard_units(), strategy, str(self.trainer.precision), self.hparams.compile,
+                  methods=self.entry_points)
         elif self.hparams.compile:
-            for block in self.transformer.blocks:
+            for block in self.shard_units():
                 block.compile()
+
+    def shard_units(self) -> list[nn.Module]:
+        """The network's blocks: FSDP2's shard units, and what `compile` compiles."""
+        return list(self.transformer.blocks)
 
     def on_train_start(self) -> None:
         self._device_peak_flops = peak_flops_for_mfu(self.device, self.peak_flops)
 
     def image_ids(self, batch: dict) -> torch.Tensor:
-        """(B, N) ids of the batch's images, row-major; encoded here when the batch has images."""
+        """(B, N) ids of the batch's images, row-major ((B, N, D) for residual ids); encoded here
+        when the batch has images."""
         if "image_ids" in batch:
             ids = batch["image_ids"]
         elif self.image_tokenizer is None:
             raise ValueError("the batch has images but no `tokenizer` was given to encode them")
         else:
             ids = self.image_tokenizer.on(self.device).encode(batch["images"])
-        grid = self.config.image_grid
-        if ids.shape[1:] != (grid, grid):
+        if ids.shape[1:] != self.id_shape:
             raise ValueError(
-                f"the batch's image ids form a grid of {tuple(ids.shape[1:])}, the transformer expects ({grid}, {grid}): "
+                f"the batch's image ids form a grid of {tuple(ids.shape[1:])}, the transformer expects {self.id_shape}: "
                 "check the data's image_size against the tokenizer's downsampling factor and transformer.image_grid"
             )
-        return ids.flatten(1)
+        return ids.flatten(1, 2)
 
     def text(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         text_ids, text_mask = batch["text_ids"], batch["text_mask"]
@@ -391,6 +416,17 @@ def build_transformer(config: TransformerConfig, text_loss_weight: float) -> Tex
 
 def check_tokenizer_fits(tokenizer: VQTokenizer, config: TransformerConfig, path: str) -> None:
     """Clear errors when the stage-1 tokenizer and the transformer disagree."""
+    check_codebook_and_grid(tokenizer, config, path)
+    if "ResidualQuantizer" in tokenizer.describe()["quantizer"]["class_path"]:
+        raise ValueError(
+            f"tokenizer {path} is residual ((h, w, depth) ids): this prior models one id per position; "
+            "use a VectorQuantizer, LookupFreeQuantizer or FiniteScalarQuantizer tokenizer, or model its ids "
+            "with the RQ-Transformer (lightning_modules.rq_prior.RQTransformerPrior, configs/prior/rq_*.yaml)"
+        )
+
+
+def check_codebook_and_grid(tokenizer: VQTokenizer, config: TransformerConfig, path: str) -> None:
+    """Clear errors when the tokenizer's codebook or id grid is not the transformer's."""
     description = tokenizer.describe()
     if description["codebook_size"] != config.image_vocab_size:
         raise ValueError(
@@ -402,11 +438,6 @@ def check_tokenizer_fits(tokenizer: VQTokenizer, config: TransformerConfig, path
             f"tokenizer {path} makes {description['latent_size']}x{description['latent_size']} id grids at its "
             f"{description['autoencoder']['image_size']} px but transformer.image_grid is {config.image_grid}"
         )
-    if "ResidualQuantizer" in description["quantizer"]["class_path"]:
-        raise ValueError(
-            f"tokenizer {path} is residual ((h, w, depth) ids): this prior models one id per position; "
-            "use a VectorQuantizer, LookupFreeQuantizer or FiniteScalarQuantizer tokenizer"
-        )
 
 
 # -----------------------------------------------------------------------------
@@ -414,6 +445,7 @@ def check_tokenizer_fits(tokenizer: VQTokenizer, config: TransformerConfig, path
 # (model.safetensors: the transformer's fp32 weights; config.json: TextImagePrior's arguments)
 
 PREFIX = "transformer."  # the transformer's entries in the LightningModule's state dict
+CLASS_PATH = "class_path"  # the prior's class among its saved arguments; absent in older files: TextImagePrior
 
 
 def prior_config(path: str | Path) -> dict[str, Any]:
@@ -426,6 +458,20 @@ def prior_config(path: str | Path) -> dict[str, Any]:
     if "transformer" not in config:
         raise ValueError(f"{path} is not a TextImagePrior checkpoint or export: its config has no transformer")
     return config
+
+
+def prior_class(config: dict[str, Any]) -> type[TextImagePrior]:
+    """The class of the prior whose saved arguments are `config`: the one its `class_path` names."""
+    module, _, name = config.get(CLASS_PATH, f"{__name__}.TextImagePrior").rpartition(".")
+    cls = getattr(importlib.import_module(module), name, None)
+    if not (isinstance(cls, type) and issubclass(cls, TextImagePrior)):
+        raise ValueError(f"{config[CLASS_PATH]!r} is not a prior class: a subclass of TextImagePrior was expected")
+    return cls
+
+
+def build_prior(config: dict[str, Any]) -> TextImagePrior:
+    """The prior a checkpoint's or export's saved arguments describe, with fresh weights."""
+    return prior_class(config)(**{name: value for name, value in config.items() if name != CLASS_PATH})
 
 
 def load_transformer_weights(transformer: TextImageTransformer, path: str | Path) -> None:
@@ -450,12 +496,13 @@ def load_transformer_weights(transformer: TextImageTransformer, path: str | Path
 def load_prior(
     path: str | Path, map_location: str | torch.device = "cpu", tokenizer: str | Path | None = None
 ) -> TextImagePrior:
-    """A TextImagePrior in eval mode from a .ckpt file, an FSDP sharded checkpoint directory or a
-    `tessera export` directory; `tokenizer` replaces the stage-1 tokenizer the checkpoint names."""
+    """A prior (TextImagePrior or the subclass it was saved as) in eval mode from a .ckpt file, an
+    FSDP sharded checkpoint directory or a `tessera export` directory; `tokenizer` replaces the
+    stage-1 tokenizer the checkpoint names."""
     config = prior_config(path)
     if tokenizer is not None:
         config["tokenizer"] = str(tokenizer)
-    prior = TextImagePrior(**config)
+    prior = build_prior(config)
     load_transformer_weights(prior.transformer, path)
     return prior.to(map_location).eval()
 
@@ -467,7 +514,8 @@ def export_prior(checkpoint: str | Path, out: str | Path) -> dict[str, Any]:
     config = prior_config(checkpoint)
     # the transformer alone, fp32 on the CPU (load_state_dict casts bf16 weights up to it):
     # neither the stage-1 tokenizer nor a GPU need be here
-    transformer = build_transformer(TransformerConfig(**config["transformer"]), config["text_loss_weight"])
+    cls = prior_class(config)
+    transformer = cls.build_network(cls.config_class(**config["transformer"]), config["text_loss_weight"])
     load_transformer_weights(transformer, checkpoint)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -7,6 +7,11 @@ and top-p on the logits, then one seeded multinomial draw per image position.
         guide -> / temperature -> top-k -> top-p -> softmax -> multinomial -> token i
         decode_step(token i) -> logits for token i + 1              (KV cache, static shapes)
 
+    an RQTransformer's (B, N, D) codes: prefill -> the context of position 0
+    for position t = 0 .. N-1:
+        for code d = 0 .. D-1: depth_logits(context, codes 0 .. d-1) -> guide -> ... -> code d
+        decode_step(the D codes of t) -> the context of position t + 1    (spatial KV cache)
+
 References:
 1) Classifier-Free Diffusion Guidance, Ho & Salimans 2021: https://arxiv.org/abs/2207.12598; on the
    logits of an autoregressive prior as Make-A-Scene (https://arxiv.org/abs/2203.13131) and
@@ -123,32 +128,22 @@ def sample_image_tokens(
     null_text_ids: torch.Tensor | None = None,
     use_cache: bool = True,
 ) -> torch.Tensor:
-    """Draws (B, image_length) long image ids for captions text_ids (B, text_length).
+    """Draws (B, image_length) long image ids for captions text_ids (B, text_length); from an
+    RQTransformer (B, image_length, code_depth): position by position with the spatial KV cache,
+    and at each position its D codes in depth order, each from the depth transformer's logits.
 
-    Reproducible: one `torch.multinomial(generator=...)` draw per image position for all rows at
-    once, in order, so a seeded generator (on the model's device) gives the same images with the
-    cache or without. With `config.cfg_scale != 1`, `null_text_ids` (text_length,), the tokenized
-    empty caption, is required; its rows join the batch, so one forward pass serves both.
-    `use_cache=False` reruns the full forward over the growing sequence at every step: the slow
-    reference. Runs in eval mode (restored after) in the model's dtype; autocast is the caller's.
+    Reproducible: one `torch.multinomial(generator=...)` draw per image token (per code) for all
+    rows at once, in order, so a seeded generator (on the model's device) gives the same images
+    with the cache or without. With `config.cfg_scale != 1`, `null_text_ids` (text_length,), the
+    tokenized empty caption, is required; its rows join the batch, so one forward pass serves both
+    (through both of an RQTransformer's transformers). `use_cache=False` reruns the full forward
+    over the growing sequence at every step: the slow reference. Runs in eval mode (restored after)
+    in the model's dtype; autocast is the caller's.
     """
-    loop = _sample_cached if use_cache else _sample_uncached
-    return _sample(model, text_ids, config, generator, null_text_ids, loop)
-
-
-def sample_residual_tokens(
-    model: RQTransformer,
-    text_ids: torch.Tensor,
-    config: SamplingConfig | None = None,
-    generator: torch.Generator | None = None,
-    null_text_ids: torch.Tensor | None = None,
-    use_cache: bool = True,
-) -> torch.Tensor:
-    """Draws (B, image_length, code_depth) long ids from an RQ-Transformer: position by position
-    (row-major) with the spatial KV cache, and at each position its D codes in depth order, each
-    from the depth transformer's logits. One draw per code for all rows at once, guidance on every
-    code's logits, otherwise as `sample_image_tokens`."""
-    loop = _sample_residual_cached if use_cache else _sample_residual_uncached
+    if isinstance(model, RQTransformer):
+        loop = _sample_residual_cached if use_cache else _sample_residual_uncached
+    else:
+        loop = _sample_cached if use_cache else _sample_uncached
     return _sample(model, text_ids, config, generator, null_text_ids, loop)
 
 

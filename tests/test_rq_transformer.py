@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tessera.nn.rq_transformer import RQTransformer, RQTransformerConfig
-from tessera.sampling import SamplingConfig, sample_residual_tokens
+from tessera.sampling import SamplingConfig, sample_image_tokens
 
 TEXT_LENGTH = 6
 
@@ -79,7 +79,7 @@ def test_cached_sampling_draws_the_codes_of_the_full_forward_one_by_one(sampling
     text_ids, _ = random_ids(model, batch_size=3)
     null = torch.zeros(TEXT_LENGTH, dtype=torch.long)
     drawn = [
-        sample_residual_tokens(model, text_ids, sampling, torch.Generator().manual_seed(7), null, use_cache=use_cache)
+        sample_image_tokens(model, text_ids, sampling, torch.Generator().manual_seed(7), null, use_cache=use_cache)
         for use_cache in (True, False)
     ]
     assert drawn[0].shape == (3, 9, 3) and 0 <= drawn[0].min() and drawn[0].max() < 16
@@ -92,7 +92,7 @@ def test_guidance_changes_the_codes_and_a_seed_repeats_them():
     null = torch.zeros(TEXT_LENGTH, dtype=torch.long)
 
     def draw(scale: float) -> torch.Tensor:
-        return sample_residual_tokens(model, text_ids, SamplingConfig(top_k=None, cfg_scale=scale),
+        return sample_image_tokens(model, text_ids, SamplingConfig(top_k=None, cfg_scale=scale),
                                       torch.Generator().manual_seed(3), null)
 
     torch.testing.assert_close(draw(3.0), draw(3.0), rtol=0, atol=0)
