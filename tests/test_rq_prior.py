@@ -21,6 +21,7 @@ from tessera.nn.residual_quantizer import ResidualQuantizer
 from tessera.nn.rq_transformer import RQTransformerConfig
 from tessera.sampling import SamplingConfig
 from tests.distributed import as_launched_rank, run_distributed
+from tests.test_evaluation import coco  # noqa: F401 (a fixture: a tiny COCO-format val set)
 from tests.test_exact_resume import assert_resumed_exactly, straight_and_resumed, write_token_shards
 from tests.test_prior import RecordLoss, shapes_data, tokenizer_dir  # noqa: F401 (tokenizer_dir: a fixture, flat)
 from tests.test_vqgan import tiny_vqgan, trainer
@@ -190,6 +191,19 @@ def test_sample_and_evaluate_shapes_commands_take_an_rq_prior(tmp_path, checkpoi
     assert main(argv) == 0
     report = json.loads(out.read_text())
     assert report["seen"]["n"] == report["held_out"]["n"] == 2
+
+
+def test_evaluate_coco_command_takes_an_rq_prior(tmp_path, coco, checkpoint):
+    from tessera.commands.cli import main
+
+    annotations, images = coco
+    argv = ["evaluate", "coco", "--prior", str(checkpoint), "--annotations", str(annotations), "--images", str(images),
+            "--num-samples", "2", "--batch-size", "2", "--feature-extractor", "tests.test_evaluation:tiny_extractor",
+            "--image-size", "32", "--workers", "0", "--out", str(tmp_path / "run")]
+    assert main(argv) == 0
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["count"] == 2 and results["fid"] > 0
+    assert (results["sampler"]["top_k"], results["sampler"]["cfg_scale"]) == (16, 2.0)  # the prior's own
 
 
 def test_a_flat_prior_still_loads_as_a_flat_prior(tmp_path, tokenizer_dir):
