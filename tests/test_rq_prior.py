@@ -11,9 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from lightning.pytorch.strategies import DDPStrategy
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.caption_image import CaptionImageDataModule
+from lightning_modules.fsdp import AtomicModelParallelStrategy
 from lightning_modules.prior import PriorOptimizerConfig, TextImagePrior, load_prior
 from lightning_modules.rq_prior import RQTransformerPrior
 from tessera.nn.autoencoder import AutoencoderConfig
@@ -145,6 +147,28 @@ def test_rq_prior_trains_and_resumes_exactly_on_two_ddp_processes(tmp_path):
     assert not set(keys) & set(other_keys)  # the ranks read different samples
     for name, weight in weights.items():
         torch.testing.assert_close(other_weights[name], weight, rtol=0, atol=0, msg=name)  # and stay in step
+
+
+def _under_ddp_and_fsdp2(rank: int, world_size: int, root: str, tokenizer_dir: str) -> dict:
+    torch.set_num_threads(1)
+    as_launched_rank(rank, world_size)
+    runs = {}
+    for name, strategy in (("ddp", DDPStrategy()), ("fsdp2", AtomicModelParallelStrategy())):
+        prior, losses = tiny_rq_prior(tokenizer_dir), RecordLoss()
+        fit = trainer(Path(root) / name, max_steps=3, devices=world_size, strategy=strategy, callbacks=[losses])
+        fit.fit(prior, DataLoader(ResidualTokens(prior), batch_size=2))  # 2 batches an epoch on each rank
+        # under FSDP2 every rank samples with the sharded model: the depth steps gather their blocks too
+        runs[name] = {"losses": losses.losses, "images": prior.generate(PROMPTS, seed=0)}
+    return runs
+
+
+@pytest.mark.slow  # two processes importing Lightning
+def test_rq_prior_under_fsdp2_trains_as_under_ddp_and_samples_on_every_rank(tmp_path, rq_tokenizer_dir):
+    ranks = run_distributed(_under_ddp_and_fsdp2, str(tmp_path), str(rq_tokenizer_dir))
+    for rank in ranks:
+        torch.testing.assert_close(rank["fsdp2"]["losses"], rank["ddp"]["losses"])
+        assert rank["fsdp2"]["images"].shape == (2, 3, 32, 32)
+    torch.testing.assert_close(ranks[1]["fsdp2"]["images"], ranks[0]["fsdp2"]["images"], rtol=0, atol=0)
 
 
 # --- export, load, sample ------------------------------------------------------------------------
