@@ -18,7 +18,8 @@ The frozen tokenizer lives outside the module tree: not in checkpoints, not wrap
 FSDP, never cast by a precision plugin.
 
 On disk: `load_prior` reads a .ckpt file, an FSDP sharded checkpoint directory or a `tessera export`
-directory (`export_prior`: the transformer's weights as one safetensors file, plus config.json).
+directory (`export_prior`: the transformer's weights as one safetensors file, plus config.json), and
+builds the prior class they name (`class_path`: TextImagePrior or a subclass, such as the RQ prior).
 """
 
 from __future__ import annotations
@@ -442,7 +443,7 @@ def check_codebook_and_grid(tokenizer: VQTokenizer, config: TransformerConfig, p
 
 # -----------------------------------------------------------------------------
 # a prior on disk: a training checkpoint (.ckpt file or FSDP sharded directory) or an export
-# (model.safetensors: the transformer's fp32 weights; config.json: TextImagePrior's arguments)
+# (model.safetensors: the transformer's fp32 weights; config.json: the prior's class and arguments)
 
 PREFIX = "transformer."  # the transformer's entries in the LightningModule's state dict
 CLASS_PATH = "class_path"  # the prior's class among its saved arguments; absent in older files: TextImagePrior
