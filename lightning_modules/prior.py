@@ -244,6 +244,10 @@ class TextImagePrior(L.LightningModule):
             raise ValueError("the batch has images but no `tokenizer` was given to encode them")
         else:
             ids = self.image_tokenizer.on(self.device).encode(batch["images"])
+        return self.checked_ids(ids)
+
+    def checked_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """A batch's ids (B, *id_shape) with the grid's positions flattened row-major, checked first."""
         if ids.shape[1:] != self.id_shape:
             raise ValueError(
                 f"the batch's image ids form a grid of {tuple(ids.shape[1:])}, the transformer expects {self.id_shape}: "
@@ -262,13 +266,13 @@ class TextImagePrior(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         text_ids, text_mask = self.text(batch)
-        image_ids = self.image_ids(batch)
+        image_ids, image_targets = self.training_targets(batch)
         if self.hparams.caption_dropout > 0:
             dropped = self.dropped_captions(len(text_ids)).to(text_ids.device)  # (B,)
             text_ids = torch.where(dropped[:, None], self.null_text_ids, text_ids)
             text_mask = torch.where(dropped[:, None], self.null_text_mask, text_mask)
         losses = self.transformer.loss(
-            text_ids, text_mask, image_ids, self.hparams.text_loss_weight, self.hparams.image_loss_weight
+            text_ids, text_mask, image_ids, self.hparams.text_loss_weight, self.hparams.image_loss_weight, image_targets
         )
         self.nonfinite.observe(losses["loss"])
         self.log("train/loss", losses["loss"], prog_bar=True)
@@ -283,16 +287,21 @@ class TextImagePrior(L.LightningModule):
         if not self.nonfinite.step_is_finite(self.global_step):
             drop_gradients(optimizer)
 
-    def dropped_captions(self, batch_size: int) -> torch.Tensor:
-        """(B,) bool: which captions this batch replaces by the empty one.
+    def training_targets(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What a training step's image loss is taken against: the ids, and soft targets or None."""
+        return self.image_ids(batch), None
 
-        Drawn from a generator seeded by the count of training batches so far (saved in the
-        checkpoint's loop state) and the rank, not the global RNG, so a resumed run drops exactly
-        the captions the uninterrupted run would have."""
-        batches = self.trainer.fit_loop.epoch_loop.batch_progress.total.ready if self._trainer else 0
-        seed = batches * 4096 + self.global_rank
-        generator = torch.Generator().manual_seed(seed)
+    def dropped_captions(self, batch_size: int) -> torch.Tensor:
+        """(B,) bool: which captions this batch replaces by the empty one, drawn with `batch_seed`."""
+        generator = torch.Generator().manual_seed(self.batch_seed())
         return torch.rand(batch_size, generator=generator) < self.hparams.caption_dropout
+
+    def batch_seed(self) -> int:
+        """A seed for this training batch's random draws: the count of training batches so far (saved
+        in the checkpoint's loop state) and the rank, not the global RNG, so a resumed run draws
+        exactly what the uninterrupted run would have."""
+        batches = self.trainer.fit_loop.epoch_loop.batch_progress.total.ready if self._trainer else 0
+        return batches * 4096 + self.global_rank
 
     def log_throughput(self, batch_size: int) -> None:
         """tokens/s, samples/s and MFU of the whole job, from the wall time between training steps."""

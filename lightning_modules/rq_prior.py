@@ -12,6 +12,7 @@ checkpoints and exports, which `load_prior` rebuilds as this class from the clas
 
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 
 from datamodules.text import CLIP_BPE
@@ -40,6 +41,8 @@ class RQTransformerPrior(TextImagePrior):
         compile: bool = False,
         peak_flops: float | None = None,
         sampling: SamplingConfig | None = None,
+        soft_label_temperature: float | None = None,
+        stochastic_codes: bool = False,
     ):
         """
         Args:
@@ -56,9 +59,21 @@ class RQTransformerPrior(TextImagePrior):
             peak_flops: as TextImagePrior's, for the logged MFU.
             sampling: how this prior's images are drawn unless told otherwise, kept in its checkpoints
                 and exports. None: SamplingConfig's defaults.
+            soft_label_temperature: train each code against softmax(-||r - e_k||^2 / temperature) over
+                the codes e_k for the residual r it quantized (the paper: 0.5), not its id alone: codes
+                near the residual count as nearly right. Made by the frozen tokenizer from the images,
+                so it needs images, not token shards. None: the ids (hard labels).
+            stochastic_codes: draw each training code from that distribution instead of taking the
+                nearest (the paper's stochastic sampling of codes, with soft labels): the prior sees
+                the codes of nearby quantizations too. Needs soft_label_temperature.
         """
+        if stochastic_codes and soft_label_temperature is None:
+            raise ValueError("stochastic_codes draws codes from the soft labels' distribution: set soft_label_temperature too")
+        if soft_label_temperature is not None and soft_label_temperature <= 0:
+            raise ValueError(f"soft_label_temperature must be > 0 or None, got {soft_label_temperature}")
         super().__init__(transformer, tokenizer, text_tokenizer, caption_dropout, text_loss_weight, image_loss_weight,
                          optimizer, compile, peak_flops, sampling)
+        self.hparams.update(soft_label_temperature=soft_label_temperature, stochastic_codes=stochastic_codes)
 
     @staticmethod
     def build_network(config: RQTransformerConfig, text_loss_weight: float) -> RQTransformer:
@@ -70,6 +85,22 @@ class RQTransformerPrior(TextImagePrior):
     @property
     def id_shape(self) -> tuple[int, ...]:
         return (self.config.image_grid, self.config.image_grid, self.config.code_depth)
+
+    def training_targets(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The ids and, with soft labels, each code's distribution over the codebook (B, N, D, K)."""
+        temperature = self.hparams.soft_label_temperature
+        if temperature is None:
+            return super().training_targets(batch)
+        if "images" not in batch or self.image_tokenizer is None:
+            raise ValueError(
+                "soft labels (soft_label_temperature) come from the residuals of the images: train on images "
+                "with the `tokenizer` set, not on token shards, or set soft_label_temperature to null"
+            )
+        stochastic = self.hparams.stochastic_codes
+        generator = torch.Generator(self.device).manual_seed(self.batch_seed()) if stochastic else None
+        tokenizer = self.image_tokenizer.on(self.device)
+        ids, targets = tokenizer.soft_codes(batch["images"], temperature, stochastic, generator)
+        return self.checked_ids(ids), targets.flatten(1, 2)
 
     def shard_units(self) -> list[nn.Module]:
         return [*self.transformer.blocks, *self.transformer.depth_blocks]

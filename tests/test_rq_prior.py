@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from datamodules.caption_image import CaptionImageDataModule
 from lightning_modules.fsdp import AtomicModelParallelStrategy
-from lightning_modules.prior import PriorOptimizerConfig, TextImagePrior, load_prior
+from lightning_modules.prior import PriorOptimizerConfig, TextImagePrior, build_prior, load_prior
 from lightning_modules.rq_prior import RQTransformerPrior
 from tessera.nn.autoencoder import AutoencoderConfig
 from tessera.nn.residual_quantizer import ResidualQuantizer
@@ -238,3 +238,57 @@ def test_a_flat_prior_still_loads_as_a_flat_prior(tmp_path, tokenizer_dir):
     fit.fit(prior, DataLoader(Tokens(prior), batch_size=8))
     fit.save_checkpoint(tmp_path / "prior.ckpt")
     assert type(load_prior(tmp_path / "prior.ckpt")) is TextImagePrior
+
+
+# --- soft labels and stochastic codes ------------------------------------------------------------
+
+
+def test_soft_codes_are_the_softmax_of_minus_the_distance_to_each_code_of_the_residual_each_depth_quantizes():
+    torch.manual_seed(0)
+    quantizer = ResidualQuantizer(dim=4, codebook_size=8, depth=3, ema_decay=None).eval()
+    z = torch.randn(2, 4, 3, 3)
+    ids, targets = quantizer.soft_codes(z, temperature=0.5)
+    assert torch.equal(ids, quantizer(z).ids) and targets.shape == (2, 3, 3, 3, 8)
+    torch.testing.assert_close(targets.sum(-1), torch.ones(2, 3, 3, 3))
+    codebook = quantizer.vq.codebook
+    residual = z.permute(0, 2, 3, 1)  # (B, H, W, dim): what depth 0 quantizes
+    for depth in range(3):
+        expected = (-(residual[..., None, :] - codebook).square().sum(-1) / 0.5).softmax(-1)
+        torch.testing.assert_close(targets[..., depth, :], expected)
+        residual = residual - codebook[ids[..., depth]]
+
+
+def test_stochastic_codes_are_drawn_from_the_soft_targets_and_the_residuals_follow_the_drawn_codes():
+    torch.manual_seed(0)
+    quantizer = ResidualQuantizer(dim=4, codebook_size=8, depth=2, ema_decay=None).eval()
+    z = torch.randn(4, 4, 4, 4)
+    nearest, _ = quantizer.soft_codes(z, temperature=100.0)
+    drawn, targets = quantizer.soft_codes(z, 100.0, stochastic=True, generator=torch.Generator().manual_seed(1))
+    again, _ = quantizer.soft_codes(z, 100.0, stochastic=True, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(drawn, again) and not torch.equal(drawn, nearest)  # near-uniform at temperature 100
+    residual = z.permute(0, 2, 3, 1) - quantizer.vq.codebook[drawn[..., 0]]
+    expected = (-(residual[..., None, :] - quantizer.vq.codebook).square().sum(-1) / 100.0).softmax(-1)
+    torch.testing.assert_close(targets[..., 1, :], expected)
+
+
+def test_with_soft_labels_a_training_step_takes_the_tokenizers_soft_codes_drawn_with_the_batch_seed(rq_tokenizer_dir):
+    prior = tiny_rq_prior(rq_tokenizer_dir, soft_label_temperature=0.5, stochastic_codes=True, caption_dropout=0.0)
+    captions = prior.captions([f"{n} red circles" for n in range(8)])
+    images = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    batch = {"images": images, "text_ids": captions.ids, "text_mask": captions.mask}
+    ids, targets = prior.training_targets(batch)
+    assert ids.shape == (8, 16, 2) and targets.shape == (8, 16, 2, 64)
+    torch.testing.assert_close(targets.sum(-1), torch.ones(8, 16, 2))
+    assert torch.equal(prior.training_targets(batch)[0], ids)  # the batch's seed: a resumed run draws the same
+    prior.log = prior.log_dict = lambda *args, **kwargs: None
+    prior.log_throughput = lambda batch_size: None
+    text_ids, text_mask = prior.text(batch)
+    soft = prior.transformer.loss(text_ids, text_mask, ids, 0.1, 0.9, targets)["loss"]
+    torch.testing.assert_close(prior.training_step(batch, 0), soft)  # the step's loss is against the soft targets
+    assert not torch.allclose(soft, prior.transformer.loss(text_ids, text_mask, ids, 0.1, 0.9)["loss"])
+    with pytest.raises(ValueError, match="token shards"):
+        prior.training_targets({"image_ids": ids.view(8, 4, 4, 2)})
+    with pytest.raises(ValueError, match="set soft_label_temperature too"):
+        tiny_rq_prior(None, stochastic_codes=True)
+    rebuilt = build_prior(dict(prior.hparams))  # what load_prior does with a checkpoint's or export's arguments
+    assert (rebuilt.hparams.soft_label_temperature, rebuilt.hparams.stochastic_codes) == (0.5, True)

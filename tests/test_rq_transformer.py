@@ -105,3 +105,16 @@ def test_flops_count_the_depth_transformer_at_every_code():
     assert model.flops_per_sequence() > flat.flops_per_sequence()
     assert model.num_params() == sum(p.numel() for name, p in model.named_parameters()
                                      if name.startswith(("blocks.", "ln_f.", "depth_blocks.", "depth_ln.")))
+
+
+def test_soft_targets_give_the_cross_entropy_against_each_codes_distribution_and_one_hot_ones_the_hard_loss():
+    model = tiny_rq()
+    text_ids, image_ids = random_ids(model)
+    mask = torch.ones_like(text_ids)
+    hard = model.loss(text_ids, mask, image_ids, 0.0, 1.0)["image_loss"]
+    one_hot = torch.nn.functional.one_hot(image_ids, 16).float()  # (B, 3, 3, 3, 16)
+    torch.testing.assert_close(model.loss(text_ids, mask, image_ids, 0.0, 1.0, one_hot)["image_loss"], hard)
+    targets = torch.rand(*image_ids.shape, 16).softmax(-1)
+    _, logits = model(text_ids, image_ids)
+    expected = -(targets.flatten(1, 2) * logits[..., :16].log_softmax(-1)).sum(-1).mean()
+    torch.testing.assert_close(model.loss(text_ids, mask, image_ids, 0.0, 1.0, targets)["image_loss"], expected)

@@ -433,6 +433,7 @@ class TextImageTransformer(nn.Module):
         image_ids: torch.Tensor,
         text_loss_weight: float = 1.0,
         image_loss_weight: float = 7.0,
+        image_targets: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Next-token cross-entropy (in fp32) of the caption and the image.
 
@@ -441,6 +442,8 @@ class TextImageTransformer(nn.Module):
         over all image tokens, and loss = (w_t * text_loss + w_i * image_loss) / (w_t + w_i):
         DALL-E's 1/8 : 7/8 by default. With text_loss_weight 0 the text head is skipped (with a
         49,408-token vocabulary it is most of a small model's FLOPs) and text_loss is absent.
+        image_targets: distributions over the codebook (..., image_vocab_size), one per image token,
+        to take the cross-entropy against instead of the ids (the RQ-Transformer's soft labels).
         """
         if text_loss_weight < 0 or image_loss_weight < 0 or text_loss_weight + image_loss_weight <= 0:
             raise ValueError(
@@ -457,7 +460,8 @@ class TextImageTransformer(nn.Module):
         x = self.hidden_states(text_ids, image_ids)  # (B, T + N - 1, C)
         T = text_ids.size(1)
         image_logits = self.image_logits(x[:, T - 1 :], image_ids)
-        image_loss = _cross_entropy(image_logits, image_ids, self.config.image_vocab_size)
+        targets = image_ids if image_targets is None else image_targets
+        image_loss = _cross_entropy(image_logits, targets, self.config.image_vocab_size)
         if text_loss_weight == 0:
             return {"loss": image_loss, "image_loss": image_loss}
         text_targets = text_ids[:, 1:].masked_fill(~text_mask[:, 1:].bool(), IGNORE_INDEX)  # (B, T - 1)
@@ -515,6 +519,9 @@ class TextImageTransformer(nn.Module):
 
 def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """Mean cross-entropy in fp32 over the real vocabulary (the head's padding columns are no tokens,
-    so they take no share of the softmax), skipping IGNORE_INDEX targets."""
+    so they take no share of the softmax), skipping IGNORE_INDEX targets; targets are ids, or
+    distributions over the vocabulary (..., vocab_size)."""
     logits = logits[..., :vocab_size].float()  # a view when the vocabulary is already a multiple of 64
-    return F.cross_entropy(logits.reshape(-1, vocab_size), targets.reshape(-1), ignore_index=IGNORE_INDEX)
+    soft = targets.is_floating_point()
+    targets = targets.float().reshape(-1, vocab_size) if soft else targets.reshape(-1)
+    return F.cross_entropy(logits.reshape(-1, vocab_size), targets, ignore_index=IGNORE_INDEX)
