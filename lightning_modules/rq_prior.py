@@ -27,7 +27,7 @@ class RQTransformerPrior(TextImagePrior):
     """Trains an RQ-Transformer on caption-then-residual-code sequences; samples images with `generate`."""
 
     config_class = RQTransformerConfig
-    entry_points = ("loss", "prefill", "decode_step", "depth_logits")
+    entry_points = ("loss", "prefill", "decode_step", "depth_step")
 
     def __init__(
         self,

@@ -9,7 +9,7 @@ and top-p on the logits, then one seeded multinomial draw per image position.
 
     an RQTransformer's (B, N, D) codes: prefill -> the context of position 0
     for position t = 0 .. N-1:
-        for code d = 0 .. D-1: depth_logits(context, codes 0 .. d-1) -> guide -> ... -> code d
+        for code d = 0 .. D-1: depth_step(context, codes 0 .. d-1) -> guide -> ... -> code d  (depth KV cache)
         decode_step(the D codes of t) -> the context of position t + 1    (spatial KV cache)
 
 References:
@@ -232,12 +232,12 @@ def _sample_residual_cached(
     n_image, depth, text_length = model.config.image_length, model.config.code_depth, model.config.text_length
     tokens = torch.empty(batch_size, n_image, depth, dtype=torch.long, device=text_ids.device)
     repeats = text_ids.size(0) // batch_size  # the null rows take the same codes
-    cache = model.make_kv_cache(text_ids.size(0))
+    cache, depth_cache = model.make_kv_cache(text_ids.size(0)), model.make_depth_cache(text_ids.size(0))
     positions = torch.arange(text_length, text_length + n_image, device=text_ids.device)
     context = model.prefill(text_ids, cache)  # (B or 2B, C): of image position 0
     for t in range(n_image):
         for d in range(depth):
-            tokens[:, t, d] = draw(model.depth_logits(context, tokens[:, t, :d].repeat(repeats, 1)))
+            tokens[:, t, d] = draw(model.depth_step(context, tokens[:, t, :d].repeat(repeats, 1), depth_cache))
         if t + 1 < n_image:  # the last position's codes are never a spatial input
             context = model.decode_step(tokens[:, t].repeat(repeats, 1), positions[t], cache)
     return tokens

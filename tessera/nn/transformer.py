@@ -263,12 +263,18 @@ class KVCache:
         batch_size: int,
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
+        n_layer: int | None = None,
+        length: int | None = None,
     ):
-        shape = (batch_size, config.n_head, config.sequence_length, config.head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        """n_layer and length: the config's blocks and sequence_length unless given (the RQ-Transformer's
+        depth blocks over the D codes of a position)."""
+        n_layer = config.n_layer if n_layer is None else n_layer
+        length = config.sequence_length if length is None else length
+        shape = (batch_size, config.n_head, length, config.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
         # compared with the input positions to mask keys not written yet (they hold zeros or stale values)
-        self.positions = torch.arange(config.sequence_length, device=device)
+        self.positions = torch.arange(length, device=device)
         for tensor in (*self.k, *self.v, self.positions):
             # fixed addresses, as transformers' StaticCache: a compiled step (mode="reduce-overhead")
             # then records CUDA graphs that write into these buffers, instead of skipping them
@@ -471,15 +477,15 @@ class TextImageTransformer(nn.Module):
 
     # --- incremental decoding for sampling ---------------------------------------------------
 
-    def make_kv_cache(self, batch_size: int, dtype: torch.dtype | None = None) -> KVCache:
+    def make_kv_cache(self, batch_size: int, dtype: torch.dtype | None = None, **shape: int) -> KVCache:
         """A cache on the model's device, in the dtype its keys and values will have: autocast's
-        when autocast is on for that device, else the parameters'."""
+        when autocast is on for that device, else the parameters'. `shape`: KVCache's n_layer, length."""
         param = next(self.parameters())
         if dtype is None:
             device_type = param.device.type
             autocast = torch.is_autocast_enabled(device_type)
             dtype = torch.get_autocast_dtype(device_type) if autocast else param.dtype
-        return KVCache(self.config, batch_size, param.device, dtype)
+        return KVCache(self.config, batch_size, param.device, dtype, **shape)
 
     def _blocks_cached(self, x: torch.Tensor, cache: KVCache, input_pos: torch.Tensor) -> torch.Tensor:
         """x (B, T, C) at sequence positions input_pos (T,) through every block, reading and writing the cache."""
