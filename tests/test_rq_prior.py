@@ -201,15 +201,17 @@ def test_export_then_load_gives_the_rq_prior_its_weights_and_its_images(tmp_path
     torch.testing.assert_close(from_checkpoint.generate(PROMPTS, seed=3), images, rtol=0, atol=0)
 
 
-def test_sample_and_evaluate_shapes_commands_take_an_rq_prior(tmp_path, checkpoint):
+def test_sample_with_clip_reranking_and_evaluate_shapes_commands_take_an_rq_prior(tmp_path, checkpoint, tiny_clip):
     from tessera.commands.cli import main
 
-    argv = ["sample", "--prior", str(checkpoint), "--prompt", *PROMPTS, "--num-images", "2", "--top-k", "8",
-            "--out", str(tmp_path / "samples")]
+    clip_model, clip_weights = tiny_clip
+    argv = ["sample", "--prior", str(checkpoint), "--prompt", *PROMPTS, "--num-images", "2", "--candidates", "3",
+            "--clip-model", clip_model, "--clip-weights", str(clip_weights), "--top-k", "8", "--out", str(tmp_path / "samples")]
     assert main(argv) == 0
     assert len(list((tmp_path / "samples" / "images").glob("*.png"))) == 4
     settings = json.loads((tmp_path / "samples" / "settings.json").read_text())
     assert (settings["top_k"], settings["cfg_scale"]) == (8, 2.0)  # given, and the prior's own
+    assert all(len(scores) == 2 and scores[0] >= scores[1] for scores in settings["clip_scores"])  # the best 2 of 3
     out = tmp_path / "shapes.json"
     argv = ["evaluate", "shapes", "--prior", str(checkpoint), "--num-samples", "2", "--batch-size", "2", "--out", str(out)]
     assert main(argv) == 0
