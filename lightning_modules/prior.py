@@ -18,11 +18,13 @@ The frozen tokenizer lives outside the module tree: not in checkpoints, not wrap
 FSDP, never cast by a precision plugin.
 
 On disk: `load_prior` reads a .ckpt file, an FSDP sharded checkpoint directory or a `tessera export`
-directory (`export_prior`: the transformer's weights as one safetensors file, plus config.json).
+directory (`export_prior`: the transformer's weights as one safetensors file, plus config.json), and
+builds the prior class they name (`class_path`: TextImagePrior or a subclass, such as the RQ prior).
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import time
 from contextlib import nullcontext
@@ -94,7 +96,15 @@ class FrozenModule:
 
 
 class TextImagePrior(L.LightningModule):
-    """Trains `transformer` on caption-then-image sequences; samples images with `generate`."""
+    """Trains `transformer` on caption-then-image sequences; samples images with `generate`.
+
+    Other stage-2 families subclass it (lightning_modules/rq_prior.py), replacing the network
+    (`config_class`, `build_network`, `shard_units`, `entry_points`) and the ids it models
+    (`id_shape`, `check_tokenizer`); steps, optimizer, logs, sampling and files on disk are shared."""
+
+    config_class = TransformerConfig
+    # the network's entry points besides forward, none calling another (FSDP2 gathers around each)
+    entry_points = ("loss", "prefill", "decode_step")
 
     def __init__(
         self,
@@ -133,19 +143,20 @@ class TextImagePrior(L.LightningModule):
         """
         super().__init__()
         if isinstance(transformer, dict):  # a checkpoint's hyperparameters
-            transformer = TransformerConfig(**transformer)
+            transformer = self.config_class(**transformer)
         if isinstance(optimizer, dict):
             optimizer = PriorOptimizerConfig(**optimizer)
         if isinstance(sampling, dict):
             sampling = SamplingConfig(**sampling)
         self.sampling = sampling
-        self.config = transformer if transformer is not None else TransformerConfig()
+        self.config = transformer if transformer is not None else self.config_class()
         self.optimizer_config = optimizer if optimizer is not None else PriorOptimizerConfig()
         if not 0.0 <= caption_dropout < 1.0:
             raise ValueError(f"caption_dropout must be in [0, 1), got {caption_dropout}")
         # plain dicts, so checkpoints load with torch.load(weights_only=True)
         self.save_hyperparameters(
             {
+                CLASS_PATH: f"{type(self).__module__}.{type(self).__qualname__}",  # what `load_prior` builds
                 "transformer": asdict(self.config),
                 "tokenizer": tokenizer,
                 "text_tokenizer": text_tokenizer,
@@ -157,7 +168,7 @@ class TextImagePrior(L.LightningModule):
                 "sampling": asdict(sampling) if sampling is not None else None,
             }
         )
-        self.transformer = build_transformer(self.config, text_loss_weight)
+        self.transformer = self.build_network(self.config, text_loss_weight)
         self.captions = CaptionTokenizer(text_tokenizer, self.config.text_length)
         if self.captions.vocab_size > self.config.text_vocab_size:
             raise ValueError(
@@ -166,7 +177,7 @@ class TextImagePrior(L.LightningModule):
             )
         self.image_tokenizer = FrozenModule(load_tokenizer(tokenizer)) if tokenizer is not None else None
         if self.image_tokenizer is not None:
-            check_tokenizer_fits(self.image_tokenizer.module, self.config, tokenizer)
+            self.check_tokenizer(self.image_tokenizer.module, tokenizer)
         null = self.captions([""])  # the empty caption: what caption dropout trains and guidance contrasts with
         self.register_buffer("null_text_ids", null.ids[0], persistent=False)  # (T,)
         self.register_buffer("null_text_mask", null.mask[0], persistent=False)  # (T,)
@@ -178,6 +189,18 @@ class TextImagePrior(L.LightningModule):
         self._device_peak_flops: float | None = None  # what MFU divides by, found at the start of training
         self._last_step_time: float | None = None
         self.nonfinite = NonFiniteLossGuard(self.optimizer_config.max_nonfinite_steps)
+
+    @staticmethod
+    def build_network(config: TransformerConfig, text_loss_weight: float) -> TextImageTransformer:
+        return build_transformer(config, text_loss_weight)
+
+    def check_tokenizer(self, tokenizer: VQTokenizer, path: str) -> None:
+        check_tokenizer_fits(tokenizer, self.config, path)
+
+    @property
+    def id_shape(self) -> tuple[int, ...]:
+        """The shape of one image's ids, as the tokenizer encodes and decodes them."""
+        return (self.config.image_grid, self.config.image_grid)
 
     # -------------------------------------------------------------------------
     # sampling
@@ -194,8 +217,7 @@ class TextImagePrior(L.LightningModule):
         autocast = torch.autocast("cuda", torch.bfloat16) if self.device.type == "cuda" else nullcontext()
         with autocast:
             ids = sample_image_tokens(self.transformer, text_ids, sampling, generator, null_text_ids=self.null_text_ids)
-        grid = self.config.image_grid
-        return self.image_tokenizer.on(self.device).decode(ids.view(len(prompts), grid, grid)).float()
+        return self.image_tokenizer.on(self.device).decode(ids.view(len(prompts), *self.id_shape)).float()
 
     # -------------------------------------------------------------------------
     # training
@@ -204,34 +226,42 @@ class TextImagePrior(L.LightningModule):
         strategy = self.trainer.strategy if self._trainer is not None else None
         adjust_ddp(strategy)
         if isinstance(strategy, AtomicModelParallelStrategy):
-            shard(self.transformer, self.transformer.blocks, strategy, str(self.trainer.precision), self.hparams.compile,
-                  methods=("loss", "prefill", "decode_step"))  # the entry points, none calling another
+            shard(self.transformer, self.shard_units(), strategy, str(self.trainer.precision), self.hparams.compile,
+                  methods=self.entry_points)
         elif self.hparams.compile:
-            for block in self.transformer.blocks:
+            for block in self.shard_units():
                 block.compile()
         if self.hparams.compile:
             # one graph for the heads and their fp32 cross-entropy, beside the blocks' (compiled in
             # place, under FSDP2 after sharding); the embeddings stay eager, a lookup each
             self.transformer.head_losses = torch.compile(self.transformer.head_losses)
 
+    def shard_units(self) -> list[nn.Module]:
+        """The network's blocks: FSDP2's shard units, and what `compile` compiles."""
+        return list(self.transformer.blocks)
+
     def on_train_start(self) -> None:
         self._device_peak_flops = peak_flops_for_mfu(self.device, self.peak_flops)
 
     def image_ids(self, batch: dict) -> torch.Tensor:
-        """(B, N) ids of the batch's images, row-major; encoded here when the batch has images."""
+        """(B, N) ids of the batch's images, row-major ((B, N, D) for residual ids); encoded here
+        when the batch has images."""
         if "image_ids" in batch:
             ids = batch["image_ids"]
         elif self.image_tokenizer is None:
             raise ValueError("the batch has images but no `tokenizer` was given to encode them")
         else:
             ids = self.image_tokenizer.on(self.device).encode(batch["images"])
-        grid = self.config.image_grid
-        if ids.shape[1:] != (grid, grid):
+        return self.checked_ids(ids)
+
+    def checked_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """A batch's ids (B, *id_shape) with the grid's positions flattened row-major, checked first."""
+        if ids.shape[1:] != self.id_shape:
             raise ValueError(
-                f"the batch's image ids form a grid of {tuple(ids.shape[1:])}, the transformer expects ({grid}, {grid}): "
+                f"the batch's image ids form a grid of {tuple(ids.shape[1:])}, the transformer expects {self.id_shape}: "
                 "check the data's image_size against the tokenizer's downsampling factor and transformer.image_grid"
             )
-        return ids.flatten(1)
+        return ids.flatten(1, 2)
 
     def text(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         text_ids, text_mask = batch["text_ids"], batch["text_mask"]
@@ -244,13 +274,13 @@ class TextImagePrior(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         text_ids, text_mask = self.text(batch)
-        image_ids = self.image_ids(batch)
+        image_ids, image_targets = self.training_targets(batch)
         if self.hparams.caption_dropout > 0:
             dropped = self.dropped_captions(len(text_ids))  # (B,)
             text_ids = torch.where(dropped[:, None], self.null_text_ids, text_ids)
             text_mask = torch.where(dropped[:, None], self.null_text_mask, text_mask)
         losses = self.transformer.loss(
-            text_ids, text_mask, image_ids, self.hparams.text_loss_weight, self.hparams.image_loss_weight
+            text_ids, text_mask, image_ids, self.hparams.text_loss_weight, self.hparams.image_loss_weight, image_targets
         )
         self.nonfinite.observe(losses["loss"])
         self.log("train/loss", losses["loss"], prog_bar=True)
@@ -265,17 +295,23 @@ class TextImagePrior(L.LightningModule):
         if not self.nonfinite.step_is_finite(self.global_step):
             drop_gradients(optimizer)
 
-    def dropped_captions(self, batch_size: int) -> torch.Tensor:
-        """(B,) bool on the module's device: which captions this batch replaces by the empty one.
+    def training_targets(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What a training step's image loss is taken against: the ids, and soft targets or None."""
+        return self.image_ids(batch), None
 
-        Drawn from a generator seeded by the count of training batches so far (saved in the
-        checkpoint's loop state) and the rank, not the global RNG, so a resumed run drops exactly
-        the captions the uninterrupted run would have. The generator is on the module's device:
-        a mask drawn on the CPU would be a blocking copy to the GPU every step."""
-        batches = self.trainer.fit_loop.epoch_loop.batch_progress.total.ready if self._trainer else 0
-        seed = batches * 4096 + self.global_rank
-        generator = torch.Generator(self.device).manual_seed(seed)
+    def dropped_captions(self, batch_size: int) -> torch.Tensor:
+        """(B,) bool on the module's device: which captions this batch replaces by the empty one,
+        drawn with `batch_seed`. The generator is on the module's device: a mask drawn on the CPU
+        would be a blocking copy to the GPU every step."""
+        generator = torch.Generator(self.device).manual_seed(self.batch_seed())
         return torch.rand(batch_size, generator=generator, device=self.device) < self.hparams.caption_dropout
+
+    def batch_seed(self) -> int:
+        """A seed for this training batch's random draws: the count of training batches so far (saved
+        in the checkpoint's loop state) and the rank, not the global RNG, so a resumed run draws
+        exactly what the uninterrupted run would have."""
+        batches = self.trainer.fit_loop.epoch_loop.batch_progress.total.ready if self._trainer else 0
+        return batches * 4096 + self.global_rank
 
     def log_throughput(self, batch_size: int) -> None:
         """tokens/s, samples/s and MFU of the whole job, from the wall time between training steps."""
@@ -404,6 +440,17 @@ def build_transformer(config: TransformerConfig, text_loss_weight: float) -> Tex
 
 def check_tokenizer_fits(tokenizer: VQTokenizer, config: TransformerConfig, path: str) -> None:
     """Clear errors when the stage-1 tokenizer and the transformer disagree."""
+    check_codebook_and_grid(tokenizer, config, path)
+    if "ResidualQuantizer" in tokenizer.describe()["quantizer"]["class_path"]:
+        raise ValueError(
+            f"tokenizer {path} is residual ((h, w, depth) ids): this prior models one id per position; "
+            "use a VectorQuantizer, LookupFreeQuantizer or FiniteScalarQuantizer tokenizer, or model its ids "
+            "with the RQ-Transformer (lightning_modules.rq_prior.RQTransformerPrior, configs/prior/rq_*.yaml)"
+        )
+
+
+def check_codebook_and_grid(tokenizer: VQTokenizer, config: TransformerConfig, path: str) -> None:
+    """Clear errors when the tokenizer's codebook or id grid is not the transformer's."""
     description = tokenizer.describe()
     if description["codebook_size"] != config.image_vocab_size:
         raise ValueError(
@@ -415,18 +462,14 @@ def check_tokenizer_fits(tokenizer: VQTokenizer, config: TransformerConfig, path
             f"tokenizer {path} makes {description['latent_size']}x{description['latent_size']} id grids at its "
             f"{description['autoencoder']['image_size']} px but transformer.image_grid is {config.image_grid}"
         )
-    if "ResidualQuantizer" in description["quantizer"]["class_path"]:
-        raise ValueError(
-            f"tokenizer {path} is residual ((h, w, depth) ids): this prior models one id per position; "
-            "use a VectorQuantizer, LookupFreeQuantizer or FiniteScalarQuantizer tokenizer"
-        )
 
 
 # -----------------------------------------------------------------------------
 # a prior on disk: a training checkpoint (.ckpt file or FSDP sharded directory) or an export
-# (model.safetensors: the transformer's fp32 weights; config.json: TextImagePrior's arguments)
+# (model.safetensors: the transformer's fp32 weights; config.json: the prior's class and arguments)
 
 PREFIX = "transformer."  # the transformer's entries in the LightningModule's state dict
+CLASS_PATH = "class_path"  # the prior's class among its saved arguments; absent in older files: TextImagePrior
 
 
 def prior_config(path: str | Path) -> dict[str, Any]:
@@ -439,6 +482,20 @@ def prior_config(path: str | Path) -> dict[str, Any]:
     if "transformer" not in config:
         raise ValueError(f"{path} is not a TextImagePrior checkpoint or export: its config has no transformer")
     return config
+
+
+def prior_class(config: dict[str, Any]) -> type[TextImagePrior]:
+    """The class of the prior whose saved arguments are `config`: the one its `class_path` names."""
+    module, _, name = config.get(CLASS_PATH, f"{__name__}.TextImagePrior").rpartition(".")
+    cls = getattr(importlib.import_module(module), name, None)
+    if not (isinstance(cls, type) and issubclass(cls, TextImagePrior)):
+        raise ValueError(f"{config[CLASS_PATH]!r} is not a prior class: a subclass of TextImagePrior was expected")
+    return cls
+
+
+def build_prior(config: dict[str, Any]) -> TextImagePrior:
+    """The prior a checkpoint's or export's saved arguments describe, with fresh weights."""
+    return prior_class(config)(**{name: value for name, value in config.items() if name != CLASS_PATH})
 
 
 def load_transformer_weights(transformer: TextImageTransformer, path: str | Path) -> None:
@@ -463,12 +520,13 @@ def load_transformer_weights(transformer: TextImageTransformer, path: str | Path
 def load_prior(
     path: str | Path, map_location: str | torch.device = "cpu", tokenizer: str | Path | None = None
 ) -> TextImagePrior:
-    """A TextImagePrior in eval mode from a .ckpt file, an FSDP sharded checkpoint directory or a
-    `tessera export` directory; `tokenizer` replaces the stage-1 tokenizer the checkpoint names."""
+    """A prior (TextImagePrior or the subclass it was saved as) in eval mode from a .ckpt file, an
+    FSDP sharded checkpoint directory or a `tessera export` directory; `tokenizer` replaces the
+    stage-1 tokenizer the checkpoint names."""
     config = prior_config(path)
     if tokenizer is not None:
         config["tokenizer"] = str(tokenizer)
-    prior = TextImagePrior(**config)
+    prior = build_prior(config)
     load_transformer_weights(prior.transformer, path)
     return prior.to(map_location).eval()
 
@@ -480,7 +538,8 @@ def export_prior(checkpoint: str | Path, out: str | Path) -> dict[str, Any]:
     config = prior_config(checkpoint)
     # the transformer alone, fp32 on the CPU (load_state_dict casts bf16 weights up to it):
     # neither the stage-1 tokenizer nor a GPU need be here
-    transformer = build_transformer(TransformerConfig(**config["transformer"]), config["text_loss_weight"])
+    cls = prior_class(config)
+    transformer = cls.build_network(cls.config_class(**config["transformer"]), config["text_loss_weight"])
     load_transformer_weights(transformer, checkpoint)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -108,14 +108,14 @@ class RecordKeys(L.Callback):
         self.keys.extend(batch["keys"])
 
 
-def write_token_shards(directory: Path) -> str:
-    """3 token shards of 16 caption + 4x4 id samples, as `tessera tokenize` writes them."""
+def write_token_shards(directory: Path, id_shape: tuple[int, ...] = (4, 4)) -> str:
+    """3 token shards of 16 caption + id samples (4x4 ids of 64 codes by default), as `tessera tokenize` writes them."""
     rng = np.random.default_rng(1)
     for shard in range(3):
         samples = []
         for i in range(16):
             buffer = io.BytesIO()
-            np.save(buffer, rng.integers(0, 64, (4, 4)))
+            np.save(buffer, rng.integers(0, 64, id_shape))
             samples.append({"__key__": f"{shard}_{i:02d}", "tokens.npy": buffer.getvalue(), "txt": f"{i % 5} red circles"})
         write_wds_shard(directory / f"{shard:05d}.tar", samples)
     return str(directory / "{00000..00002}.tar")

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 import lightning.pytorch.strategies.fsdp
 import lightning_modules.fsdp
 from lightning_modules.fsdp import SHARDED_METADATA, AtomicFSDPStrategy, swap_in
-from lightning_modules.prior import TextImagePrior, load_prior, load_transformer_weights
+from lightning_modules.prior import TextImagePrior, build_prior, load_prior, load_transformer_weights
 from tessera.commands.cli import main
 from tessera.nn.transformer import Block, TextImageTransformer
 from tessera.commands.fit import newest_checkpoint
@@ -165,8 +165,9 @@ def test_a_sharded_checkpoint_exports_the_models_weights_bitwise_and_its_config(
     assert_weights_equal(weights, prior.transformer.state_dict())
     config = json.loads((tmp_path / "export" / "config.json").read_text())
     assert config == json.loads(json.dumps(dict(prior.hparams)))
-    rebuilt = TextImagePrior(**config)  # the config is the constructor's arguments
-    assert rebuilt.config == prior.config and rebuilt.hparams == prior.hparams
+    assert config["class_path"] == "lightning_modules.prior.TextImagePrior"
+    rebuilt = build_prior(config)  # the config is the class and its constructor's arguments
+    assert type(rebuilt) is TextImagePrior and rebuilt.config == prior.config and rebuilt.hparams == prior.hparams
 
 
 def test_an_export_a_sharded_checkpoint_and_a_ckpt_file_sample_the_same_images(tmp_path, sharded, fitted):

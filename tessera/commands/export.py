@@ -8,7 +8,7 @@ from pathlib import Path
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
     export = commands.add_parser("export", help="a VQGAN or prior checkpoint -> model.safetensors + config.json")
-    export.add_argument("--checkpoint", required=True, type=Path, help="a VQGAN or TextImagePrior checkpoint (.ckpt, FSDP sharded)")
+    export.add_argument("--checkpoint", required=True, type=Path, help="a VQGAN or prior (TextImagePrior, RQTransformerPrior) checkpoint (.ckpt, FSDP sharded)")
     export.add_argument("--out", required=True, type=Path, help="directory to write")
     export.add_argument("--no-ema", action="store_true", help="export the live weights even if the run kept an EMA")
     export.set_defaults(run=run)
@@ -18,7 +18,7 @@ def run(args: argparse.Namespace) -> int:
     from lightning_modules.prior import export_prior
     from lightning_modules.vqgan import load_tokenizer
 
-    # a TextImagePrior's hyperparameters hold its transformer's config, a VQGAN's its quantizer's
+    # a prior's hyperparameters hold its transformer's config, a VQGAN's its quantizer's
     if "transformer" in checkpoint_hyperparameters(args.checkpoint):
         shape = export_prior(args.checkpoint, args.out)["transformer"]
         print(f"[export] prior, {shape['n_layer']} blocks of width {shape['n_embd']}: {args.out}")

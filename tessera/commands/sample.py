@@ -12,7 +12,7 @@ from tessera.sampling import SAMPLING_FIELDS, with_overrides
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
     sample = commands.add_parser("sample", help="images from a prior checkpoint: OUT/images/*.png, OUT/grid.png, OUT/settings.json")
-    sample.add_argument("--prior", required=True, type=Path, help="a TextImagePrior checkpoint (.ckpt, FSDP sharded) or export directory")
+    sample.add_argument("--prior", required=True, type=Path, help="a prior checkpoint (.ckpt, FSDP sharded) or export directory, of any prior class")
     prompts = sample.add_mutually_exclusive_group(required=True)
     prompts.add_argument("--prompt", nargs="+", action="extend", help="one or more prompts; the flag may be repeated")
     prompts.add_argument("--prompts-file", type=Path, help="a text file, one prompt a line")
