@@ -464,7 +464,7 @@ class TextImageTransformer(nn.Module):
             raise ValueError(f"text_mask {tuple(text_mask.shape)} must match text_ids {tuple(text_ids.shape)}")
         image_ids = self._flat_image_ids(image_ids, text_ids.size(0))
         x = self.hidden_states(text_ids, image_ids)  # (B, T + N - 1, C)
-        return self.head_losses(x, text_ids, text_mask, image_ids, text_loss_weight, image_loss_weight)
+        return self.head_losses(x, text_ids, text_mask, image_ids, text_loss_weight, image_loss_weight, image_targets)
 
     def head_losses(
         self,
@@ -474,6 +474,7 @@ class TextImageTransformer(nn.Module):
         image_ids: torch.Tensor,
         text_loss_weight: float,
         image_loss_weight: float,
+        image_targets: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """`loss` from the final hidden states x (B, T + N - 1, C): the heads and their fp32
         cross-entropies. A function of its own so that torch.compile can take it as one graph
