@@ -34,10 +34,16 @@ import torch.nn as nn
 
 from datamodules.text import clean_caption, load_text_tokenizer
 from lightning_modules.clipping import clip_grad_norm
-from lightning_modules.fsdp import AtomicModelParallelStrategy, checkpoint_hyperparameters
+from lightning_modules.fsdp import AtomicModelParallelStrategy, checkpoint_hyperparameters, is_sharded_checkpoint
 from lightning_modules.nonfinite import NonFiniteLossGuard, drop_gradients
 from lightning_modules.parallel import adjust_ddp, shard
-from lightning_modules.prior import FrozenModule, PriorOptimizerConfig, adamw_with_schedule, load_transformer_weights
+from lightning_modules.prior import (
+    FrozenModule,
+    PriorOptimizerConfig,
+    adamw_with_schedule,
+    load_prior,
+    load_transformer_weights,
+)
 from lightning_modules.vqgan import load_tokenizer
 from tessera.llm import (
     BackboneConfig,
@@ -318,7 +324,19 @@ def llm_config(path: str | Path) -> dict[str, Any]:
 def is_llm(path: str | Path) -> bool:
     """Whether `path` holds an LLMTextImageModel (else another stage-2 model)."""
     path = Path(path)
-    return (path / EXPORT_CONFIG).is_file() or "backbone" in checkpoint_hyperparameters(path)
+    if (path / EXPORT_CONFIG).is_file():
+        return True
+    if path.is_dir() and not is_sharded_checkpoint(path):  # another family's export
+        return False
+    return "backbone" in checkpoint_hyperparameters(path)
+
+
+def load_image_generator(path: str | Path, map_location: str | torch.device = "cpu",
+                         tokenizer: str | Path | None = None) -> L.LightningModule:
+    """The stage-2 model at `path`, an LLMTextImageModel or a TextImagePrior, whichever it holds:
+    what `tessera sample` and `tessera evaluate shapes` draw images with (`generate`)."""
+    load = load_llm if is_llm(path) else load_prior
+    return load(path, map_location=map_location, tokenizer=tokenizer)
 
 
 def load_llm(path: str | Path, map_location: str | torch.device = "cpu", tokenizer: str | Path | None = None) -> LLMTextImageModel:

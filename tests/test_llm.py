@@ -16,7 +16,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from datamodules.shapes import COLORS, SHAPES, SIZES
-from lightning_modules.llm import LLMTextImageModel, export_llm, load_llm
+from lightning_modules.llm import LLMTextImageModel, load_llm
 from lightning_modules.prior import PriorOptimizerConfig
 from tessera.llm import (
     IGNORED,
@@ -234,11 +234,13 @@ def test_tiny_llm_learns_both_directions_of_the_shapes_set(tmp_path, words_dir, 
 
 
 def test_the_export_loads_in_plain_transformers_with_the_same_logits_and_samples_the_same(tmp_path, words_dir, tokenizer_dir, shapes_dir):
+    from tessera.commands.cli import main
+
     llm = tiny_llm(words_dir, tokenizer_dir)
     fit = trainer(tmp_path, max_steps=1)
     fit.fit(llm, datamodule=shapes_data(shapes_dir, batch_size=4))
     fit.save_checkpoint(tmp_path / "llm.ckpt")
-    export_llm(tmp_path / "llm.ckpt", tmp_path / "export")
+    assert main(["export", "--checkpoint", str(tmp_path / "llm.ckpt"), "--out", str(tmp_path / "export")]) == 0
 
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "export").eval()
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "export")
@@ -252,3 +254,8 @@ def test_the_export_loads_in_plain_transformers_with_the_same_logits_and_samples
     for path in (tmp_path / "llm.ckpt", tmp_path / "export"):
         loaded = load_llm(path)
         torch.testing.assert_close(loaded.generate(["a red circle"], sampling, seed=1), llm.generate(["a red circle"], sampling, seed=1))
+
+    # `tessera sample` takes the export as it takes a prior's
+    argv = ["sample", "--prior", str(tmp_path / "export"), "--prompt", "a red circle", "--num-images", "2", "--out", str(tmp_path / "samples")]
+    assert main(argv) == 0
+    assert sorted(p.name for p in (tmp_path / "samples" / "images").glob("*.png")) == ["0000_00.png", "0000_01.png"]
