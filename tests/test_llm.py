@@ -7,6 +7,7 @@ nothing is downloaded."""
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +16,9 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
+from datamodules.caption_image import CaptionImageDataModule
 from datamodules.shapes import COLORS, SHAPES, SIZES
-from lightning_modules.llm import LLMTextImageModel, load_llm
+from lightning_modules.llm import LLMTextImageModel, decoder_layers, load_llm
 from lightning_modules.prior import PriorOptimizerConfig
 from tessera.llm import (
     IGNORED,
@@ -31,6 +33,7 @@ from tessera.llm import (
     sequence_loss,
 )
 from tessera.sampling import SamplingConfig
+from tests.test_exact_resume import assert_resumed_exactly, straight_and_resumed, write_token_shards
 from tests.test_prior import RecordLoss, shapes_data, tokenizer_dir  # noqa: F401 (a fixture)
 from tests.test_vqgan import trainer
 
@@ -259,3 +262,24 @@ def test_the_export_loads_in_plain_transformers_with_the_same_logits_and_samples
     argv = ["sample", "--prior", str(tmp_path / "export"), "--prompt", "a red circle", "--num-images", "2", "--out", str(tmp_path / "samples")]
     assert main(argv) == 0
     assert sorted(p.name for p in (tmp_path / "samples" / "images").glob("*.png")) == ["0000_00.png", "0000_01.png"]
+
+
+def llm_run(words_dir: Path, shards: str):
+    """The tiny LLM with attention dropout (global RNG), half the pairs image to text, caption dropout,
+    and 24 token-shard samples an epoch in batches of 4."""
+    model = tiny_llm(words_dir, None, backbone=tiny_backbone(words_dir, attention_dropout=0.2), caption_dropout=0.3,
+                     optimizer=PriorOptimizerConfig(lr=3e-3, warmup_steps=2, schedule="cosine"))
+    data = CaptionImageDataModule(shards, batch_size=4, num_workers=1, text_length=16, train_samples=24,
+                                  shuffle_buffer=8, image_tokens=True)
+    return model, data
+
+
+def test_llm_resumed_mid_epoch_ends_with_the_weights_of_the_uninterrupted_run(tmp_path, words_dir):
+    shards = write_token_shards(tmp_path)
+    straight, resumed = straight_and_resumed(partial(llm_run, words_dir), shards, tmp_path, steps=8, stop=4)
+    assert_resumed_exactly(straight, resumed, stop=4)
+
+
+def test_fsdp2_units_are_the_models_own_decoder_layers(words_dir):
+    llm = tiny_llm(words_dir, None)
+    assert decoder_layers(llm.model) == list(llm.model.model.layers)
