@@ -8,6 +8,9 @@ Batches are CaptionImageDataModule's, with "images" (the frozen tokenizer encode
 the language model's own tokenizer (the datamodule's "text_ids" are not used), so the model
 never sees ids of another vocabulary.
 
+Validation runs every pair both ways: val/image_loss over the codes (with <boi> and <eoi>) drawn
+from the caption, val/caption_loss over the caption (with <eos>) drawn from the image.
+
 Optimizer, schedule, gradient clipping and the non-finite step guard are the prior's
 (`PriorOptimizerConfig`). Strategies: DDP, or FSDP2 with the model's own decoder-layer class as
 the shard unit (`configure_model`). The frozen tokenizer lives outside the module tree, as in
@@ -32,6 +35,7 @@ import lightning as L
 import torch
 import torch.nn as nn
 
+from datamodules.stream import without_padding
 from datamodules.text import clean_caption, load_text_tokenizer
 from lightning_modules.clipping import clip_grad_norm
 from lightning_modules.fsdp import AtomicModelParallelStrategy, checkpoint_hyperparameters, is_sharded_checkpoint
@@ -46,6 +50,8 @@ from lightning_modules.prior import (
 )
 from lightning_modules.vqgan import load_tokenizer
 from tessera.llm import (
+    IMAGE,
+    TEXT,
     BackboneConfig,
     add_image_tokens,
     build_sequences,
@@ -216,8 +222,7 @@ class LLMTextImageModel(L.LightningModule):
         captions = self.caption_ids(batch["captions"])
         to_text, dropped = self.directions(len(captions))
         captions = [[] if drop else caption for caption, drop in zip(captions, dropped.tolist())]
-        ids, kinds = build_sequences(captions, codes, to_text, self.vocab, self.prefix[0] if self.prefix else None,
-                                     self.eos_id, self.pad_id)
+        ids, kinds = self.sequences(captions, codes, to_text)
         # no attention mask: the padding is at the ends of the rows, where the causal mask
         # already keeps every real token from seeing it
         logits = self.model(input_ids=ids, use_cache=False).logits  # (B, L, V)
@@ -228,6 +233,11 @@ class LLMTextImageModel(L.LightningModule):
         self.log_dict({f"train/{name}": losses[name] for name in ("text_loss", "image_loss", "z_loss")})
         self.log("train/nonfinite_skipped", float(self.nonfinite.skipped))
         return losses["loss"]
+
+    def sequences(self, captions: list[list[int]], codes: torch.Tensor, to_text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """input_ids and kinds (B, L) of both directions' rows (`build_sequences`)."""
+        return build_sequences(captions, codes, to_text, self.vocab, self.prefix[0] if self.prefix else None,
+                               self.eos_id, self.pad_id)
 
     def directions(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(B,) bool twice: the rows that caption their image (round(image_to_text * B) of them),
@@ -242,6 +252,38 @@ class LLMTextImageModel(L.LightningModule):
         to_text[torch.randperm(batch_size, generator=generator)[: round(self.hparams.image_to_text * batch_size)]] = True
         dropped = (torch.rand(batch_size, generator=generator) < self.hparams.caption_dropout) & ~to_text
         return to_text, dropped
+
+    # -------------------------------------------------------------------------
+    # validation: every pair both ways, as sums over the real samples added up over the ranks at
+    # the end, so the logged losses are the same on one process or many and for any batch size
+
+    def on_validation_epoch_start(self) -> None:
+        # [image cross-entropy, image targets, caption cross-entropy, caption targets]
+        self.val_sums = torch.zeros(4, dtype=torch.float64, device=self.device)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        real = without_padding(batch)
+        # a batch of padding only still goes through the model, counted for nothing: under FSDP
+        # every rank must take part in every forward
+        counted = len(real["captions"]) > 0
+        batch = real if counted else batch
+        codes, captions = self.image_codes(batch), self.caption_ids(batch["captions"])
+        sums = []
+        for to_text, name, kind in ((False, "image_loss", IMAGE), (True, "text_loss", TEXT)):
+            ids, kinds = self.sequences(captions, codes, torch.full((len(captions),), to_text))
+            losses = sequence_loss(self.model(input_ids=ids, use_cache=False).logits, ids, kinds)
+            targets = (kinds[:, 1:] == kind).sum().double()
+            sums += [losses[name].double() * targets, targets]
+        if counted:
+            self.val_sums += torch.stack(sums)
+
+    def on_validation_epoch_end(self) -> None:
+        image, image_targets, caption, caption_targets = self.trainer.strategy.reduce(self.val_sums, reduce_op="sum")
+        if image_targets == 0:
+            return
+        # every rank holds the same values: syncing only keeps Lightning from warning that they were not
+        logs = {"val/image_loss": image / image_targets, "val/caption_loss": caption / caption_targets}
+        self.log_dict({name: value.float() for name, value in logs.items()}, sync_dist=True)
 
     def on_before_optimizer_step(self, optimizer) -> None:
         # as the prior: a non-finite step updates no weight, yet still counts

@@ -236,6 +236,18 @@ def test_tiny_llm_learns_both_directions_of_the_shapes_set(tmp_path, words_dir, 
     assert last < 0.6 * first, (first, last)
 
 
+def test_validation_losses_count_every_real_sample_once_whatever_the_batch_size(tmp_path, words_dir, tokenizer_dir, shapes_dir):
+    llm = tiny_llm(words_dir, tokenizer_dir)
+    logged = []
+    for batch_size in (3, 4):  # the 20 validation samples: 6 batches and 2 of 3 with a padding row, or 5 of 4
+        run = trainer(tmp_path, max_steps=1, limit_val_batches=1.0)
+        (metrics,) = run.validate(llm, datamodule=shapes_data(shapes_dir, batch_size=batch_size), verbose=False)
+        logged.append(metrics)
+    assert logged[0].keys() == {"val/image_loss", "val/caption_loss"}
+    for name in logged[0]:
+        assert logged[0][name] == pytest.approx(logged[1][name], rel=1e-5)
+
+
 def test_the_export_loads_in_plain_transformers_with_the_same_logits_and_samples_the_same(tmp_path, words_dir, tokenizer_dir, shapes_dir):
     from tessera.commands.cli import main
 
