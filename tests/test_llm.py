@@ -7,17 +7,20 @@ nothing is downloaded."""
 
 from __future__ import annotations
 
+import multiprocessing
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from lightning.pytorch.strategies import DDPStrategy
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from datamodules.caption_image import CaptionImageDataModule
 from datamodules.shapes import COLORS, SHAPES, SIZES
+from lightning_modules.fsdp import AtomicModelParallelStrategy
 from lightning_modules.llm import LLMTextImageModel, decoder_layers, load_llm
 from lightning_modules.prior import PriorOptimizerConfig
 from tessera.llm import (
@@ -33,6 +36,7 @@ from tessera.llm import (
     sequence_loss,
 )
 from tessera.sampling import SamplingConfig
+from tests.distributed import as_launched_rank, run_distributed
 from tests.test_exact_resume import assert_resumed_exactly, straight_and_resumed, write_token_shards
 from tests.test_prior import RecordLoss, shapes_data, tokenizer_dir  # noqa: F401 (a fixture)
 from tests.test_vqgan import trainer
@@ -295,3 +299,36 @@ def test_llm_resumed_mid_epoch_ends_with_the_weights_of_the_uninterrupted_run(tm
 def test_fsdp2_units_are_the_models_own_decoder_layers(words_dir):
     llm = tiny_llm(words_dir, None)
     assert decoder_layers(llm.model) == list(llm.model.model.layers)
+
+
+def _llm_under_ddp_and_fsdp2(rank: int, world_size: int, root: str, words_dir: str) -> dict:
+    torch.set_num_threads(1)
+    multiprocessing.set_start_method("fork", force=True)  # loader workers fork, as under a launcher
+    as_launched_rank(rank, world_size)
+    root = Path(root)
+    shards = write_token_shards(root) if rank == 0 else str(root / "{00000..00002}.tar")
+    torch.distributed.barrier()
+    losses = {}
+    for name, strategy in (("ddp", DDPStrategy()), ("fsdp2", AtomicModelParallelStrategy())):
+        model, data = llm_run(Path(words_dir), shards)  # 24 samples an epoch, 12 per rank in batches of 4
+        record = RecordLoss()
+        trainer(root / name, max_steps=3, devices=2, strategy=strategy, callbacks=[record], enable_checkpointing=True,
+                limit_val_batches=None).fit(model, datamodule=data)
+        losses[name] = record.losses
+    return losses
+
+
+@pytest.mark.slow  # two processes importing Lightning and transformers
+def test_the_llm_under_fsdp2_trains_as_under_ddp_and_exports_from_its_shards(tmp_path, words_dir):
+    from lightning_modules.llm import export_llm
+
+    ranks = run_distributed(_llm_under_ddp_and_fsdp2, str(tmp_path), str(words_dir))
+    for rank in ranks:
+        torch.testing.assert_close(rank["fsdp2"], rank["ddp"])
+    weights = {}
+    for run in ("ddp", "fsdp2"):
+        (last,) = (tmp_path / run).rglob("*step=3.ckpt")
+        export_llm(last, tmp_path / run / "export")
+        weights[run] = AutoModelForCausalLM.from_pretrained(tmp_path / run / "export").state_dict()
+    for name, weight in weights["ddp"].items():
+        torch.testing.assert_close(weights["fsdp2"][name], weight, msg=name)
