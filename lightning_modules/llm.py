@@ -183,6 +183,11 @@ class LLMTextImageModel(L.LightningModule):
                                 self.eos_id, sampling, generator, pad=self.pad_id)
         return self.text_tokenizer.batch_decode(ids, skip_special_tokens=True)
 
+    @property
+    def image_size(self) -> int:
+        """The side in pixels of the images the stage-1 tokenizer encodes and decodes."""
+        return self._image_tokenizer("image_size").config.image_size
+
     def _image_tokenizer(self, use: str) -> VQTokenizer:
         if self.image_tokenizer is None:
             raise ValueError(f"{use} needs the stage-1 tokenizer: set `tokenizer` to its checkpoint or export")

@@ -7,6 +7,7 @@ nothing is downloaded."""
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 from functools import partial
 from pathlib import Path
@@ -14,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from lightning.pytorch.strategies import DDPStrategy
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
@@ -252,7 +254,7 @@ def test_validation_losses_count_every_real_sample_once_whatever_the_batch_size(
         assert logged[0][name] == pytest.approx(logged[1][name], rel=1e-5)
 
 
-def test_the_export_loads_in_plain_transformers_with_the_same_logits_and_samples_the_same(tmp_path, words_dir, tokenizer_dir, shapes_dir):
+def test_the_export_loads_in_plain_transformers_with_the_same_logits_and_samples_and_captions_as_the_model(tmp_path, words_dir, tokenizer_dir, shapes_dir):
     from tessera.commands.cli import main
 
     llm = tiny_llm(words_dir, tokenizer_dir)
@@ -278,6 +280,14 @@ def test_the_export_loads_in_plain_transformers_with_the_same_logits_and_samples
     argv = ["sample", "--prior", str(tmp_path / "export"), "--prompt", "a red circle", "--num-images", "2", "--out", str(tmp_path / "samples")]
     assert main(argv) == 0
     assert sorted(p.name for p in (tmp_path / "samples" / "images").glob("*.png")) == ["0000_00.png", "0000_01.png"]
+    # and `tessera caption` captions them, greedy, as the module does
+    assert main(["caption", "--model", str(tmp_path / "export"), str(tmp_path / "samples" / "images"),
+                 "--max-new-tokens", "4", "--out", str(tmp_path / "captions.json")]) == 0
+    captions = json.loads((tmp_path / "captions.json").read_text())
+    image = Image.open(tmp_path / "samples" / "images" / "0000_00.png")
+    pixels = torch.from_numpy(np.asarray(image)).permute(2, 0, 1)[None].float() / 127.5 - 1
+    assert sorted(captions) == [str(tmp_path / "samples" / "images" / f"0000_0{i}.png") for i in range(2)]
+    assert captions[str(tmp_path / "samples" / "images" / "0000_00.png")] == loaded.caption(pixels, max_new_tokens=4)[0]
 
 
 def llm_run(words_dir: Path, shards: str):
