@@ -141,6 +141,14 @@ class LLMTextImageModel(L.LightningModule):
         self.pad_id = self.text_tokenizer.pad_token_id if self.text_tokenizer.pad_token_id is not None else self.eos_id
         # what every sequence starts with: the tokenizer's bos where it has one, as in pretraining
         self.prefix = [self.text_tokenizer.bos_token_id] if self.text_tokenizer.bos_token_id is not None else []
+        longest = len(self.prefix) + text_length + image_grid**2 + 3  # <boi>, <eoi>, and <eos> after a caption
+        positions = getattr(self.model.config, "max_position_embeddings", None)
+        if positions is not None and longest > positions:
+            raise ValueError(
+                f"sequences of up to {longest} tokens ({text_length} caption tokens, {image_grid}x{image_grid} codes and "
+                f"the special tokens) exceed the backbone's max_position_embeddings {positions}: shorten text_length "
+                "or use a tokenizer with a smaller grid"
+            )
         self.image_tokenizer = FrozenModule(load_tokenizer(tokenizer)) if tokenizer is not None else None
         if self.image_tokenizer is not None:
             check_image_tokenizer(self.image_tokenizer.module, codebook_size, image_grid, tokenizer)

@@ -124,6 +124,15 @@ def test_a_missing_backbone_directory_is_one_error_naming_it(tmp_path):
         BackboneConfig()
 
 
+def test_a_tokenizer_of_another_codebook_or_grid_or_too_long_sequences_are_refused_at_start_up(words_dir, tokenizer_dir):
+    with pytest.raises(ValueError, match="64 codes but codebook_size is 128"):
+        tiny_llm(words_dir, tokenizer_dir, codebook_size=128)
+    with pytest.raises(ValueError, match="4x4 id grids but image_grid is 8"):
+        tiny_llm(words_dir, tokenizer_dir, image_grid=8)
+    with pytest.raises(ValueError, match="up to 36 tokens .* exceed the backbone's max_position_embeddings 32"):
+        tiny_llm(words_dir, None, backbone=tiny_backbone(words_dir, max_position_embeddings=32))
+
+
 # --- sequences and loss ---------------------------------------------------------------------------
 
 
