@@ -33,6 +33,8 @@ from tessera.llm import (
     ImageVocabulary,
     add_image_tokens,
     build_sequences,
+    decode,
+    left_padded,
     load_backbone,
     sample_image_codes,
     sequence_loss,
@@ -216,18 +218,35 @@ def test_cached_sampling_draws_what_the_uncached_reference_draws(words_dir):
         assert torch.equal(draws[0], draws[1])
 
 
-def test_guidance_at_0_draws_the_empty_caption_and_at_1_the_caption_whatever_the_batch(words_dir):
+def test_a_prompts_logits_do_not_depend_on_the_left_padding_its_batch_needs(words_dir):
     llm = sampling_llm(words_dir)
-    greedy = dict(top_k=1)
+    prompts = [llm.prefix + ids for ids in llm.caption_ids(["a large red circle on the left", "a blue square"])]
+
+    def logits_of(rows: list[list[int]]) -> torch.Tensor:
+        seen = []
+
+        def greedy(logits):
+            seen.append(logits)
+            return logits.argmax(-1)
+
+        decode(llm.model, *left_padded(rows, llm.pad_id, torch.device("cpu")), 4, greedy)
+        return torch.stack(seen, 1)  # (R, 4, V)
+
+    batched = logits_of(prompts)  # the second prompt padded on the left
+    for row, prompt in enumerate(prompts):
+        torch.testing.assert_close(batched[row], logits_of([prompt])[0], rtol=1e-4, atol=1e-4)
+
+
+def test_guidance_at_0_draws_the_empty_caption_and_at_1_the_caption(words_dir):
+    llm = sampling_llm(words_dir)
     captions = [llm.prefix + ids for ids in llm.caption_ids(["a large red circle on the left", "a blue square"])]
 
     def codes(prompts, cfg_scale):
-        return sample_image_codes(llm.model, llm.vocab, prompts, 16, SamplingConfig(**greedy, cfg_scale=cfg_scale),
+        return sample_image_codes(llm.model, llm.vocab, prompts, 16, SamplingConfig(top_k=1, cfg_scale=cfg_scale),
                                   null_prompt=llm.prefix, pad=llm.pad_id)
 
-    alone = torch.cat([codes([prompt], 1.0) for prompt in captions])  # no padding
-    assert torch.equal(codes(captions, 1.0), alone)  # left padding changes no caption's images
     assert torch.equal(codes(captions, 0.0), codes([llm.prefix, llm.prefix], 1.0))
+    assert torch.equal(codes(captions, 1.0), torch.cat([codes([prompt], 1.0) for prompt in captions]))
 
 
 def test_generate_and_caption_take_prompts_and_images(words_dir, tokenizer_dir):
