@@ -24,7 +24,6 @@ tessera.json.
 
 from __future__ import annotations
 
-import copy
 import json
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict
@@ -36,7 +35,7 @@ import torch
 import torch.nn as nn
 
 from datamodules.stream import without_padding
-from datamodules.text import clean_caption, load_text_tokenizer
+from datamodules.text import clean_caption, new_text_tokenizer
 from lightning_modules.clipping import clip_grad_norm
 from lightning_modules.fsdp import AtomicModelParallelStrategy, checkpoint_hyperparameters, is_sharded_checkpoint
 from lightning_modules.nonfinite import NonFiniteLossGuard, drop_gradients
@@ -131,8 +130,8 @@ class LLMTextImageModel(L.LightningModule):
                 "sampling": asdict(sampling) if sampling is not None else None,
             }
         )
-        # a copy: load_text_tokenizer's are shared by everything in the process, and tokens are added here
-        text_tokenizer = copy.deepcopy(load_text_tokenizer(backbone.tokenizer)) if backbone.tokenizer else None
+        # a tokenizer of its own: tokens are added to it
+        text_tokenizer = new_text_tokenizer(backbone.tokenizer) if backbone.tokenizer else None
         self.model, self.text_tokenizer = load_backbone(backbone, text_tokenizer)
         self.vocab = add_image_tokens(self.model, self.text_tokenizer, codebook_size)
         self.eos_id = self.text_tokenizer.eos_token_id

@@ -95,6 +95,15 @@ def test_image_tokens_are_added_after_the_text_and_round_trip_through_the_tokeni
     assert add_image_tokens(model, again, codebook_size=64) == vocab and len(again) == vocab.size
 
 
+def test_clip_bpe_captions_still_decode_as_text_and_the_shared_tokenizer_is_left_alone(words_dir):
+    from datamodules.text import load_text_tokenizer
+
+    llm = tiny_llm(words_dir, None, backbone=BackboneConfig(config=TINY_LLAMA, tokenizer="clip-bpe"))
+    (ids,) = llm.caption_ids(["a blue square"])
+    assert llm.text_tokenizer.decode(ids + [llm.vocab.first_code, llm.eos_id], skip_special_tokens=True) == "a blue square"
+    assert len(load_text_tokenizer("clip-bpe")) == 49408  # what the datamodules tokenize with gained no token
+
+
 @pytest.mark.parametrize("tied", [False, True])
 def test_resizing_keeps_the_text_rows_and_starts_the_new_rows_at_their_mean(words_dir, tied):
     torch.manual_seed(0)
