@@ -154,7 +154,9 @@ class LLMTextImageModel(L.LightningModule):
         self.nonfinite = NonFiniteLossGuard(self.optimizer_config.max_nonfinite_steps)
 
     def caption_ids(self, captions: list[str]) -> list[list[int]]:
-        """Each caption's token ids without special tokens, cut to text_length."""
+        """Each caption's token ids without special tokens, cut to text_length; cleaned as the
+        datamodules clean every caption (`clean_caption`: mojibake mended, whitespace collapsed,
+        lowercased), at training and at sampling alike."""
         # split_special_tokens: "<boi>" or "</s>" typed in an alt-text is text, not a control token
         ids = self.text_tokenizer([clean_caption(c) for c in captions], add_special_tokens=False,
                                   split_special_tokens=True)["input_ids"]
