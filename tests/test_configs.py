@@ -14,10 +14,18 @@ CONFIGS = sorted((Path(__file__).parents[1] / "configs").rglob("*.yaml"))
 SECTION_TYPES = {"model": L.LightningModule, "data": L.LightningDataModule}
 
 
+# what stands in for a language model's local checkpoint, which the user downloads
+TINY_LLAMA = {"config": {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                         "num_attention_heads": 4}, "tokenizer": "clip-bpe"}
+
+
 def _without_weight_files(sections: dict) -> dict:
-    """Tests build LPIPS with random weights (CI has no VGG16 download) and priors without the
-    stage-1 tokenizer a real run would have trained first."""
+    """Tests build LPIPS with random weights (CI has no VGG16 download), priors without the
+    stage-1 tokenizer a real run would have trained first, and a tiny random Llama where a config
+    names a language model's checkpoint directory."""
     init_args = sections.get("model", {}).get("init_args", {})
+    if init_args.get("backbone", {}).get("path") is not None:
+        init_args["backbone"] = TINY_LLAMA
     loss = init_args.get("loss")
     if loss is not None and loss.get("perceptual_weight", 1.0) > 0:
         loss["pretrained_lpips"] = False

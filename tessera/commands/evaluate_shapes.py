@@ -232,9 +232,9 @@ def add_shapes_parser(evaluations: argparse._SubParsersAction) -> argparse.Argum
 
 
 def _evaluate_shapes(args: argparse.Namespace) -> int:
-    from lightning_modules.prior import load_prior
+    from lightning_modules.llm import load_image_generator
 
-    prior = load_prior(args.prior, map_location=process_device(args.device), tokenizer=args.tokenizer)
+    prior = load_image_generator(args.prior, map_location=process_device(args.device), tokenizer=args.tokenizer)
     sampling, sources = sampling_settings(prior.sampling, args)
     report = {"prior": str(args.prior), "sampling": asdict(sampling), "sampling_from": sources,
               **evaluate_shapes(prior, args.num_samples, args.seed, sampling, args.image_size, args.batch_size)}
