@@ -405,7 +405,7 @@ def check_tokenizer_fits(tokenizer: VQTokenizer, config: TransformerConfig, path
     if "ResidualQuantizer" in description["quantizer"]["class_path"]:
         raise ValueError(
             f"tokenizer {path} is residual ((h, w, depth) ids): this prior models one id per position; "
-            "use a VectorQuantizer, LookupFreeQuantizer or FiniteScalarQuantizer tokenizer"
+            "use a VectorQuantizer, LookupFreeQuantizer, FiniteScalarQuantizer or GumbelQuantizer tokenizer"
         )
 
 
