@@ -67,7 +67,7 @@ def _tokenizer_args(name: str) -> dict:
 @pytest.mark.parametrize("path", TOKENIZER_CONFIGS, ids=lambda p: p.name)
 def test_every_tokenizer_config_with_a_gan_names_its_discriminator_norm_and_both_gan_losses(path):
     init_args = _tokenizer_args(path.name)
-    if "disc_start" in init_args["loss"] and init_args["loss"]["disc_start"] is None:  # no GAN: nothing to name
+    if init_args["loss"].get("disc_start", 0) is None:  # no GAN: nothing to name
         assert "discriminator" not in init_args and "disc_weight" not in init_args["loss"]
         return
     assert init_args["discriminator"]["norm"] in ("group", "batch", "none")

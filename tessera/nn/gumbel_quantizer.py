@@ -146,7 +146,8 @@ class GumbelQuantizer(Quantizer):
             logits = self.logits(z_flat)  # (N, K)
             codebook = self.codebook.float()
             if self.training:
-                soft = F.gumbel_softmax(logits, tau=self.temperature(), dim=-1)  # (N, K) rows on the simplex
+                tau = self.temperature()
+                soft = F.gumbel_softmax(logits, tau=tau, dim=-1)  # (N, K) rows on the simplex
                 ids = soft.argmax(-1)  # (N,) the code the sample is nearest to
                 if self.straight_through:
                     # the argmax row exactly (soft - soft is exactly 0), with the soft sample's gradient
@@ -156,7 +157,7 @@ class GumbelQuantizer(Quantizer):
                 kl = kl_to_uniform(logits)
                 weight = self.current_kl_weight()
                 loss, losses = weight * kl, {"kl": kl}
-                extra = {"temperature": self.temperature(), "kl_weight": weight}
+                extra = {"temperature": tau, "kl_weight": weight}
             else:
                 # no KL: nothing trains on it here, and at 8,192 codes it would triple the memory of the logits
                 ids = logits.argmax(-1)  # (N,)
