@@ -447,8 +447,8 @@ def check_tokenizer_fits(tokenizer: VQTokenizer, config: TransformerConfig, path
     if "ResidualQuantizer" in tokenizer.describe()["quantizer"]["class_path"]:
         raise ValueError(
             f"tokenizer {path} is residual ((h, w, depth) ids): this prior models one id per position; "
-            "use a VectorQuantizer, LookupFreeQuantizer or FiniteScalarQuantizer tokenizer, or model its ids "
-            "with the RQ-Transformer (lightning_modules.rq_prior.RQTransformerPrior, configs/prior/rq_*.yaml)"
+            "use a VectorQuantizer, LookupFreeQuantizer, FiniteScalarQuantizer or GumbelQuantizer tokenizer, "
+            "or model its ids with the RQ-Transformer (lightning_modules.rq_prior.RQTransformerPrior, configs/prior/rq_*.yaml)"
         )
 
 

@@ -15,7 +15,9 @@ Generator loss (taming-transformers, LlamaGen, Open-MAGVIT2):
 with w fixed (`disc_weight`) or adaptive: disc_weight * ||grad rec|| / (||grad G|| + 1e-4) on the
 decoder's last layer, clamped to [0, max_adaptive_weight] (taming), and G the generator's GAN
 loss: -mean(logits) ("hinge", taming's and LlamaGen's) or non-saturating (MAGVIT-v2's). Discriminator
-loss, chosen apart: hinge or non-saturating on real and fake, + lecam_weight * LeCAM.
+loss, chosen apart: hinge or non-saturating on real and fake, + lecam_weight * LeCAM. With
+`disc_start: null` and `perceptual_weight: 0` the loss is DALL-E's dVAE ELBO: the pixel term plus
+the `GumbelQuantizer`'s weighted KL to the uniform prior, no discriminator ever trained.
 
 Precision: bf16-mixed or fp32. fp16 is refused: the discriminator's raw step would bypass
 Lightning's gradient scaler, and the adaptive weight's gradient norms overflow in fp16 anyway.
@@ -94,8 +96,9 @@ class LossConfig:
     mean(softplus(-D(x_hat))) (MAGVIT-v2 and Open-MAGVIT2, with a hinge discriminator)."""
     discriminator_loss: Literal["hinge", "non_saturating"] = "hinge"
     """The discriminator's loss: "hinge" or "non_saturating" (binary cross-entropy), both x0.5 as taming."""
-    disc_start: int = 0
-    """Training step from which the discriminator trains and the GAN term enters the generator loss."""
+    disc_start: int | None = 0
+    """Training step from which the discriminator trains and the GAN term enters the generator loss;
+    None never: no GAN (the discriminator is built but never trains)."""
     disc_weight: float = 0.75
     """Weight of the generator's GAN term (times the adaptive factor when adaptive)."""
     adaptive_disc_weight: bool = True
@@ -169,7 +172,8 @@ class VQGAN(L.LightningModule):
     ):
         """
         Args:
-            quantizer: VectorQuantizer, LookupFreeQuantizer, FiniteScalarQuantizer or ResidualQuantizer.
+            quantizer: VectorQuantizer, LookupFreeQuantizer, FiniteScalarQuantizer, ResidualQuantizer or
+                GumbelQuantizer.
             autoencoder: encoder and decoder architecture; defaults to taming's f16 at 256 px.
             discriminator: PatchGAN architecture.
             loss: loss terms and their weights.
@@ -289,7 +293,8 @@ class VQGAN(L.LightningModule):
         opt_g, opt_d = self.optimizers()
         step = self.global_step  # the step this batch contributes to
         finishes_step = self._finishes_step()
-        gan_active = step >= self.loss_config.disc_start
+        gan_active = self.loss_config.disc_start is not None and step >= self.loss_config.disc_start
+        self.tokenizer.quantizer.set_step(step)  # annealed quantizers (Gumbel-softmax) follow the same step
 
         self.toggle_optimizer(opt_g)
         reconstructions, g_loss, logs = self.generator_loss(images, gan_active)

@@ -163,6 +163,15 @@ def test_discriminator_does_not_train_before_disc_start(tmp_path):
     assert discriminator_steps(model) == 2
 
 
+def test_without_disc_start_the_generator_trains_on_its_own_losses_alone(tmp_path):
+    model = tiny_vqgan(loss=LossConfig(pretrained_lpips=False, disc_start=None))
+    initial = {k: v.clone() for k, v in model.discriminator.state_dict().items()}
+    fit = trainer(tmp_path, max_steps=3)
+    fit.fit(model, loader())
+    assert discriminator_steps(model) == 0 and "train/g_loss" not in fit.callback_metrics
+    assert all(torch.equal(initial[k], v) for k, v in model.discriminator.state_dict().items())
+
+
 class InspectGeneratorStep(L.Callback):
     """The generator's backward (the first of each batch) leaves the discriminator without gradient,
     and the generator's update leaves the discriminator where the batch found it."""
