@@ -16,6 +16,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
+from callbacks.reconstructions import ReconstructionLogger
 from callbacks.samples import SampleLogger
 
 from lightning_modules.fsdp import AtomicModelParallelStrategy
@@ -23,8 +24,9 @@ from lightning_modules.parallel import unwrapped_name
 from lightning_modules.prior import TextImagePrior, load_prior
 from tessera.commands.cli import main
 from tessera.nn.transformer import Block, TransformerConfig
-from tests.distributed import run_distributed
-from tests.test_exact_resume import prior_run, write_token_shards
+from lightning_modules.vqgan import OptimizerConfig, load_tokenizer
+from tests.distributed import as_launched_rank, run_distributed
+from tests.test_exact_resume import prior_run, vqgan_run, write_token_shards
 from tests.test_prior import Tokens, tokenizer_dir  # noqa: F401 (tokenizer_dir: a fixture)
 from tests.test_prior import tiny_prior as tiny_prior_with_tokenizer
 
@@ -67,25 +69,29 @@ def test_weight_decay_falls_on_the_matrices_of_an_fsdp1_wrapped_prior():
 
 
 class RecordLosses(L.Callback):
+    """Every training step's logged losses by name (train/loss, train/d_loss, ...)."""
+
     def __init__(self):
-        self.losses: list[float] = []
+        self.losses: list[dict[str, float]] = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.losses.append(outputs["loss"].item())
+        metrics = trainer.callback_metrics
+        self.losses.append({name: metrics[name].item() for name in metrics if name.startswith("train/") and "loss" in name})
 
 
-def fit_prior(shards: str, root: Path, strategy, steps: int, ckpt_path: Path | None = None) -> list[float]:
-    """The losses of a 2-process run of the prior (dropout, caption dropout, clipping) that saves a
-    checkpoint every 2 steps, or resumes from `ckpt_path`."""
-    model, data = prior_run(shards)
+def fit_run(make_run, shards: str, root: Path, strategy, steps: int, ckpt_path: Path | None = None,
+            callbacks: tuple[L.Callback, ...] = ()):
+    """(losses, model) of a 2-process run of `make_run`'s model and data (tests.test_exact_resume) that
+    saves a checkpoint every 2 steps, or resumes from `ckpt_path`."""
+    model, data = make_run(shards)
     losses = RecordLosses()
     every_2 = ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=2, save_top_k=-1)
     if ckpt_path is not None:  # a fresh process's RNGs would be anywhere: resume must not depend on them
         torch.manual_seed(1234)
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_steps=steps, default_root_dir=root,
-                        logger=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[losses, every_2])
+                        logger=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[losses, every_2, *callbacks])
     trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
-    return losses.losses
+    return losses.losses, model
 
 
 def _prior_under_ddp_and_fsdp2(rank: int, world_size: int, root: str) -> dict:
@@ -96,10 +102,10 @@ def _prior_under_ddp_and_fsdp2(rank: int, world_size: int, root: str) -> dict:
     shards = write_token_shards(root) if rank == 0 else str(root / "{00000..00002}.tar")
     torch.distributed.barrier()
     # 24 samples an epoch, 12 per rank in batches of 4: step 2 is mid-epoch
-    ddp = fit_prior(shards, root / "ddp", DDPStrategy(), steps=4)
-    fsdp2 = fit_prior(shards, root / "fsdp2", AtomicModelParallelStrategy(), steps=4)
+    ddp, _ = fit_run(prior_run, shards, root / "ddp", DDPStrategy(), steps=4)
+    fsdp2, _ = fit_run(prior_run, shards, root / "fsdp2", AtomicModelParallelStrategy(), steps=4)
     (middle,) = (root / "fsdp2" / "ckpt").glob("*step=2.ckpt")
-    resumed = fit_prior(shards, root / "resumed", AtomicModelParallelStrategy(), steps=4, ckpt_path=middle)
+    resumed, _ = fit_run(prior_run, shards, root / "resumed", AtomicModelParallelStrategy(), steps=4, ckpt_path=middle)
     return {"ddp": ddp, "fsdp2": fsdp2, "resumed": resumed}
 
 
@@ -109,16 +115,69 @@ def test_the_prior_under_fsdp2_trains_as_under_ddp_and_resumes_mid_epoch_bitwise
     for rank in ranks:
         torch.testing.assert_close(rank["fsdp2"], rank["ddp"])
         assert rank["resumed"] == rank["fsdp2"][2:]
-
-    def exported(run: str) -> dict[str, torch.Tensor]:
-        (last,) = (tmp_path / run / "ckpt").glob("*step=4.ckpt")
-        assert main(["export", "--checkpoint", str(last), "--out", str(tmp_path / run / "export")]) == 0
-        return load_file(tmp_path / run / "export" / "model.safetensors")
-
-    ddp, fsdp2, resumed = exported("ddp"), exported("fsdp2"), exported("resumed")
+    ddp, fsdp2, resumed = (exported(tmp_path, run) for run in ("ddp", "fsdp2", "resumed"))
+    assert ddp.keys() == fsdp2.keys() == resumed.keys()
     for name in ddp:
         torch.testing.assert_close(fsdp2[name], ddp[name], msg=name)
         assert torch.equal(resumed[name], fsdp2[name]), name
+
+
+def exported(root: Path, run: str) -> dict[str, torch.Tensor]:
+    """The weights `tessera export` writes from the step-4 checkpoint of `root / run`."""
+    (last,) = (root / run / "ckpt").glob("*step=4.ckpt")
+    assert main(["export", "--checkpoint", str(last), "--out", str(root / run / "export")]) == 0
+    return load_file(root / run / "export" / "model.safetensors")
+
+
+# --- the tokenizer under FSDP2 ----------------------------------------------------------------
+
+
+def tokenizer_run(shards: str):
+    """The exact-resume tests' tokenizer (dropout, dead-code restarts into a learned codebook, the
+    adaptive GAN weight from step 0), with an EMA and a clip that binds, by the norm over all shards."""
+    return vqgan_run(shards, ema_decay=0.9, optimizer=OptimizerConfig(lr=1e-3, gradient_clip_val=0.05))
+
+
+IMAGES = torch.linspace(-1, 1, 2 * 3 * 32 * 32).reshape(2, 3, 32, 32)
+
+
+def _tokenizer_under_ddp_and_fsdp2(rank: int, world_size: int, shards: str, root: str) -> dict:
+    torch.set_num_threads(1)
+    multiprocessing.set_start_method("fork", force=True)  # loader workers fork, as under a launcher
+    as_launched_rank(rank, world_size)
+    root = Path(root)
+    # 40 samples an epoch, 20 per rank in batches of 4: step 2 is mid-epoch
+    ddp, _ = fit_run(tokenizer_run, shards, root / "ddp", DDPStrategy(), steps=4)
+    # reconstructions logged mid-run: every rank joins the gathers, in eval mode, changing no training step
+    reconstructions = ReconstructionLogger(every_n_steps=2, num_images=2)
+    fsdp2, model = fit_run(tokenizer_run, shards, root / "fsdp2", AtomicModelParallelStrategy(), steps=4,
+                           callbacks=(reconstructions,))
+    (middle,) = (root / "fsdp2" / "ckpt").glob("*step=2.ckpt")
+    resumed, _ = fit_run(tokenizer_run, shards, root / "resumed", AtomicModelParallelStrategy(), steps=4, ckpt_path=middle)
+    ids = model.encode(IMAGES)  # every rank, the sharded EMA tokenizer
+    return {"ddp": ddp, "fsdp2": fsdp2, "resumed": resumed, "ids": ids, "images": model.decode(ids)}
+
+
+
+@pytest.mark.slow
+def test_the_tokenizer_under_fsdp2_trains_as_under_ddp_resumes_mid_epoch_bitwise_and_exports(tmp_path, shapes_dir):
+    ranks = run_distributed(_tokenizer_under_ddp_and_fsdp2, str(shapes_dir / "{00000..00002}.tar"), str(tmp_path))
+    for rank in ranks:
+        assert {"train/loss", "train/d_loss", "train/g_loss"} <= rank["fsdp2"][0].keys()
+        # fp32 to its rounding: a reduce-scatter sums the ranks' gradients in another order than an
+        # all-reduce. (The weights are not compared: a conv bias before a per-channel GroupNorm has a
+        # zero gradient up to that rounding, which Adam divides by its own tiny moment into whole steps.)
+        torch.testing.assert_close(rank["fsdp2"], rank["ddp"], rtol=1e-5, atol=1e-6)
+        assert rank["resumed"] == rank["fsdp2"][2:]
+    fsdp2, resumed = exported(tmp_path, "fsdp2"), exported(tmp_path, "resumed")
+    assert fsdp2.keys() == resumed.keys()
+    assert not [name for name in fsdp2 if not torch.equal(resumed[name], fsdp2[name])]
+    assert (tmp_path / "fsdp2" / "reconstructions" / "step_00000004.png").is_file()
+    (checkpoint,) = (tmp_path / "fsdp2" / "ckpt").glob("*step=4.ckpt")
+    unsharded = load_tokenizer(checkpoint)  # the EMA weights, as the export holds them
+    for rank in ranks:
+        assert torch.equal(unsharded.encode(IMAGES), rank["ids"])
+        torch.testing.assert_close(unsharded.decode(rank["ids"]), rank["images"])
 
 
 class Killed(BaseException):
@@ -163,3 +222,4 @@ def test_fsdp2_samples_on_every_rank_and_a_save_killed_midway_leaves_the_previou
     unsharded = load_prior(tmp_path / "export").generate(PROMPTS, seed=0)
     for rank in ranks:
         torch.testing.assert_close(rank["images"], unsharded)
+
