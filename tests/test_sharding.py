@@ -10,6 +10,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import DDPStrategy
@@ -19,15 +20,17 @@ from torch.utils.data import DataLoader
 from callbacks.reconstructions import ReconstructionLogger
 from callbacks.samples import SampleLogger
 
-from lightning_modules.fsdp import AtomicModelParallelStrategy
+from lightning_modules.fsdp import AtomicModelParallelStrategy, is_sharded_checkpoint
 from lightning_modules.parallel import unwrapped_name
 from lightning_modules.prior import TextImagePrior, load_prior
 from tessera.commands.cli import main
+from tessera.commands.fit import checkpoint_dir, newest_checkpoint
 from tessera.nn.transformer import Block, TransformerConfig
 from lightning_modules.vqgan import OptimizerConfig, load_tokenizer
 from tests.distributed import as_launched_rank, run_distributed
-from tests.test_exact_resume import prior_run, vqgan_run, write_token_shards
+from tests.test_exact_resume import TEXT_LENGTH, prior_run, vqgan_run, write_token_shards
 from tests.test_prior import Tokens, tokenizer_dir  # noqa: F401 (tokenizer_dir: a fixture)
+from tests.test_vqgan import REPO
 from tests.test_prior import tiny_prior as tiny_prior_with_tokenizer
 
 PROMPTS = ["a red circle", "two blue squares"]
@@ -223,3 +226,78 @@ def test_fsdp2_samples_on_every_rank_and_a_save_killed_midway_leaves_the_previou
     for rank in ranks:
         torch.testing.assert_close(rank["images"], unsharded)
 
+
+# --- every stage config under every trainer config ----------------------------------------------
+
+STAGE_CONFIGS = sorted((REPO / "configs" / "tokenizer").glob("*.yaml")) + sorted((REPO / "configs" / "prior").glob("*.yaml"))
+TRAINER_CONFIGS = sorted((REPO / "configs" / "trainer").glob("*.yaml"))
+# the one pair refused at start-up, with this message: FSDP2 does not run taming's BatchNorm discriminator
+REFUSED = {("taming_f16_16384.yaml", "fsdp.yaml"): "discriminator.norm 'batch' is not supported under FSDP2"}
+
+
+def tiny_fit_arguments(stage: Path, trainer: Path, images: str, tokens: str, root: Path) -> list[str]:
+    """Overrides that shrink a stage config's model to a few thousand parameters and run it for a
+    step on two CPU processes, on the tests' 32 px shapes (tokenizer) or token shards (prior); with
+    the GAN on from the first step, so both optimizers step."""
+    arguments = [
+        "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.num_nodes=1", "--trainer.precision=32",
+        "--trainer.max_steps=1", "--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=false",
+        f"--trainer.default_root_dir={root}", "--data.batch_size=2", "--data.num_workers=0",
+    ]
+    model = yaml.safe_load(stage.read_text())["model"]["init_args"]
+    if "quantizer" in model:
+        if model["discriminator"]["norm"] == "batch" and trainer.name == "ddp.yaml":
+            # SyncBatchNorm runs on GPUs only: on two CPU processes taming's discriminator takes GroupNorm
+            arguments.append("--model.init_args.discriminator.norm=group")
+        small = {"dim": 4, "codebook_size": 32, "depth": 2}
+        quantizer = model["quantizer"]["init_args"]
+        return arguments + [
+            "--model.init_args.autoencoder.ch=8", "--model.init_args.autoencoder.ch_mult=[1,2]",
+            "--model.init_args.autoencoder.num_res_blocks=1", "--model.init_args.autoencoder.z_channels=8",
+            "--model.init_args.autoencoder.image_size=32", "--model.init_args.discriminator.ndf=8",
+            "--model.init_args.discriminator.n_layers=1", "--model.init_args.loss.pretrained_lpips=false",
+            "--model.init_args.loss.disc_start=0",
+            *(f"--model.init_args.quantizer.init_args.{name}={value}" for name, value in small.items() if name in quantizer),
+            f"--data.train_shards={images}", "--data.image_size=32",
+        ]
+    return arguments + [
+        "--model.init_args.tokenizer=null", "--model.init_args.transformer.n_layer=1", "--model.init_args.transformer.n_head=2",
+        "--model.init_args.transformer.n_embd=16", f"--model.init_args.transformer.text_length={TEXT_LENGTH}",
+        "--model.init_args.transformer.image_vocab_size=64", "--model.init_args.transformer.image_grid=4",
+        f"--data.train_shards={tokens}", "--data.train_samples=24", "--data.image_tokens=true",
+        f"--data.text_length={TEXT_LENGTH}",
+    ]
+
+
+def _every_stage_under_every_trainer(rank: int, world_size: int, images: str, root: str) -> list[tuple[str, str]]:
+    torch.set_num_threads(1)
+    as_launched_rank(rank, world_size)
+    root = Path(root)
+    tokens = write_token_shards(root) if rank == 0 else str(root / "{00000..00002}.tar")
+    torch.distributed.barrier()
+    trained = []
+    for stage in STAGE_CONFIGS:
+        for trainer in TRAINER_CONFIGS:
+            run = root / f"{stage.parent.name}-{stage.stem}-{trainer.stem}"
+            argv = ["fit", "--config", str(stage), "--config", str(trainer), *tiny_fit_arguments(stage, trainer, images, tokens, run)]
+            refused = REFUSED.get((stage.name, trainer.name))
+            if refused:
+                with pytest.raises(ValueError, match=refused):
+                    main(argv)
+                continue
+            assert main(argv) == 0
+            trained.append((stage.name, trainer.name))
+    return trained
+
+
+@pytest.mark.slow
+def test_every_stage_config_trains_under_every_trainer_config_on_two_processes(tmp_path, shapes_dir):
+    """README: `configs/tokenizer/*.yaml` and `configs/prior/*.yaml` with `configs/trainer/ddp.yaml` or
+    `fsdp.yaml`; every pair starts and takes its steps, but the refused one, which says why at start-up."""
+    ranks = run_distributed(_every_stage_under_every_trainer, str(shapes_dir / "00000.tar"), str(tmp_path))
+    pairs = {(stage.name, trainer.name) for stage in STAGE_CONFIGS for trainer in TRAINER_CONFIGS}
+    assert ranks[0] == ranks[1] and set(ranks[0]) == pairs - set(REFUSED)
+    for stage in STAGE_CONFIGS:
+        run = tmp_path / f"{stage.parent.name}-{stage.stem}-fsdp"
+        if (stage.name, "fsdp.yaml") not in REFUSED:
+            assert is_sharded_checkpoint(newest_checkpoint(checkpoint_dir(run))), stage.name
