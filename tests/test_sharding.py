@@ -3,9 +3,11 @@ wrapping, FSDP2 against DDP, its checkpoints, resume and export."""
 
 from __future__ import annotations
 
+import copy
 import multiprocessing
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
@@ -15,17 +17,19 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import DDPStrategy
 from safetensors.torch import load_file
+from torch.distributed.device_mesh import init_device_mesh
 from torch.utils.data import DataLoader
 
 from callbacks.reconstructions import ReconstructionLogger
 from callbacks.samples import SampleLogger
 
 from lightning_modules.fsdp import AtomicModelParallelStrategy, is_sharded_checkpoint
-from lightning_modules.parallel import unwrapped_name
+from lightning_modules.parallel import shard_in_fp32, unwrapped_name
 from lightning_modules.prior import TextImagePrior, load_prior
 from tessera.commands.cli import main
 from tessera.commands.fit import checkpoint_dir, newest_checkpoint
 from tessera.nn.transformer import Block, TransformerConfig
+from tessera.nn.vector_quantizer import VectorQuantizer
 from lightning_modules.vqgan import OptimizerConfig, load_tokenizer
 from tests.distributed import as_launched_rank, run_distributed
 from tests.test_exact_resume import TEXT_LENGTH, prior_run, vqgan_run, write_token_shards
@@ -133,6 +137,27 @@ def exported(root: Path, run: str) -> dict[str, torch.Tensor]:
 
 
 # --- the tokenizer under FSDP2 ----------------------------------------------------------------
+
+
+def _codebook_restarted_under_fsdp2(rank: int, world_size: int) -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    # 15 codes over 2 ranks: shards of 8 and 7 rows; a threshold of 2 restarts every code at the first step
+    quantizer = VectorQuantizer(dim=4, codebook_size=15, dead_code_threshold=2.0)
+    unsharded, initial = copy.deepcopy(quantizer), quantizer.codebook.detach().clone()
+    strategy = SimpleNamespace(data_parallel_mesh=init_device_mesh("cpu", (world_size,)), reshard_after_forward=True)
+    shard_in_fp32(quantizer, strategy)
+    z = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(rank))
+    for module in (quantizer, unsharded):  # the same collectives, in the same order, on both ranks
+        torch.manual_seed(1)
+        module(z)
+    return {"initial": initial, "sharded": quantizer.codebook.detach().full_tensor(), "unsharded": unsharded.codebook.detach()}
+
+
+def test_dead_code_restarts_in_a_forward_reach_the_codebooks_shards():
+    for rank in run_distributed(_codebook_restarted_under_fsdp2):
+        assert not torch.equal(rank["unsharded"], rank["initial"])
+        assert torch.equal(rank["sharded"], rank["unsharded"])
+
 
 
 def tokenizer_run(shards: str):
