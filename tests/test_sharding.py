@@ -1,5 +1,6 @@
 """The prior and the tokenizer sharded over 2 CPU processes (gloo): optimizer groups chosen before
-wrapping, FSDP2 against DDP, its checkpoints, resume and export."""
+wrapping, FSDP2 against DDP, its checkpoints, resume and export, and every stage config under every
+trainer config through `tessera fit`."""
 
 from __future__ import annotations
 
