@@ -39,9 +39,8 @@ from datamodules.text import clean_caption, new_text_tokenizer
 from lightning_modules.clipping import clip_grad_norm
 from lightning_modules.fsdp import AtomicModelParallelStrategy, checkpoint_hyperparameters, is_sharded_checkpoint
 from lightning_modules.nonfinite import NonFiniteLossGuard, drop_gradients
-from lightning_modules.parallel import adjust_ddp, shard
+from lightning_modules.parallel import FrozenModule, adjust_ddp, shard
 from lightning_modules.prior import (
-    FrozenModule,
     PriorOptimizerConfig,
     adamw_with_schedule,
     load_prior,

@@ -34,7 +34,6 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
-import torch.distributed.checkpoint as dcp
 import torch.nn as nn
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_warn
@@ -47,16 +46,17 @@ from lightning_modules.fsdp import (
     AtomicModelParallelStrategy,
     checkpoint_hyperparameters,
     is_sharded_checkpoint,
-    sharded_weights_key,
+    load_sharded_state,
 )
 from lightning_modules.nonfinite import NonFiniteLossGuard, drop_gradients
-from lightning_modules.parallel import adjust_ddp, shard, unwrapped_name
+from lightning_modules.parallel import FrozenModule, adjust_ddp, shard, unwrapped_name
 from lightning_modules.vqgan import load_tokenizer
 from tessera.flops import peak_bf16_flops
 from tessera.lr_schedule import decay_end, lr_factor
 from tessera.nn.transformer import TextImageTransformer, TransformerConfig
 from tessera.nn.vq_tokenizer import CONFIG_FILE, WEIGHTS_FILE, VQTokenizer
 from tessera.sampling import SamplingConfig, sample_image_tokens
+
 
 @dataclass
 class PriorOptimizerConfig:
@@ -95,19 +95,6 @@ def adamw_with_schedule(groups: list[dict], config: PriorOptimizerConfig, device
 
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
-
-
-class FrozenModule:
-    """Holds a module outside its owner's module tree, in eval mode without gradients."""
-
-    def __init__(self, module: nn.Module):
-        self.module = module.requires_grad_(False).eval()
-
-    def on(self, device: torch.device) -> nn.Module:
-        """The module, moved to `device` first if it is elsewhere."""
-        if next(self.module.parameters()).device != device:
-            self.module.to(device)
-        return self.module
 
 
 class TextImagePrior(L.LightningModule):
@@ -509,13 +496,7 @@ def load_transformer_weights(transformer: nn.Module, path: str | Path, prefix: s
         transformer.load_state_dict(load_file(path / WEIGHTS_FILE))
         return
     if is_sharded_checkpoint(path):
-        # DCP reads into the tensors it is given, each whole from the shards of every rank that
-        # saved one; only the "model" entries are asked for, so the optimizer shards stay on disk.
-        # no_dist: this process alone, even where a process group exists (after a fit).
-        key = sharded_weights_key(path)
-        state = {key: {prefix + name: tensor for name, tensor in transformer.state_dict().items()}}
-        dcp.load(state, checkpoint_id=path, no_dist=True)
-        weights = state[key]
+        weights = load_sharded_state(path, prefix, transformer.state_dict())
     else:
         weights = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["state_dict"]
     transformer.load_state_dict({name.removeprefix(prefix): w for name, w in weights.items() if name.startswith(prefix)})

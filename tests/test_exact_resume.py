@@ -121,13 +121,15 @@ def write_token_shards(directory: Path, id_shape: tuple[int, ...] = (4, 4)) -> s
     return str(directory / "{00000..00002}.tar")
 
 
-def vqgan_run(shards: str):
-    """The tokenizer with dropout and dead-code restarts (global RNG), and 40 samples an epoch in batches of 4."""
+def vqgan_run(shards: str, **overrides):
+    """The tokenizer with dropout and dead-code restarts (global RNG), and 40 samples an epoch in batches
+    of 4; `overrides` replace VQGAN's arguments."""
     torch.manual_seed(0)
     model = tiny_vqgan(
         image_size=32,
         quantizer=VectorQuantizer(dim=4, codebook_size=32, dead_code_threshold=0.5),
         autoencoder=AutoencoderConfig(ch=8, ch_mult=(1, 2), num_res_blocks=1, z_channels=8, image_size=32, dropout=0.2),
+        **overrides,
     )
     data = CaptionImageDataModule(shards, image_size=32, batch_size=4, num_workers=2, text_length=TEXT_LENGTH,
                                   train_samples=40, shuffle_buffer=8)
