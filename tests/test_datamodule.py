@@ -1,4 +1,3 @@
-import json
 
 import lightning as L
 import pytest

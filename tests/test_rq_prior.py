@@ -90,7 +90,7 @@ def test_rq_prior_learns_the_codes_of_the_shapes_set_through_a_frozen_residual_t
 def test_a_tokenizer_of_one_id_per_position_or_another_depth_is_refused_at_start_up(tmp_path, tokenizer_dir):
     with pytest.raises(ValueError, match="one id per position .VectorQuantizer.*TextImagePrior"):
         tiny_rq_prior(tokenizer_dir)
-    rq = tiny_vqgan(
+    tiny_vqgan(
         image_size=32, quantizer=ResidualQuantizer(dim=4, codebook_size=64, depth=3),
         autoencoder=AutoencoderConfig(ch=8, ch_mult=(1, 2, 2, 2), num_res_blocks=1, z_channels=8, image_size=32),
     ).tokenizer.save_pretrained(tmp_path / "depth3")
