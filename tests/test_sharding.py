@@ -5,6 +5,7 @@ trainer config through `tessera fit`."""
 from __future__ import annotations
 
 import copy
+import math
 import multiprocessing
 import os
 from pathlib import Path
@@ -88,15 +89,15 @@ class RecordLosses(L.Callback):
 
 
 def fit_run(make_run, shards: str, root: Path, strategy, steps: int, ckpt_path: Path | None = None,
-            callbacks: tuple[L.Callback, ...] = ()):
-    """(losses, model) of a 2-process run of `make_run`'s model and data (tests.test_exact_resume) that
-    saves a checkpoint every 2 steps, or resumes from `ckpt_path`."""
+            callbacks: tuple[L.Callback, ...] = (), devices: int = 2):
+    """(losses, model) of a run of `make_run`'s model and data (tests.test_exact_resume) on `devices`
+    processes that saves a checkpoint every 2 steps, or resumes from `ckpt_path`."""
     model, data = make_run(shards)
     losses = RecordLosses()
     every_2 = ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=2, save_top_k=-1)
     if ckpt_path is not None:  # a fresh process's RNGs would be anywhere: resume must not depend on them
         torch.manual_seed(1234)
-    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_steps=steps, default_root_dir=root,
+    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_steps=steps, default_root_dir=root,
                         logger=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[losses, every_2, *callbacks])
     trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
     return losses.losses, model
@@ -118,7 +119,7 @@ def _prior_under_ddp_and_fsdp2(rank: int, world_size: int, root: str) -> dict:
 
 
 @pytest.mark.slow
-def test_the_prior_under_fsdp2_trains_as_under_ddp_and_resumes_mid_epoch_bitwise(tmp_path):
+def test_the_prior_under_fsdp2_trains_as_under_ddp_and_resumes_mid_epoch_bitwise_and_on_one_process(tmp_path):
     ranks = run_distributed(_prior_under_ddp_and_fsdp2, str(tmp_path))
     for rank in ranks:
         torch.testing.assert_close(rank["fsdp2"], rank["ddp"])
@@ -129,12 +130,42 @@ def test_the_prior_under_fsdp2_trains_as_under_ddp_and_resumes_mid_epoch_bitwise
         torch.testing.assert_close(fsdp2[name], ddp[name], msg=name)
         assert torch.equal(resumed[name], fsdp2[name]), name
 
+    # on another world size DCP reshards: the 2-process step-2 checkpoint loads whole into one
+    # process, which trains on to step 4 (the interrupted epoch's remaining batches afresh, as documented)
+    (one,) = run_distributed(_resume_fsdp2_on_one_process, str(tmp_path), world_size=1)
+    middle = exported(tmp_path, "fsdp2", step=2)
+    assert one["start"].keys() == middle.keys()
+    for name, weight in middle.items():
+        assert torch.equal(one["start"][name], weight), name
+    assert len(one["losses"]) == 2 and all(math.isfinite(v) for step in one["losses"] for v in step.values())
 
-def exported(root: Path, run: str) -> dict[str, torch.Tensor]:
-    """The weights `tessera export` writes from the step-4 checkpoint of `root / run`."""
-    (last,) = (root / run / "ckpt").glob("*step=4.ckpt")
-    assert main(["export", "--checkpoint", str(last), "--out", str(root / run / "export")]) == 0
-    return load_file(root / run / "export" / "model.safetensors")
+
+class RecordStartingWeights(L.Callback):
+    """The whole weights (DTensors gathered) the model starts training with, after any restore."""
+
+    def on_train_start(self, trainer, pl_module):
+        state = pl_module.transformer.state_dict()
+        self.weights = {name: getattr(w, "full_tensor", lambda w=w: w)().detach().clone() for name, w in state.items()}
+
+
+def _resume_fsdp2_on_one_process(rank: int, world_size: int, root: str) -> dict:
+    torch.set_num_threads(1)
+    multiprocessing.set_start_method("fork", force=True)
+    os.environ.update(LOCAL_RANK=str(rank), NODE_RANK="0", WORLD_SIZE=str(world_size))
+    root = Path(root)
+    (middle,) = (root / "fsdp2" / "ckpt").glob("*step=2.ckpt")
+    start = RecordStartingWeights()
+    losses, _ = fit_run(prior_run, str(root / "{00000..00002}.tar"), root / "one", AtomicModelParallelStrategy(), steps=4,
+                        ckpt_path=middle, callbacks=(start,), devices=1)
+    return {"losses": losses, "start": start.weights}
+
+
+def exported(root: Path, run: str, step: int = 4) -> dict[str, torch.Tensor]:
+    """The weights `tessera export` writes from the step-`step` checkpoint of `root / run`."""
+    (checkpoint,) = (root / run / "ckpt").glob(f"*step={step}.ckpt")
+    out = root / run / f"export-{step}"
+    assert main(["export", "--checkpoint", str(checkpoint), "--out", str(out)]) == 0
+    return load_file(out / "model.safetensors")
 
 
 # --- the tokenizer under FSDP2 ----------------------------------------------------------------
