@@ -52,6 +52,7 @@ from lightning_modules.parallel import adjust_ddp, shard, unwrapped_name
 from lightning_modules.vqgan import load_tokenizer
 from tessera.flops import peak_bf16_flops
 from tessera.lr_schedule import lr_factor
+from tessera.nn.multiscale_tokenizer import MultiScaleIds
 from tessera.nn.transformer import TextImageTransformer, TransformerConfig
 from tessera.nn.vq_tokenizer import CONFIG_FILE, WEIGHTS_FILE, VQTokenizer
 from tessera.sampling import SamplingConfig, sample_image_tokens
@@ -106,6 +107,7 @@ class TextImagePrior(L.LightningModule):
         compile: bool = False,
         peak_flops: float | None = None,
         sampling: SamplingConfig | None = None,
+        fine_stage: str | None = None,
     ):
         """
         Args:
@@ -126,6 +128,9 @@ class TextImagePrior(L.LightningModule):
             sampling: how this prior's images are drawn unless told otherwise (`generate` without
                 settings, `tessera sample`, `tessera evaluate`): the settings it was tuned with,
                 kept in its checkpoints and exports. None: SamplingConfig's defaults.
+            fine_stage: with a multi-scale `tokenizer`, whose coarse map this prior models: a
+                FineStage checkpoint or export; `generate` then draws the fine map from every
+                sampled coarse map and decodes both. None decodes the coarse map alone.
         """
         super().__init__()
         if isinstance(transformer, dict):  # a checkpoint's hyperparameters
@@ -151,6 +156,7 @@ class TextImagePrior(L.LightningModule):
                 "optimizer": asdict(self.optimizer_config),
                 "compile": compile,
                 "sampling": asdict(sampling) if sampling is not None else None,
+                "fine_stage": fine_stage,
             }
         )
         self.transformer = build_transformer(self.config, text_loss_weight)
@@ -163,6 +169,7 @@ class TextImagePrior(L.LightningModule):
         self.image_tokenizer = FrozenModule(load_tokenizer(tokenizer)) if tokenizer is not None else None
         if self.image_tokenizer is not None:
             check_tokenizer_fits(self.image_tokenizer.module, self.config, tokenizer)
+        self.fine_stage = self._load_fine_stage(fine_stage, tokenizer)
         null = self.captions([""])  # the empty caption: what caption dropout trains and guidance contrasts with
         self.register_buffer("null_text_ids", null.ids[0], persistent=False)  # (T,)
         self.register_buffer("null_text_mask", null.mask[0], persistent=False)  # (T,)
@@ -174,6 +181,17 @@ class TextImagePrior(L.LightningModule):
         self._device_peak_flops: float | None = None  # what MFU divides by, found at the start of training
         self._last_step_time: float | None = None
         self.nonfinite = NonFiniteLossGuard(self.optimizer_config.max_nonfinite_steps)
+
+    def _load_fine_stage(self, path: str | None, tokenizer: str | None) -> FrozenModule | None:
+        if path is None:
+            return None
+        from lightning_modules.fine_stage import check_fine_stage_fits, load_fine_stage  # it imports this module
+
+        if self.image_tokenizer is None:
+            raise ValueError("a fine_stage needs the multi-scale `tokenizer` whose fine map it draws")
+        stage = load_fine_stage(path)
+        check_fine_stage_fits(self.image_tokenizer.module, stage.config, tokenizer)
+        return FrozenModule(stage)
 
     # -------------------------------------------------------------------------
     # sampling
@@ -191,7 +209,10 @@ class TextImagePrior(L.LightningModule):
         with autocast:
             ids = sample_image_tokens(self.transformer, text_ids, sampling, generator, null_text_ids=self.null_text_ids)
         grid = self.config.image_grid
-        return self.image_tokenizer.on(self.device).decode(ids.view(len(prompts), grid, grid)).float()
+        ids = ids.view(len(prompts), grid, grid)
+        if self.fine_stage is not None:  # the fine map drawn from the coarse one, in one pass
+            ids = MultiScaleIds(ids, self.fine_stage.on(self.device).generate(ids, generator))
+        return self.image_tokenizer.on(self.device).decode(ids).float()
 
     # -------------------------------------------------------------------------
     # training
@@ -217,6 +238,8 @@ class TextImagePrior(L.LightningModule):
             raise ValueError("the batch has images but no `tokenizer` was given to encode them")
         else:
             ids = self.image_tokenizer.on(self.device).encode(batch["images"])
+            if isinstance(ids, MultiScaleIds):  # the prior models the coarse map, the fine stage the fine one
+                ids = ids.coarse
         grid = self.config.image_grid
         if ids.shape[1:] != (grid, grid):
             raise ValueError(
@@ -331,21 +354,7 @@ class TextImagePrior(L.LightningModule):
         ]
 
     def configure_optimizers(self):
-        config = self.optimizer_config
-        groups = self.parameter_groups()
-        # fused kernels on CUDA and CPU: on two CPU cores the tiny prior's step is ~20% faster, its
-        # optimizer step 7x (the 6.3M-entry caption embedding dominates the per-tensor foreach path)
-        fused = {"fused": True} if self.device.type in ("cuda", "cpu") else {}
-        optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, **fused)
-        if config.schedule == "cosine" and self.trainer.max_steps < 0:
-            raise ValueError("optimizer.schedule 'cosine' needs Trainer(max_steps=...): the step it decays to")
-        total_steps = self.trainer.max_steps
-
-        def factor(step: int) -> float:
-            return lr_factor(step, config.warmup_steps, config.schedule, total_steps, config.min_lr_ratio)
-
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+        return adamw_with_schedule(self.parameter_groups(), self.optimizer_config, self.trainer.max_steps, self.device)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["nonfinite"] = self.nonfinite.state_dict()
@@ -363,6 +372,23 @@ class TextImagePrior(L.LightningModule):
             self.trainer.strategy.model.clip_grad_norm_(clip)
         else:
             clip_grad_norm(self, optimizer, clip)
+
+
+def adamw_with_schedule(groups: list[dict], config: PriorOptimizerConfig, max_steps: int, device: torch.device) -> dict:
+    """AdamW over parameter `groups` with `config`'s warm-up and schedule by training step, as
+    `configure_optimizers` returns them (the prior's and the fine stage's)."""
+    # fused kernels on CUDA and CPU: on two CPU cores the tiny prior's step is ~20% faster, its
+    # optimizer step 7x (the 6.3M-entry caption embedding dominates the per-tensor foreach path)
+    fused = {"fused": True} if device.type in ("cuda", "cpu") else {}
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, **fused)
+    if config.schedule == "cosine" and max_steps < 0:
+        raise ValueError("optimizer.schedule 'cosine' needs Trainer(max_steps=...): the step it decays to")
+
+    def factor(step: int) -> float:
+        return lr_factor(step, config.warmup_steps, config.schedule, max_steps, config.min_lr_ratio)
+
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 
 def peak_flops_for_mfu(device: torch.device, peak_flops: float | None) -> float | None:
@@ -448,13 +474,19 @@ def load_transformer_weights(transformer: TextImageTransformer, path: str | Path
 
 
 def load_prior(
-    path: str | Path, map_location: str | torch.device = "cpu", tokenizer: str | Path | None = None
+    path: str | Path,
+    map_location: str | torch.device = "cpu",
+    tokenizer: str | Path | None = None,
+    fine_stage: str | Path | None = None,
 ) -> TextImagePrior:
     """A TextImagePrior in eval mode from a .ckpt file, an FSDP sharded checkpoint directory or a
-    `tessera export` directory; `tokenizer` replaces the stage-1 tokenizer the checkpoint names."""
+    `tessera export` directory; `tokenizer` replaces the stage-1 tokenizer the checkpoint names,
+    `fine_stage` the multi-scale fine stage (or adds one to a prior trained without)."""
     config = prior_config(path)
     if tokenizer is not None:
         config["tokenizer"] = str(tokenizer)
+    if fine_stage is not None:
+        config["fine_stage"] = str(fine_stage)
     prior = TextImagePrior(**config)
     load_transformer_weights(prior.transformer, path)
     return prior.to(map_location).eval()
