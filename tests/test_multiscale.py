@@ -233,3 +233,11 @@ def test_sample_command_runs_prior_fine_stage_and_decoder(tmp_path, multiscale_d
                  "--prompt", "a red circle", "--num-images", "2", "--out", str(out)]) == 0
     assert len(list((out / "images").glob("*.png"))) == 2
     assert json.loads((out / "settings.json").read_text())["fine_stage"] == str(fine_stage_dir)
+
+
+def test_token_shards_of_a_multiscale_tokenizer_hold_its_coarse_map(multiscale_dir):
+    from datamodules.token_shards import encode_images
+
+    uint8 = ((images() + 1) * 127.5).round().to(torch.uint8)
+    ids = encode_images(load_tokenizer(multiscale_dir), uint8, torch.device("cpu"))
+    assert ids.shape == (4, 8, 8)
