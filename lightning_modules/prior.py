@@ -5,6 +5,10 @@ Batches come from CaptionImageDataModule, either with "images" (then the frozen 
 tokenizer encodes them on the fly) or, from token shards (`image_tokens: true`), with
 "image_ids" already made by `tessera tokenize`. Both carry "text_ids" and "text_mask".
 
+With a multi-scale tokenizer (tessera/nn/multiscale_tokenizer.py) the prior models its coarse
+map; a `fine_stage` (lightning_modules/fine_stage.py) draws the fine map from each sampled coarse
+map in `generate`.
+
 Caption dropout replaces a share of the captions with the empty caption, so every model trained
 with the defaults can sample with classifier-free guidance.
 

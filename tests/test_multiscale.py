@@ -21,6 +21,7 @@ from tessera.nn.fine_transformer import FineStageConfig, FineTransformer, local_
 from tessera.nn.finite_scalar_quantizer import FiniteScalarQuantizer
 from tessera.nn.multiscale_tokenizer import MultiScaleIds, MultiScaleQuantizer, MultiScaleTokenizer, upsample
 from tessera.nn.quantizer_base import build_quantizer, quantizer_spec
+from tessera.nn.residual_quantizer import ResidualQuantizer
 from tessera.nn.vector_quantizer import VectorQuantizer
 from tessera.nn.vq_tokenizer import CONFIG_FILE, WEIGHTS_FILE, VQTokenizer
 from tessera.sampling import SamplingConfig
@@ -108,9 +109,11 @@ def test_fine_dropout_trains_some_images_on_their_coarse_codes_alone():
     assert torch.equal(quantizer.eval()(z).z_q, quantizer.ids_to_codes(ids))  # no dropout outside training
 
 
-def test_levels_of_different_widths_are_refused():
+def test_levels_of_different_widths_or_of_several_ids_a_position_are_refused():
     with pytest.raises(ValueError, match="same dim"):
         MultiScaleQuantizer(FiniteScalarQuantizer(COARSE_LEVELS), FiniteScalarQuantizer((3, 3, 3)))
+    with pytest.raises(ValueError, match="one id per position"):
+        MultiScaleQuantizer(VectorQuantizer(dim=2, codebook_size=8), ResidualQuantizer(dim=2, codebook_size=8, depth=2))
 
 
 def test_a_multiscale_tokenizer_is_saved_and_loaded_as_one_with_both_levels(tmp_path):

@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from tessera.nn.quantizer_base import Quantizer, QuantizerOutput, build_quantizer
+from tessera.nn.residual_quantizer import ResidualQuantizer
 from tessera.nn.vq_tokenizer import VQTokenizer
 from tessera.precision import fp32_math
 
@@ -74,8 +75,10 @@ class MultiScaleQuantizer(Quantizer):
     the upsampled coarse codes miss; `QuantizerOutput.ids` is a `MultiScaleIds`.
 
     Args:
-        coarse: the quantizer of the coarse map; its codebook is stage 2's image vocabulary.
-        fine: the quantizer of the fine residual; it takes z of the same channels as `coarse`.
+        coarse: the quantizer of the coarse map (one id per position: a VectorQuantizer,
+            LookupFreeQuantizer or FiniteScalarQuantizer); its codebook is stage 2's image vocabulary.
+        fine: the quantizer of the fine residual, of the same kinds; it takes z of the same
+            channels as `coarse`.
         fine_dropout: share of training images whose fine residual is dropped, so the decoder
             learns to render the coarse map alone too. 0 never drops it.
     """
@@ -90,8 +93,12 @@ class MultiScaleQuantizer(Quantizer):
                 f"the coarse quantizer takes {coarse.dim} channels and the fine one {fine.dim}: the fine level "
                 "quantizes the residual of the same latent, so both need the same dim"
             )
-        if isinstance(coarse, MultiScaleQuantizer) or isinstance(fine, MultiScaleQuantizer):
-            raise ValueError("the levels of a MultiScaleQuantizer are single-scale quantizers")
+        if any(isinstance(level, (MultiScaleQuantizer, ResidualQuantizer)) for level in (coarse, fine)):
+            # the prior and the fine stage each model one id per position of their map
+            raise ValueError(
+                "each level of a MultiScaleQuantizer gives one id per position: use a VectorQuantizer, "
+                "LookupFreeQuantizer or FiniteScalarQuantizer, not a residual or multi-scale one"
+            )
         if not 0.0 <= fine_dropout < 1.0:
             raise ValueError(f"fine_dropout must lie in [0, 1), got {fine_dropout}")
         self.coarse = coarse
