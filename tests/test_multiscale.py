@@ -226,11 +226,17 @@ def test_a_fine_stage_without_a_multiscale_tokenizer_is_refused(tmp_path, fine_s
                        fine_stage=str(fine_stage_dir), text_loss_weight=0.0)
 
 
+def exported_prior(directory: Path, multiscale_dir: Path) -> Path:
+    """A multi-scale prior without a fine stage, as export_prior writes it."""
+    prior = multiscale_prior(multiscale_dir)
+    directory.mkdir()
+    save_file(prior.transformer.state_dict(), str(directory / WEIGHTS_FILE))
+    (directory / CONFIG_FILE).write_text(json.dumps(dict(prior.hparams)))
+    return directory
+
+
 def test_sample_command_runs_prior_fine_stage_and_decoder(tmp_path, multiscale_dir, fine_stage_dir):
-    prior, exported = multiscale_prior(multiscale_dir), tmp_path / "prior"
-    exported.mkdir()  # as export_prior writes it
-    save_file(prior.transformer.state_dict(), str(exported / WEIGHTS_FILE))
-    (exported / CONFIG_FILE).write_text(json.dumps(dict(prior.hparams)))
+    exported = exported_prior(tmp_path / "prior", multiscale_dir)
     out = tmp_path / "samples"
     assert main(["sample", "--prior", str(exported), "--fine-stage", str(fine_stage_dir),
                  "--prompt", "a red circle", "--num-images", "2", "--out", str(out)]) == 0
@@ -244,3 +250,12 @@ def test_token_shards_of_a_multiscale_tokenizer_hold_its_coarse_map(multiscale_d
     uint8 = ((images() + 1) * 127.5).round().to(torch.uint8)
     ids = encode_images(load_tokenizer(multiscale_dir), uint8, torch.device("cpu"))
     assert ids.shape == (4, 8, 8)
+
+
+def test_evaluate_shapes_runs_prior_fine_stage_and_decoder(tmp_path, multiscale_dir, fine_stage_dir):
+    exported = exported_prior(tmp_path / "prior", multiscale_dir)
+    out = tmp_path / "fidelity.json"
+    assert main(["evaluate", "shapes", "--prior", str(exported), "--fine-stage", str(fine_stage_dir),
+                 "--num-samples", "2", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["fine_stage"] == str(fine_stage_dir) and report["image_size"] == 32
