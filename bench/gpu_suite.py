@@ -74,7 +74,7 @@ BENCHMARKS = [
         "transformers GPT-2 of the same shape, eager and compiled (settings gpt2, gpt2+compile)",
         # eager, then compiled as TextImagePrior(compile=True) trains; the whole-loss compile is left to the full run
         gpu=["--batch-size", "64", "--warmup", "2", "--steps", "5",
-             "--settings", "tessera", "gpt2", "tessera+compile-blocks", "gpt2+compile"],
+             "--settings", "tessera", "gpt2", "tessera+compile-blocks-heads", "gpt2+compile"],
         smoke=["--tiny", "--device", "cpu", "--warmup", "0", "--steps", "1", "--settings", "tessera", "gpt2"],
         seconds=200,
         columns=("setting", "tokens_per_s", "mfu", "ms_per_step", "peak_memory_gib", "loss"),
@@ -106,6 +106,14 @@ BENCHMARKS = [
         smoke=["--tiny", "--device", "cpu", "--batch-size", "2", "--warmup", "1", "--steps", "1", "--settings", "reference"],
         seconds=200,
         columns=("setting", "images_per_s", "ms_per_step", "peak_memory_gib"),
+    ),
+    Benchmark(
+        "host_syncs",
+        "the design: 2 syncs a step (the non-finite guard, Lightning's progress-bar read-back of the loss)",
+        gpu=["--warmup", "2", "--steps", "3"],
+        smoke=["--tiny", "--device", "cpu", "--warmup", "1", "--steps", "1", "--settings", "prior", "tokenizer-vq"],
+        seconds=120,
+        columns=("setting", "syncs_per_step", "designed", "measured_steps", "sites"),
     ),
     Benchmark(
         "eval_speed",

@@ -11,7 +11,10 @@ autocast (fp32 weights), backward, gradient-norm clip 1.0, fused AdamW step (lr 
     text 1 : image 7), eager;
   - tessera+compile: the same with `torch.compile` of the whole loss (embeddings, blocks, both
     heads and the cross-entropy in one graph);
-  - tessera+compile-blocks: each Block compiled in place, as `PriorModule(compile=True)` does;
+  - tessera+compile-blocks: each Block compiled in place, the heads and the loss eager;
+  - tessera+compile-blocks-heads: each Block compiled in place and the heads with their fp32
+    cross-entropy as one graph (`TextImageTransformer.head_losses`), as `TextImagePrior(compile=True)`
+    trains;
   - gpt2: the reference a user would otherwise write: `transformers.GPT2LMHeadModel` of the same
     shape (n_positions 320, dropout 0 as ours, SDPA attention, head tied to the input embedding)
     over one joint vocabulary, text ids then image ids offset by 49,408: 65,792 ids, 65,856 with
@@ -58,7 +61,7 @@ from transformers.pytorch_utils import Conv1D
 from tessera.flops import attention_flops, matmul_flops, peak_bf16_flops
 from tessera.nn.transformer import TextImageTransformer, TransformerConfig
 
-SETTINGS = ["tessera", "tessera+compile", "tessera+compile-blocks", "gpt2", "gpt2+compile"]
+SETTINGS = ["tessera", "tessera+compile", "tessera+compile-blocks", "tessera+compile-blocks-heads", "gpt2", "gpt2+compile"]
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -141,9 +144,11 @@ def build(name: str, config: TransformerConfig, batch_size: int, device: torch.d
         loss_fn = model.loss
         if name == "tessera+compile":
             loss_fn = torch.compile(model.loss, **compile_kwargs)
-        elif name == "tessera+compile-blocks":
+        elif name.startswith("tessera+compile-blocks"):
             for block in model.blocks:
                 block.compile(**compile_kwargs)
+            if name == "tessera+compile-blocks-heads":
+                model.head_losses = torch.compile(model.head_losses, **compile_kwargs)
         n_params = model.num_params()
         return Trainee(
             model, lambda: loss_fn(text_ids, text_mask, image_ids)["loss"], n_params, model.flops_per_token()

@@ -16,7 +16,9 @@ from `tessera evaluate stats` (`reference_stats`).
 
 Samples are drawn with a seed per (validation batch, rank), so every evaluated run sees the same
 captions and the same noise and only the model changes. The two callbacks sample separately.
-Sampling runs on each rank alone, so under FSDP (whose forward needs every rank) a prior is refused.
+Under FSDP2 each rank samples its own share with the sharded model, as under DDP, and a rank with
+nothing to take from a batch that another rank samples from draws one sample it drops: every call
+of the sharded model needs all ranks (`callbacks.samples.every_rank_samples`). FSDP1 is refused.
 """
 
 from __future__ import annotations
@@ -26,9 +28,9 @@ from pathlib import Path
 import lightning as L
 import torch
 import torch.nn as nn
-from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 
+from callbacks.samples import every_rank_samples
 from datamodules.stream import without_padding
 from tessera.pixels import to_uint8, to_unit_range
 from tessera.clip_score import ClipScore, with_prefix
@@ -39,15 +41,20 @@ from tessera.sampling import SamplingConfig
 class _ValidationEvaluation(L.Callback):
     """Which validation runs are evaluated, and each rank's share of the samples."""
 
-    def __init__(self, every_n_val_runs: int, num_samples: int, seed: int):
+    def __init__(self, every_n_val_runs: int, num_samples: int, seed: int, sampling: SamplingConfig):
         if every_n_val_runs < 1 or num_samples < 2:
             raise ValueError(f"every_n_val_runs must be >= 1 and num_samples >= 2, got {every_n_val_runs}, {num_samples}")
         self.every_n_val_runs = every_n_val_runs
         self.num_samples = num_samples
         self.seed = seed
+        self.sampling = sampling
         self.val_runs = 0  # validation runs seen, sanity checks excluded
         self.active = False
         self.taken = 0  # samples this rank has taken in the current run
+        self.sharded = False
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.sharded = every_rank_samples(trainer, type(self).__name__)
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.active = False
@@ -73,9 +80,20 @@ class _ValidationEvaluation(L.Callback):
     def batch_seed(self, trainer: L.Trainer, batch_idx: int) -> int:
         return self.seed + batch_idx * trainer.world_size + trainer.global_rank
 
-    def check_prior_strategy(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if hasattr(pl_module, "generate") and isinstance(trainer.strategy, (FSDPStrategy, ModelParallelStrategy)):
-            raise ValueError(f"{type(self).__name__} samples on each rank alone, which FSDP's sharded forward cannot; use DDP")
+    def joins_another_ranks_call(self, trainer: L.Trainer, pl_module: L.LightningModule, take: int, batch: dict) -> bool:
+        """Under FSDP2, when this rank takes nothing from a batch that another rank takes samples
+        from: one sample drawn (or one image reconstructed) and dropped, this rank's part in the
+        other's calls of the sharded model. Returns whether it did."""
+        if not (self.sharded and self.active):
+            return False
+        most = trainer.strategy.reduce(torch.tensor(take, device=pl_module.device), reduce_op="max")  # every rank, every batch
+        if take > 0 or most == 0:
+            return False
+        if hasattr(pl_module, "generate"):
+            pl_module.generate([""], self.sampling, seed=self.seed)
+        else:
+            pl_module.decode(pl_module.encode(_images_uint8_and_unit(batch["images"][:1])[1]))
+        return True
 
     def state_dict(self) -> dict:
         return {"val_runs": self.val_runs}
@@ -120,17 +138,17 @@ class FIDCallback(_ValidationEvaluation):
         temperature: float = 1.0,
         cfg_scale: float = 1.0,
     ):
-        super().__init__(every_n_val_runs, num_samples, seed)
+        sampling = SamplingConfig(top_k=top_k, top_p=top_p, temperature=temperature, cfg_scale=cfg_scale)
+        super().__init__(every_n_val_runs, num_samples, seed, sampling)
         self.inception_weights = inception_weights
         self.feature_extractor = feature_extractor
         self.reference_stats = reference_stats
         self.name = name
-        self.sampling = SamplingConfig(top_k=top_k, top_p=top_p, temperature=temperature, cfg_scale=cfg_scale)
         self.metric: FrechetDistance | None = None
         self.reference: FeatureStats | None = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        self.check_prior_strategy(trainer, pl_module)
+        super().setup(trainer, pl_module, stage)
         if not (hasattr(pl_module, "generate") or hasattr(pl_module, "decode")):
             raise ValueError("FIDCallback needs a prior (generate) or a tokenizer (encode/decode)")
         if self.metric is None:
@@ -154,10 +172,11 @@ class FIDCallback(_ValidationEvaluation):
                 self.metric.set_reference(self.reference)
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
-        batch = without_padding(batch)
-        take = self.take(trainer, batch)
-        if take == 0:
+        real_rows = without_padding(batch)
+        take = self.take(trainer, real_rows)
+        if self.joins_another_ranks_call(trainer, pl_module, take, batch) or take == 0:
             return
+        batch = real_rows
         if "images" not in batch and self.metric.reference is None:
             raise ValueError("FIDCallback: the validation batches have no images (token shards?): pass reference_stats")
         real = fake = None
@@ -222,18 +241,18 @@ class CLIPScoreCallback(_ValidationEvaluation):
         temperature: float = 1.0,
         cfg_scale: float = 1.0,
     ):
-        super().__init__(every_n_val_runs, num_samples, seed)
+        sampling = SamplingConfig(top_k=top_k, top_p=top_p, temperature=temperature, cfg_scale=cfg_scale)
+        super().__init__(every_n_val_runs, num_samples, seed, sampling)
         if clip_weights is not None and not Path(clip_weights).is_file():
             from tessera.clip_rerank import ClipScorer
 
             ClipScorer(clip_model, clip_weights)  # raises the error that names the file and where it comes from
         self.clip_weights, self.clip_model, self.caption_prefix, self.name = clip_weights, clip_model, caption_prefix, name
-        self.sampling = SamplingConfig(top_k=top_k, top_p=top_p, temperature=temperature, cfg_scale=cfg_scale)
         self.scorer = None
         self.metric = ClipScore()
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        self.check_prior_strategy(trainer, pl_module)
+        super().setup(trainer, pl_module, stage)
         if not hasattr(pl_module, "generate"):
             raise ValueError("CLIPScoreCallback needs a prior (a module with generate)")
         if self.scorer is None:
@@ -248,11 +267,11 @@ class CLIPScoreCallback(_ValidationEvaluation):
             self.metric.reset()
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
-        batch = without_padding(batch)
-        take = self.take(trainer, batch)
-        if take == 0:
+        real_rows = without_padding(batch)
+        take = self.take(trainer, real_rows)
+        if self.joins_another_ranks_call(trainer, pl_module, take, batch) or take == 0:
             return
-        captions = list(batch["captions"][:take])
+        captions = list(real_rows["captions"][:take])
         images = pl_module.generate(captions, self.sampling, seed=self.batch_seed(trainer, batch_idx))
         self.metric.update(self.scorer(images, with_prefix(captions, self.caption_prefix)))
 

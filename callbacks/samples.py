@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-
 import lightning as L
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
@@ -11,14 +9,32 @@ from callbacks.image_logging import image_grid, log_image_grid
 from tessera.sampling import SamplingConfig
 
 
+def every_rank_samples(trainer: L.Trainer, callback: str) -> bool:
+    """Whether every rank must sample together: under FSDP2 (ModelParallelStrategy) each call of the
+    sharded model (its `loss`, `prefill` and `decode_step` are FSDP2 forward methods) gathers each
+    block's parameters from all ranks in turn, so a rank that stayed out would leave the others
+    waiting. Sampling so holds no more of the model on a rank than training does (one block's
+    gathered parameters beyond its shard) and keeps every rank at work (the evaluation callbacks
+    split their samples over the ranks as under DDP), where a full state dict gathered on rank 0
+    to sample there would hold the whole model once more (on the GPU, or on the CPU and slow)
+    while the other ranks wait. FSDP1 is refused: it gathers parameters only around its root's
+    forward, and a forward inside `summon_full_params` is forbidden by FSDP's documentation."""
+    if isinstance(trainer.strategy, FSDPStrategy):
+        raise ValueError(
+            f"{callback} cannot sample under FSDPStrategy (FSDP1), which gathers parameters only around its "
+            "root's forward: use FSDP2 (configs/trainer/fsdp.yaml, AtomicModelParallelStrategy) or DDP"
+        )
+    return isinstance(trainer.strategy, ModelParallelStrategy)
+
+
 class SampleLogger(L.Callback):
     """Every `every_n_steps` training steps, samples `images_per_prompt` images for each of
     `prompts` with a fixed seed and logs them as one grid (`samples`, a row per prompt).
 
     The model must offer `generate(prompts, sampling, seed) -> images` (TextImagePrior does).
-    Under DDP only global rank 0 samples, without collectives. Under FSDP every rank must join
-    the parameter gathers, so all ranks sample the same images and rank 0 logs: FSDP1 inside
-    `summon_full_params`, FSDP2 (ModelParallelStrategy) through the gathers of each block's call.
+    Under DDP only global rank 0 samples, without collectives. Under FSDP2 every rank samples the
+    same images with the sharded model (`every_rank_samples`) and rank 0 logs them: the images of
+    one process, whose one seeded draw covers the whole grid.
     """
 
     def __init__(
@@ -42,6 +58,10 @@ class SampleLogger(L.Callback):
         self.seed = seed
         self.sampling = SamplingConfig(top_k=top_k, top_p=top_p, temperature=temperature, cfg_scale=cfg_scale)
         self.last_logged_step = -1
+        self.sharded = False
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.sharded = every_rank_samples(trainer, type(self).__name__)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
         step = trainer.global_step
@@ -49,19 +69,12 @@ class SampleLogger(L.Callback):
         if step % self.every_n_steps or step == self.last_logged_step:
             return
         self.last_logged_step = step
-        sharded = isinstance(trainer.strategy, (FSDPStrategy, ModelParallelStrategy))
-        if not (sharded or trainer.is_global_zero):
+        if not (self.sharded or trainer.is_global_zero):
             return
-        gathered = nullcontext()
-        if isinstance(trainer.strategy, FSDPStrategy):
-            from torch.distributed.fsdp import FullyShardedDataParallel
-
-            gathered = FullyShardedDataParallel.summon_full_params(trainer.strategy.model, writeback=False)
         prompts = [p for p in self.prompts for _ in range(self.images_per_prompt)]
         was_training = pl_module.training
         pl_module.eval()
-        with gathered:
-            images = pl_module.generate(prompts, self.sampling, seed=self.seed)
+        images = pl_module.generate(prompts, self.sampling, seed=self.seed)
         pl_module.train(was_training)
         if trainer.is_global_zero:
             caption = f"step {step}, a row per prompt: " + " | ".join(self.prompts)

@@ -30,7 +30,7 @@ from lightning_modules.clipping import clip_grad_norm
 from lightning_modules.fsdp import checkpoint_hyperparameters
 from lightning_modules.nonfinite import NonFiniteLossGuard, drop_gradients
 from lightning_modules.parallel import adjust_ddp
-from lightning_modules.prior import FrozenModule, PriorOptimizerConfig, adamw_with_schedule
+from lightning_modules.prior import FrozenModule, PriorOptimizerConfig, adamw_with_schedule, host_scalar
 from lightning_modules.vqgan import load_tokenizer
 from tessera.nn.fine_transformer import FineStageConfig, FineTransformer
 from tessera.nn.multiscale_tokenizer import MultiScaleIds, MultiScaleTokenizer
@@ -106,7 +106,7 @@ class FineStage(L.LightningModule):
         loss = self.transformer.loss(ids.coarse, ids.fine)
         self.nonfinite.observe(loss)
         self.log("train/loss", loss, prog_bar=True)
-        self.log("train/nonfinite_skipped", float(self.nonfinite.skipped))
+        self.log("train/nonfinite_skipped", host_scalar(self.nonfinite.skipped))
         return loss
 
     def on_before_optimizer_step(self, optimizer) -> None:

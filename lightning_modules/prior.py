@@ -55,7 +55,7 @@ from lightning_modules.nonfinite import NonFiniteLossGuard, drop_gradients
 from lightning_modules.parallel import adjust_ddp, shard, unwrapped_name
 from lightning_modules.vqgan import load_tokenizer
 from tessera.flops import peak_bf16_flops
-from tessera.lr_schedule import lr_factor
+from tessera.lr_schedule import decay_end, lr_factor
 from tessera.nn.multiscale_tokenizer import MultiScaleIds
 from tessera.nn.transformer import TextImageTransformer, TransformerConfig
 from tessera.nn.vq_tokenizer import CONFIG_FILE, WEIGHTS_FILE, VQTokenizer
@@ -72,7 +72,9 @@ class PriorOptimizerConfig:
     """On weight matrices and embeddings; never on norms and biases."""
     warmup_steps: int = 1000
     schedule: Literal["constant", "cosine"] = "cosine"
-    """Cosine decays to min_lr_ratio * lr at Trainer(max_steps)."""
+    """Cosine decays to min_lr_ratio * lr at decay_steps, flat after."""
+    decay_steps: int | None = None
+    """The step the cosine ends; None: Trainer(max_steps)."""
     min_lr_ratio: float = 0.1
     gradient_clip_val: float | None = 1.0
     """Gradient-norm clip, also under FSDP (Trainer's own option raises there); None does not clip."""
@@ -125,7 +127,9 @@ class TextImagePrior(L.LightningModule):
                 no text head, which dominates a small model's compute (LlamaGen trains no text loss).
             image_loss_weight: weight of the image tokens' cross-entropy (DALL-E: 7 of 8).
             optimizer: AdamW and its schedule.
-            compile: torch.compile each transformer block in place.
+            compile: torch.compile each transformer block in place, and the heads with their fp32
+                cross-entropy as one graph (`TextImageTransformer.head_losses`), whose fp32 logits
+                are then never stored; state-dict keys stay those of the module as built.
             peak_flops: dense bf16 peak FLOP/s of one device, for the logged MFU. None looks the GPU
                 up by name in `tessera.flops.PEAK_BF16_FLOPS`; a GPU not there logs no MFU (and says
                 so once), a CPU none.
@@ -230,6 +234,10 @@ class TextImagePrior(L.LightningModule):
         elif self.hparams.compile:
             for block in self.transformer.blocks:
                 block.compile()
+        if self.hparams.compile:
+            # one graph for the heads and their fp32 cross-entropy, beside the blocks' (compiled in
+            # place, under FSDP2 after sharding); the embeddings stay eager, a lookup each
+            self.transformer.head_losses = torch.compile(self.transformer.head_losses)
 
     def on_train_start(self) -> None:
         self._device_peak_flops = peak_flops_for_mfu(self.device, self.peak_flops)
@@ -265,7 +273,7 @@ class TextImagePrior(L.LightningModule):
         text_ids, text_mask = self.text(batch)
         image_ids = self.image_ids(batch)
         if self.hparams.caption_dropout > 0:
-            dropped = self.dropped_captions(len(text_ids)).to(text_ids.device)  # (B,)
+            dropped = self.dropped_captions(len(text_ids))  # (B,)
             text_ids = torch.where(dropped[:, None], self.null_text_ids, text_ids)
             text_mask = torch.where(dropped[:, None], self.null_text_mask, text_mask)
         losses = self.transformer.loss(
@@ -274,7 +282,7 @@ class TextImagePrior(L.LightningModule):
         self.nonfinite.observe(losses["loss"])
         self.log("train/loss", losses["loss"], prog_bar=True)
         self.log_dict({f"train/{name}": losses[name] for name in ("text_loss", "image_loss") if name in losses})
-        self.log("train/nonfinite_skipped", float(self.nonfinite.skipped))
+        self.log("train/nonfinite_skipped", host_scalar(self.nonfinite.skipped))
         self.log_throughput(len(text_ids))
         return losses["loss"]
 
@@ -285,15 +293,16 @@ class TextImagePrior(L.LightningModule):
             drop_gradients(optimizer)
 
     def dropped_captions(self, batch_size: int) -> torch.Tensor:
-        """(B,) bool: which captions this batch replaces by the empty one.
+        """(B,) bool on the module's device: which captions this batch replaces by the empty one.
 
         Drawn from a generator seeded by the count of training batches so far (saved in the
         checkpoint's loop state) and the rank, not the global RNG, so a resumed run drops exactly
-        the captions the uninterrupted run would have."""
+        the captions the uninterrupted run would have. The generator is on the module's device:
+        a mask drawn on the CPU would be a blocking copy to the GPU every step."""
         batches = self.trainer.fit_loop.epoch_loop.batch_progress.total.ready if self._trainer else 0
         seed = batches * 4096 + self.global_rank
-        generator = torch.Generator().manual_seed(seed)
-        return torch.rand(batch_size, generator=generator) < self.hparams.caption_dropout
+        generator = torch.Generator(self.device).manual_seed(seed)
+        return torch.rand(batch_size, generator=generator, device=self.device) < self.hparams.caption_dropout
 
     def log_throughput(self, batch_size: int) -> None:
         """tokens/s, samples/s and MFU of the whole job, from the wall time between training steps."""
@@ -306,7 +315,7 @@ class TextImagePrior(L.LightningModule):
             logs = {"throughput/samples_per_s": samples_per_s, "throughput/tokens_per_s": tokens_per_s}
             if self._device_peak_flops is not None:
                 logs["throughput/mfu"] = tokens_per_s * self.flops_per_token / (self._device_peak_flops * world)
-            self.log_dict(logs, rank_zero_only=True)
+            self.log_dict({name: host_scalar(value) for name, value in logs.items()}, rank_zero_only=True)
         self._last_step_time = now
 
     # -------------------------------------------------------------------------
@@ -385,14 +394,19 @@ def adamw_with_schedule(groups: list[dict], config: PriorOptimizerConfig, max_st
     # optimizer step 7x (the 6.3M-entry caption embedding dominates the per-tensor foreach path)
     fused = {"fused": True} if device.type in ("cuda", "cpu") else {}
     optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, **fused)
-    if config.schedule == "cosine" and max_steps < 0:
-        raise ValueError("optimizer.schedule 'cosine' needs Trainer(max_steps=...): the step it decays to")
+    total_steps = decay_end(config.schedule, config.decay_steps, max_steps)
 
     def factor(step: int) -> float:
-        return lr_factor(step, config.warmup_steps, config.schedule, max_steps, config.min_lr_ratio)
+        return lr_factor(step, config.warmup_steps, config.schedule, total_steps, config.min_lr_ratio)
 
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def host_scalar(value: float) -> torch.Tensor:
+    """A number to log, as a CPU tensor: Lightning copies a Python number to the module's device,
+    a blocking host-to-GPU copy each time."""
+    return torch.tensor(float(value))
 
 
 def peak_flops_for_mfu(device: torch.device, peak_flops: float | None) -> float | None:

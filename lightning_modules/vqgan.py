@@ -41,7 +41,7 @@ from datamodules.stream import without_padding
 from lightning_modules.clipping import clip_grad_norm
 from lightning_modules.nonfinite import NonFiniteLossGuard, drop_gradients
 from lightning_modules.parallel import adjust_ddp
-from tessera.lr_schedule import lr_factor
+from tessera.lr_schedule import decay_end, lr_factor
 from tessera.nn.autoencoder import AutoencoderConfig
 from tessera.nn.discriminator import PatchDiscriminator
 from tessera.nn.ema import EMA
@@ -53,8 +53,8 @@ from tessera.nn.gan_losses import (
     non_saturating_g_loss,
 )
 from tessera.nn.lpips import LPIPS
-from tessera.nn.quantizer_base import Quantizer, build_quantizer, quantizer_spec, usage_stats
 from tessera.nn.multiscale_tokenizer import MultiScaleIds
+from tessera.nn.quantizer_base import Quantizer, build_quantizer, code_counts, quantizer_spec, usage_stats
 from tessera.nn.vq_tokenizer import VQTokenizer, build_tokenizer
 from tessera.pixels import psnr
 
@@ -127,7 +127,9 @@ class OptimizerConfig:
     warmup_steps: int = 0
     """Linear warm-up from 0 over this many training steps."""
     schedule: Literal["constant", "cosine"] = "constant"
-    """After warm-up: constant, or cosine down to min_lr_ratio * lr at Trainer(max_steps)."""
+    """After warm-up: constant, or cosine down to min_lr_ratio * lr at decay_steps, flat after."""
+    decay_steps: int | None = None
+    """The step the cosine ends; None: Trainer(max_steps)."""
     min_lr_ratio: float = 0.1
     gradient_clip_val: float | None = None
     """Clip each network's gradient norm to this (LlamaGen: 1.0); None does not clip."""
@@ -176,7 +178,8 @@ class VQGAN(L.LightningModule):
             optimizer: learning rates, schedules, clipping, accumulation.
             ema_decay: keep an EMA of the tokenizer's weights, used for validation and export; None keeps none.
             channels_last: NHWC weights and images, the layout tensor cores' convolutions want (GPU).
-            compile: torch.compile the tokenizer and the discriminator in place (same state-dict keys).
+            compile: torch.compile the encoder, the decoder and the discriminator in place (same
+                state-dict keys); the quantizer stays eager.
         """
         super().__init__()
         self.automatic_optimization = False
@@ -233,8 +236,6 @@ class VQGAN(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         check_precision(str(self.trainer.precision))
-        if self.optimizer_config.schedule == "cosine" and self.trainer.max_steps < 0:
-            raise ValueError("optimizer.schedule 'cosine' needs Trainer(max_steps=...): the step it decays to")
 
     def configure_model(self) -> None:
         if self._trainer is not None:  # load_from_checkpoint has no trainer
@@ -243,8 +244,11 @@ class VQGAN(L.LightningModule):
             self.to(memory_format=torch.channels_last)
         self._sync_batch_norm()
         if self.compile_networks:
-            self.tokenizer.compile()
-            self.discriminator.compile()
+            # the convolutional networks, each in place; the quantizer stays eager: its collectives
+            # (all-reduced statistics, the gathered usage window, restarts broadcast from rank 0) and
+            # buffer updates are no work for a compiler, and in a compiled graph they split it
+            for network in (self.tokenizer.encoder, self.tokenizer.decoder, self.discriminator):
+                network.compile()
 
     def _sync_batch_norm(self) -> None:
         """A BatchNorm discriminator on several processes normalises with every rank's images (SyncBatchNorm)."""
@@ -273,7 +277,7 @@ class VQGAN(L.LightningModule):
             weight_decay=config.weight_decay,
             **fused,
         )
-        total_steps = self.trainer.max_steps if self.trainer is not None else None
+        total_steps = decay_end(config.schedule, config.decay_steps, self.trainer.max_steps)
 
         def factor(step: int) -> float:
             return lr_factor(step, config.warmup_steps, config.schedule, total_steps, config.min_lr_ratio)
@@ -380,7 +384,7 @@ class VQGAN(L.LightningModule):
         """disc_weight, times taming's adaptive factor when asked; a detached fp32 scalar."""
         config = self.loss_config
         if not config.adaptive_disc_weight:
-            return torch.tensor(config.disc_weight, device=nll.device)
+            return nll.new_full((), config.disc_weight)  # a fill on the device, not a blocking copy to it
         last_layer = self.tokenizer.decoder.last_layer
         nll_grad = torch.autograd.grad(nll, last_layer, retain_graph=True)[0].float()
         gan_grad = torch.autograd.grad(gan_loss, last_layer, retain_graph=True)[0].float()
@@ -438,7 +442,7 @@ class VQGAN(L.LightningModule):
         psnr_sum = psnr(images, reconstructions).sum()
         sums = [rec_loss * samples, perceptual_loss * samples, psnr_sum, rec_loss.new_tensor(samples)]
         ids = quantized.ids.coarse if isinstance(quantized.ids, MultiScaleIds) else quantized.ids  # stage 2's vocabulary
-        codes = torch.bincount(ids.flatten(), minlength=self.tokenizer.codebook_size)  # (K,)
+        codes = code_counts(ids, self.tokenizer.codebook_size)  # (K,)
         self.val_sums += torch.cat([torch.stack([value.double() for value in sums]), codes.double()])
 
     def on_validation_epoch_end(self) -> None:

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 from tessera.clip_score import ClipScore, clip_scores, cosine_similarity
 from datamodules.image_folder import reference_statistics
 from tessera.fid import FeatureStats, FrechetDistance, frechet_distance
-from tests.distributed import run_distributed
+from tests.distributed import as_launched_rank, run_distributed
 from tests.test_prior import Tokens, shapes_data, tiny_prior, tokenizer_dir  # noqa: F401 (tokenizer_dir: a fixture)
 from tests.test_vqgan import trainer
 
@@ -264,6 +264,56 @@ def test_fid_callback_recomputes_a_kept_reference_made_with_other_feature_weight
             vqgan, datamodule=shapes_data(shapes_dir, batch_size=8), verbose=False)
     assert rfid.reference.count == 8 and rfid.reference.weights_sha256 is None
     assert rfid.state_dict()["reference"]["weights_sha256"] is None
+
+
+def _evaluate_under_ddp_and_fsdp2(rank: int, world_size: int, root: str, tokenizer_dir: str, shapes_dir: str,
+                                  clip_config: str, clip_weights: str) -> dict:
+    import open_clip
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from callbacks.evaluation import CLIPScoreCallback, FIDCallback
+    from lightning_modules.fsdp import AtomicModelParallelStrategy
+    from tests.conftest import TINY_CLIP
+
+    torch.set_num_threads(1)
+    as_launched_rank(rank, world_size)
+    open_clip.add_model_config(clip_config)  # the fixture registered it in the parent process only
+    logged = {}
+    for name, strategy in (("ddp", DDPStrategy()), ("fsdp2", AtomicModelParallelStrategy())):
+        # 9 samples: 5 on rank 0 (4 + 1), 4 on rank 1 (4 + 0): rank 1 joins rank 0's second batch
+        callbacks = [FIDCallback(num_samples=9, feature_extractor=tiny_extractor(), top_k=8),
+                     CLIPScoreCallback(clip_weights, TINY_CLIP, num_samples=9, top_k=8)]
+        run = trainer(Path(root) / name, max_steps=1, devices=2, strategy=strategy, callbacks=callbacks, limit_val_batches=3)
+        metrics = run.validate(tiny_prior(tokenizer_dir), datamodule=shapes_data(Path(shapes_dir), batch_size=4), verbose=False)[0]
+        logged[name] = {key: float(value) for key, value in metrics.items() if key.startswith(("val/fid", "val/clip"))}
+    return logged
+
+
+@pytest.mark.slow
+def test_under_fsdp2_the_evaluation_callbacks_sample_each_ranks_share_and_log_what_ddp_logs(
+    tmp_path, tokenizer_dir, shapes_dir, tiny_clip  # noqa: F811
+):
+    clip_model, clip_weights = tiny_clip
+    ranks = run_distributed(_evaluate_under_ddp_and_fsdp2, str(tmp_path), str(tokenizer_dir), str(shapes_dir),
+                            str(clip_weights.parent / f"{clip_model}.json"), str(clip_weights))
+    for rank in ranks:
+        assert rank["ddp"]["val/fid_samples"] == 9 and set(rank["fsdp2"]) == set(rank["ddp"]) == {
+            "val/fid", "val/fid_samples", "val/clip_cosine", "val/clip_score"}
+        assert rank["fsdp2"] == pytest.approx(rank["ddp"], rel=1e-6)
+
+
+def test_sampling_callbacks_refuse_fsdp1_naming_fsdp2(tokenizer_dir):  # noqa: F811
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from callbacks.evaluation import FIDCallback
+    from callbacks.samples import SampleLogger
+
+    fsdp1 = SimpleNamespace(strategy=FSDPStrategy())
+    for callback in (SampleLogger(["a red circle"]), FIDCallback(feature_extractor=tiny_extractor())):
+        with pytest.raises(ValueError, match=rf"{type(callback).__name__} cannot sample under FSDPStrategy.*FSDP2"):
+            callback.setup(fsdp1, tiny_prior(tokenizer_dir), "validate")
 
 
 # --- tessera evaluate coco ----------------------------------------------------------------

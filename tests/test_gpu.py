@@ -1,8 +1,8 @@
 """What only a GPU can check, with the CPU tests' tiny networks and data: both stages a few steps in
-bf16-mixed and under torch.compile, KV-cached sampling against the full forward, the prior's
-attention on SDPA's fused kernels, and exact stop-and-resume on one GPU with deterministic
-algorithms, CUDA RNG states included. The prior's FSDP fit, resume and export are in
-test_export.py; the quantizers' fp32 maths under CUDA autocast in the quantizer tests.
+bf16-mixed and under torch.compile, the host syncs of their training steps, KV-cached sampling
+against the full forward, the prior's attention on SDPA's fused kernels, and exact stop-and-resume
+on one GPU with deterministic algorithms, CUDA RNG states included. The prior's FSDP fit, resume and
+export are in test_export.py; the quantizers' fp32 maths under CUDA autocast in the quantizer tests.
 
 Every test is marked `gpu` (`pytest -m gpu`) and skips without CUDA. Most of the run's time goes
 to compiling.
@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import os
 import signal
+from pathlib import Path
 
 # deterministic cuBLAS wants this workspace setting in place before the process's first CUDA matmul
 # (an earlier test's); Trainer(deterministic=True) sets it only when it starts
@@ -40,6 +41,7 @@ from tests.test_vqgan import loader, tiny_vqgan, trainer  # noqa: E402
 
 pytestmark = NEEDS_CUDA
 
+REPO = Path(__file__).parents[1]
 CUDA = torch.device("cuda")
 STEPS = 3  # training steps per run: enough for both optimizers' state and a step after it
 TEST_SECONDS = 240  # each test's limit, well above what the slowest (compiling both VQ-GAN networks) should take
@@ -166,6 +168,24 @@ def test_prior_with_compiled_blocks_trains_as_eager_does(tmp_path, tokenizer_dir
     compiled = losses(prior, DataLoader(Tokens(prior), batch_size=4), tmp_path / "compiled")
     assert_compiled_like_eager(compiled, eager, graphs)
     assert prior.state_dict().keys() == eager_prior.state_dict().keys()
+
+
+# --- host syncs -----------------------------------------------------------------------------
+
+
+def test_training_steps_of_both_stages_sync_the_host_only_where_designed(tmp_path, monkeypatch):
+    """bench/host_syncs.py's count, from torch.cuda.set_sync_debug_mode("warn"): per step, the
+    non-finite guard's decision and Lightning's progress-bar read-back of the loss, nothing else."""
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    import host_syncs
+
+    args = host_syncs.parse_args([])
+    for setting in host_syncs.SETTINGS:
+        (tmp_path / setting).mkdir()
+        record = host_syncs.measure(setting, args, tmp_path / setting)
+        assert record["measured_steps"] == args.steps, record
+        assert "nonfinite.py:55" in record["sites"], record  # the designed sync is seen: the count works
+        assert record["syncs_per_step"] <= host_syncs.DESIGNED_SYNCS_PER_STEP, record
 
 
 # --- sampling and attention -----------------------------------------------------------------

@@ -25,7 +25,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 from datamodules.shapes import SyntheticShapes
 from lightning_modules.vqgan import VQGAN, DiscriminatorConfig, LossConfig, OptimizerConfig, check_precision, load_tokenizer
-from tessera.lr_schedule import lr_factor
+from tessera.lr_schedule import decay_end, lr_factor
 from tessera.nn.autoencoder import AutoencoderConfig
 from tessera.nn.vector_quantizer import VectorQuantizer
 from tessera.nn.vq_tokenizer import VQTokenizer
@@ -198,6 +198,17 @@ def test_learning_rate_warms_up_then_follows_a_cosine_to_the_floor():
     assert factors[10] == pytest.approx(1.0) and factors[110] == pytest.approx(0.1)
     assert all(a >= b for a, b in zip(factors[10:], factors[11:]))
     assert lr_factor(1000, 10, "constant", None, 0.1) == 1.0
+
+
+def test_a_cosine_with_decay_steps_follows_its_own_horizon_not_max_steps(tmp_path):
+    model = tiny_vqgan(optimizer=OptimizerConfig(lr=1e-3, schedule="cosine", decay_steps=8))
+    trainer(tmp_path, max_steps=4).fit(model, loader())
+    generator_lr = model.trainer.optimizers[0].param_groups[0]["lr"]
+    assert generator_lr == pytest.approx(1e-3 * lr_factor(4, 0, "cosine", 8, 0.1))  # halfway down, not at the floor
+    assert decay_end("cosine", None, max_steps=20) == 20
+    assert decay_end("constant", 8, max_steps=-1) is None
+    with pytest.raises(ValueError, match="decay_steps or Trainer\\(max_steps"):
+        decay_end("cosine", None, max_steps=-1)
 
 
 @pytest.mark.parametrize("precision", ["16-mixed", "16-true", "16"])

@@ -105,7 +105,7 @@ class ResidualQuantizer(Quantizer):
         ids = ids.t().reshape(B, H, W, self.depth)
         stats = self.vq.codebook_usage(ids)  # one window over every depth's ids
         if self.dead_code_threshold > 0:
-            stats["dead_codes"] = z_flat.new_tensor(float(restarted))
+            stats["dead_codes"] = restarted.float()
         z_q = z_q.view(B, H, W, self.dim).permute(0, 3, 1, 2).to(z.dtype)  # (B, dim, H, W)
         return QuantizerOutput(z_q=z_q, ids=ids, loss=loss, losses=losses, stats=stats)
 

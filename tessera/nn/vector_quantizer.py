@@ -36,6 +36,7 @@ from tessera.nn.quantizer_base import (
     QuantizerOutput,
     all_reduce_sum_,
     broadcast_from_rank0_,
+    code_counts,
 )
 from tessera.precision import fp32_math
 
@@ -133,17 +134,18 @@ class VectorQuantizer(Quantizer):
         return ids, self.codes(ids)
 
     @torch.no_grad()
-    def update_codebook(self, z: Tensor, ids: Tensor) -> int:
+    def update_codebook(self, z: Tensor, ids: Tensor) -> Tensor:
         """In training: the EMA step and dead-code restarts from fp32 vectors z (N, dim) and their
-        ids (N,). Returns the number of codes restarted.
+        ids (N,). Returns the number of codes restarted, a long scalar on z's device.
 
         Every rank runs the same collectives in the same order: one all-reduce of this step's
-        counts (and sums), then, only where those all-reduced counts show dead codes, and so on
-        every rank alike, one broadcast of rank 0's replacements. Finding them costs a host sync.
+        counts (and sums), then, with restarts on, one broadcast of rank 0's replacements. No shape
+        depends on the data, so nothing is read back to the host (no CUDA sync).
         """
+        restarted = z.new_zeros((), dtype=torch.long)
         if not self.training or (self.ema_decay is None and self.dead_code_threshold <= 0):
-            return 0
-        counts = torch.bincount(ids, minlength=self.codebook_size).float()  # (K,)
+            return restarted
+        counts = code_counts(ids, self.codebook_size).float()  # (K,)
         if self.ema_decay is None:
             local = counts[:, None]  # (K, 1)
         else:
@@ -168,26 +170,24 @@ class VectorQuantizer(Quantizer):
             n = self.code_count.sum()
             smoothed = (self.code_count + LAPLACE_EPS) / (n + self.codebook_size * LAPLACE_EPS) * n  # (K,)
             self.codebook.copy_(torch.where(finite, self.code_sum / smoothed[:, None], self.codebook))
-        if self.dead_code_threshold <= 0:
-            return 0
+        if self.dead_code_threshold <= 0 or len(z) == 0:
+            return restarted
 
-        dead = ((self.code_count < self.dead_code_threshold) & finite).nonzero().squeeze(1)  # (n_dead,), equal on every rank
-        if len(dead) == 0:
-            return 0
-        # distinct vectors where the batch has enough, else some twice (a twin stays unused and
-        # is restarted again next step); only rank 0's choice counts
-        if len(dead) <= len(z):
-            pick = torch.randperm(len(z), device=z.device)[: len(dead)]
-        else:
-            pick = torch.randint(len(z), (len(dead),), device=z.device)
-        restarts = broadcast_from_rank0_(z[pick].contiguous())  # (n_dead, dim)
-        self.codebook[dead] = restarts
+        dead = (self.code_count < self.dead_code_threshold) & finite  # (K,), equal on every rank
+        # a replacement for every code, used where it is dead: the j-th dead code takes the j-th
+        # vector of a random order of the batch, distinct while the batch has enough, then random
+        # ones (a twin stays unused and is restarted again next step); only rank 0's choice counts
+        order = dead.cumsum(0) - 1  # (K,)
+        shuffled = torch.randperm(len(z), device=z.device)[order.clamp(0, len(z) - 1)]
+        pick = torch.where(order < len(z), shuffled, torch.randint(len(z), (self.codebook_size,), device=z.device))
+        restarts = broadcast_from_rank0_(z[pick])  # (K, dim): 16 MB at 16,384 x 256, a few % of a 76M tokenizer's gradients
+        self.codebook.copy_(torch.where(dead[:, None], restarts, self.codebook))
         # a restarted code counts as used `threshold` times, by its vector: the next step keeps it
         # only if it assigns it at least `threshold` vectors
-        self.code_count[dead] = self.dead_code_threshold
+        self.code_count.masked_fill_(dead, self.dead_code_threshold)
         if self.ema_decay is not None:
-            self.code_sum[dead] = restarts * self.dead_code_threshold
-        return len(dead)
+            self.code_sum.copy_(torch.where(dead[:, None], restarts * self.dead_code_threshold, self.code_sum))
+        return dead.sum()
 
     def forward(self, z: Tensor) -> QuantizerOutput:
         B, _, H, W = z.shape
@@ -209,7 +209,7 @@ class VectorQuantizer(Quantizer):
         ids = ids.view(B, H, W)
         stats = self.codebook_usage(ids)
         if self.dead_code_threshold > 0:
-            stats["dead_codes"] = z_flat.new_tensor(float(restarted))
+            stats["dead_codes"] = restarted.float()
         z_q = z_q.view(B, H, W, self.dim).permute(0, 3, 1, 2).to(z.dtype)  # (B, dim, H, W)
         return QuantizerOutput(z_q=z_q, ids=ids, loss=loss, losses=losses, stats=stats)
 
