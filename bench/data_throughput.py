@@ -13,7 +13,6 @@ decode like photographs, not flat synthetic shapes), then times, for 1..N loader
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import platform
 import tempfile

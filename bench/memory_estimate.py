@@ -2,6 +2,7 @@
 
     python bench/memory_estimate.py configs/prior/1_3b.yaml configs/trainer/fsdp.yaml
     python bench/memory_estimate.py configs/prior/300m.yaml configs/trainer/ddp.yaml --batch-size 32
+    python bench/memory_estimate.py configs/prior/rq_650m.yaml configs/trainer/ddp.yaml
 
 Counts, in bytes per GPU, for AdamW with fp32 master weights under bf16 autocast:
 - states: fp32 weights, gradients and the two Adam moments, 16 bytes a parameter, sharded over
@@ -11,8 +12,9 @@ Counts, in bytes per GPU, for AdamW with fp32 master weights under bf16 autocast
 - activations: ~34 bytes per token per layer per unit of width kept for the backward pass in
   bf16 (Korthikanti et al. 2022, without the attention-matrix term, which fused SDPA kernels
   never store); with activation checkpointing each block keeps only its fp32 input and one block
-  at a time is recomputed;
-- the heads' logits: bf16 output, its fp32 copy and the fp32 gradient (10 bytes a logit).
+  at a time is recomputed; an RQ-Transformer's depth blocks count the same over the N*D codes;
+- the heads' logits: bf16 output, its fp32 copy and the fp32 gradient (10 bytes a logit), at
+  every image token (every code of an RQ-Transformer).
 The batch size (per GPU) comes from the prior's config (its `data` section), the strategy, activation checkpointing and
 the GPU count from the trainer config. Allocator fragmentation and CUDA's context (~0.5-1 GiB)
 are not counted: `fits` keeps 15% of the card free. bench/gpu_suite.py sets the estimate for the
@@ -29,6 +31,8 @@ from pathlib import Path
 import torch
 import yaml
 
+from lightning_modules.prior import prior_class
+from tessera.nn.rq_transformer import RQTransformer, RQTransformerConfig
 from tessera.nn.transformer import TextImageTransformer, TransformerConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,21 +60,31 @@ class MemoryEstimate:
 def prior_memory(config: TransformerConfig, batch_size: int, sharded: bool, gpus: int,
                  activation_checkpointing: bool, text_loss: bool = True) -> MemoryEstimate:
     """The estimate for one GPU of `gpus`, `batch_size` sequences per GPU (see the module docstring)."""
+    residual = isinstance(config, RQTransformerConfig)
     with torch.device("meta"):
-        model = TextImageTransformer(config)
+        model = RQTransformer(config) if residual else TextImageTransformer(config)
     parameters = sum(p.numel() for p in model.parameters())
     block = sum(p.numel() for p in model.blocks[0].parameters())
     states = 16 * parameters / (gpus if sharded else 1)
     buffers = 2 * 2 * block if sharded else (4 + 2) * parameters
 
-    tokens, width, layers = batch_size * config.sequence_length, config.n_embd, config.n_layer
-    one_block = ACTIVATION_BYTES_PER_TOKEN_LAYER_WIDTH * tokens * width
-    activations = layers * 4 * tokens * width + one_block if activation_checkpointing else layers * one_block
+    activations = block_activations(batch_size * config.sequence_length, config.n_embd, config.n_layer,
+                                    activation_checkpointing)
+    image_tokens = config.image_tokens if residual else config.image_length
+    if residual:  # the depth blocks, over every code
+        activations += block_activations(batch_size * image_tokens, config.n_embd, config.depth_n_layer,
+                                         activation_checkpointing)
 
-    logits = batch_size * config.image_length * config.padded_image_vocab_size
+    logits = batch_size * image_tokens * config.padded_image_vocab_size
     if text_loss:
         logits += batch_size * config.text_length * config.padded_text_vocab_size
     return MemoryEstimate(parameters, states / GIB, buffers / GIB, activations / GIB, 10 * logits / GIB)
+
+
+def block_activations(tokens: int, width: int, layers: int, activation_checkpointing: bool) -> int:
+    """Bytes a stack of `layers` blocks keeps for the backward pass over `tokens` positions."""
+    one_block = ACTIVATION_BYTES_PER_TOKEN_LAYER_WIDTH * tokens * width
+    return layers * 4 * tokens * width + one_block if activation_checkpointing else layers * one_block
 
 
 def estimate_from_configs(prior_config: Path, trainer_config: Path, data_config: Path,
@@ -83,7 +97,7 @@ def estimate_from_configs(prior_config: Path, trainer_config: Path, data_config:
     strategy = trainer.get("strategy", {})
     strategy_class = strategy.get("class_path", "") if isinstance(strategy, dict) else str(strategy)
     strategy_args = strategy.get("init_args", {}) if isinstance(strategy, dict) else {}
-    transformer = TransformerConfig(**model["transformer"])
+    transformer = prior_class(prior["model"]).config_class(**model["transformer"])
     assumed = {
         "batch_size": batch_size or prior.get("data", {}).get("init_args", {}).get("batch_size") or data["batch_size"],
         "sharded": "FSDP" in strategy_class or "ModelParallel" in strategy_class,

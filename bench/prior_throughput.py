@@ -15,6 +15,12 @@ autocast (fp32 weights), backward, gradient-norm clip 1.0, fused AdamW step (lr 
   - tessera+compile-blocks-heads: each Block compiled in place and the heads with their fp32
     cross-entropy as one graph (`TextImageTransformer.head_losses`), as `TextImagePrior(compile=True)`
     trains;
+  - tessera+fsdp2, tessera+compile-blocks+fsdp2: the unsharded eager and compile-blocks rows under
+    FSDP2 as configs/trainer/fsdp.yaml shards the prior (`lightning_modules.parallel.shard`: each
+    Block a unit, then the rest; bf16 gathers and fp32 gradient reduction; blocks compiled after
+    sharding), in a process group of this one process: what FSDP2's gathers, casts and hooks cost,
+    and its peak memory, beside the unsharded rows (DDP's step on one GPU, which has no one to talk
+    to either);
   - gpt2: the reference a user would otherwise write: `transformers.GPT2LMHeadModel` of the same
     shape (n_positions 320, dropout 0 as ours, SDPA attention, head tied to the input embedding)
     over one joint vocabulary, text ids then image ids offset by 49,408: 65,792 ids, 65,856 with
@@ -53,15 +59,23 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+import socket
+from contextlib import contextmanager, nullcontext
+
 import torch
+import torch.distributed as dist
 import transformers
 from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.pytorch_utils import Conv1D
 
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from lightning_modules.parallel import shard
 from tessera.flops import attention_flops, matmul_flops, peak_bf16_flops
 from tessera.nn.transformer import TextImageTransformer, TransformerConfig
 
-SETTINGS = ["tessera", "tessera+compile", "tessera+compile-blocks", "tessera+compile-blocks-heads", "gpt2", "gpt2+compile"]
+SETTINGS = ["tessera", "tessera+compile", "tessera+compile-blocks", "tessera+compile-blocks-heads", "tessera+fsdp2",
+            "tessera+compile-blocks+fsdp2", "gpt2", "gpt2+compile"]
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -122,6 +136,30 @@ def adamw(model: torch.nn.Module) -> torch.optim.AdamW:
 
 
 @dataclass
+class OneProcessSharding:
+    """What `lightning_modules.parallel.shard` reads of AtomicModelParallelStrategy, for a mesh of this process alone."""
+
+    data_parallel_mesh: DeviceMesh
+    root_device: torch.device
+    reshard_after_forward: bool = True  # configs/trainer/fsdp.yaml's
+
+
+@contextmanager
+def one_process_group(device: torch.device) -> Iterator[OneProcessSharding]:
+    """A process group of this one process (NCCL on a GPU, gloo on a CPU) for the FSDP2 settings,
+    torn down after, so the benchmarks that follow run without one."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        yield OneProcessSharding(init_device_mesh(device.type, (1,)), device)
+    finally:
+        dist.destroy_process_group()
+
+
+@dataclass
 class Trainee:
     """A model, a closure computing its loss on the bench batch, and its FLOPs per token."""
 
@@ -131,7 +169,8 @@ class Trainee:
     flops_per_token: float
 
 
-def build(name: str, config: TransformerConfig, batch_size: int, device: torch.device, compile_kwargs: dict) -> Trainee:
+def build(name: str, config: TransformerConfig, batch_size: int, device: torch.device, compile_kwargs: dict,
+          sharding: OneProcessSharding | None = None) -> Trainee:
     generator = torch.Generator().manual_seed(0)
     text_ids = torch.randint(0, config.text_vocab_size, (batch_size, config.text_length), generator=generator)
     image_ids = torch.randint(0, config.image_vocab_size, (batch_size, config.image_length), generator=generator)
@@ -141,10 +180,12 @@ def build(name: str, config: TransformerConfig, batch_size: int, device: torch.d
     if name.startswith("tessera"):
         model = TextImageTransformer(config).to(device)
         text_mask = torch.ones_like(text_ids)  # every caption position real: the most text targets
+        if sharding is not None:  # as TextImagePrior.configure_model under configs/trainer/fsdp.yaml
+            shard(model, model.blocks, sharding, "bf16-mixed", methods=("loss",))  # `loss` gathers from here on
         loss_fn = model.loss
         if name == "tessera+compile":
             loss_fn = torch.compile(model.loss, **compile_kwargs)
-        elif name.startswith("tessera+compile-blocks"):
+        elif "compile-blocks" in name:
             for block in model.blocks:
                 block.compile(**compile_kwargs)
             if name == "tessera+compile-blocks-heads":
@@ -180,7 +221,13 @@ def measure(
     compile_kwargs = {"backend": args.compile_backend}
     if args.compile_backend == "inductor" and args.compile_mode != "default":
         compile_kwargs["mode"] = args.compile_mode
-    trainee = build(name, config, args.batch_size, device, compile_kwargs)
+    with one_process_group(device) if name.endswith("+fsdp2") else nullcontext() as sharding:
+        return measure_steps(name, args, config, device, peak, compile_kwargs, sharding)
+
+
+def measure_steps(name: str, args: argparse.Namespace, config: TransformerConfig, device: torch.device,
+                  peak: float | None, compile_kwargs: dict, sharding: OneProcessSharding | None) -> dict:
+    trainee = build(name, config, args.batch_size, device, compile_kwargs, sharding)
     model = trainee.model.train()
     optimizer = adamw(model)
     params = [p for p in model.parameters() if p.requires_grad]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.utils.data import DataLoader
 
 from callbacks.image_logging import image_grid, log_image_grid
@@ -16,8 +17,10 @@ class ReconstructionLogger(L.Callback):
 
     The images are the first of the validation loader, taken once and kept in the callback's
     state, so a resumed run shows the same ones. The model must offer `encode(images) -> ids` and
-    `decode(ids) -> images` (VQGAN does, with its EMA weights when it keeps them). Runs on global
-    rank 0 only and in eval mode: no collectives, so the other ranks never wait on it.
+    `decode(ids) -> images` (VQGAN does, with its EMA weights when it keeps them). Runs in eval
+    mode, under DDP on global rank 0 only, without collectives, so the other ranks never wait on
+    it. Under FSDP2 (ModelParallelStrategy) every call gathers the sharded parameters from every
+    rank, so every rank reconstructs its own fixed images and rank 0 logs its own.
     """
 
     def __init__(self, every_n_steps: int = 1000, num_images: int = 8):
@@ -38,7 +41,9 @@ class ReconstructionLogger(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
         step = trainer.global_step
         # under accumulation several batches end on the same step: log it once
-        if step % self.every_n_steps or step == self.last_logged_step or not trainer.is_global_zero:
+        if step % self.every_n_steps or step == self.last_logged_step:
+            return
+        if not (trainer.is_global_zero or isinstance(trainer.strategy, ModelParallelStrategy)):
             return
         self.last_logged_step = step
         images = to_unit_range(self._fixed_images(trainer, batch).to(pl_module.device))
@@ -46,6 +51,8 @@ class ReconstructionLogger(L.Callback):
         pl_module.eval()
         reconstructions = pl_module.decode(pl_module.encode(images))
         pl_module.train(was_training)
+        if not trainer.is_global_zero:
+            return
         grid = image_grid(torch.cat([images, reconstructions]), nrow=len(images))
         caption = f"step {step}: top originals, bottom reconstructions, PSNR {psnr(images, reconstructions).mean():.2f} dB"
         log_image_grid(trainer, "reconstructions", grid, caption=caption)

@@ -25,13 +25,22 @@ CLIP_NUM_MERGES = 49152 - 256 - 2
 
 @lru_cache(maxsize=8)  # one load per process, however many shards or modules ask (it takes seconds)
 def load_text_tokenizer(name_or_path: str = CLIP_BPE) -> PreTrainedTokenizerBase:
-    """CLIP's BPE for "clip-bpe", otherwise `AutoTokenizer.from_pretrained(name_or_path)`."""
+    """CLIP's BPE for "clip-bpe", otherwise `AutoTokenizer.from_pretrained(name_or_path)`; one object
+    shared by every caller, so none may change it (`new_text_tokenizer` makes one to change)."""
     if name_or_path == CLIP_BPE:
         return _clip_bpe_tokenizer()
     return AutoTokenizer.from_pretrained(name_or_path)
 
 
-@lru_cache(maxsize=1)
+def new_text_tokenizer(name_or_path: str = CLIP_BPE) -> PreTrainedTokenizerBase:
+    """A tokenizer of the caller's own, to add tokens to: built afresh, because a deep copy of
+    CLIP's BPE loses its decoder (ids then decode with every "</w>" left in)."""
+    if name_or_path == CLIP_BPE:
+        return _clip_bpe_tokenizer.__wrapped__()  # not the cached one
+    return AutoTokenizer.from_pretrained(name_or_path)
+
+
+@lru_cache(maxsize=1)  # one object whether asked for by name or by default
 def _clip_bpe_tokenizer() -> CLIPTokenizer:
     vocab_file = resources.files("open_clip") / "bpe_simple_vocab_16e6.txt.gz"
     with vocab_file.open("rb") as raw, gzip.open(raw, "rt", encoding="utf-8") as lines:

@@ -120,7 +120,7 @@ class FineStage(L.LightningModule):
             {"params": [p for _, p in named if p.dim() >= 2], "weight_decay": self.optimizer_config.weight_decay},
             {"params": [p for _, p in named if p.dim() < 2], "weight_decay": 0.0},
         ]
-        return adamw_with_schedule(groups, self.optimizer_config, self.trainer.max_steps, self.device)
+        return adamw_with_schedule(groups, self.optimizer_config, self.device, self.trainer.max_steps)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         if self.optimizer_config.gradient_clip_val is not None:

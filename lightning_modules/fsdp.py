@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+import torch.distributed.checkpoint as dcp
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy, ParallelStrategy
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.constants import default_pg_timeout
@@ -39,6 +40,19 @@ def sharded_weights_key(path: str | Path) -> str:
     """Where a sharded checkpoint keeps the module's weights: "state_dict" (FSDP2) or "model" (FSDP1)."""
     entries = FileSystemReader(path).read_metadata().state_dict_metadata  # flattened: "state_dict.transformer..."
     return "state_dict" if any(name.startswith("state_dict.") for name in entries) else "model"
+
+
+def load_sharded_state(path: str | Path, prefix: str, like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The entries `prefix + name` of a sharded checkpoint's module weights, for every name of `like`
+    (a module's state dict), each whole, read into `like`'s own tensors (no second copy of a model).
+
+    DCP reads into the tensors it is given, each from the shards of every rank that saved one; only
+    these entries are asked for, so the optimizer's shards and the other networks stay on disk.
+    no_dist: this process alone, even where a process group exists (after a fit)."""
+    key = sharded_weights_key(path)
+    state = {key: {prefix + name: tensor for name, tensor in like.items()}}
+    dcp.load(state, checkpoint_id=path, no_dist=True)
+    return state[key]
 
 
 def checkpoint_hyperparameters(path: str | Path) -> dict[str, Any]:

@@ -22,11 +22,13 @@ The frozen tokenizer lives outside the module tree: not in checkpoints, not wrap
 FSDP, never cast by a precision plugin.
 
 On disk: `load_prior` reads a .ckpt file, an FSDP sharded checkpoint directory or a `tessera export`
-directory (`export_prior`: the transformer's weights as one safetensors file, plus config.json).
+directory (`export_prior`: the transformer's weights as one safetensors file, plus config.json), and
+builds the prior class they name (`class_path`: TextImagePrior or a subclass, such as the RQ prior).
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import time
 from contextlib import nullcontext
@@ -36,7 +38,6 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
-import torch.distributed.checkpoint as dcp
 import torch.nn as nn
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_warn
@@ -49,10 +50,10 @@ from lightning_modules.fsdp import (
     AtomicModelParallelStrategy,
     checkpoint_hyperparameters,
     is_sharded_checkpoint,
-    sharded_weights_key,
+    load_sharded_state,
 )
 from lightning_modules.nonfinite import NonFiniteLossGuard, drop_gradients
-from lightning_modules.parallel import adjust_ddp, shard, unwrapped_name
+from lightning_modules.parallel import FrozenModule, adjust_ddp, shard, unwrapped_name
 from lightning_modules.vqgan import load_tokenizer
 from tessera.flops import peak_bf16_flops
 from tessera.lr_schedule import decay_end, lr_factor
@@ -60,6 +61,7 @@ from tessera.nn.multiscale_tokenizer import MultiScaleIds
 from tessera.nn.transformer import TextImageTransformer, TransformerConfig
 from tessera.nn.vq_tokenizer import CONFIG_FILE, WEIGHTS_FILE, VQTokenizer
 from tessera.sampling import SamplingConfig, sample_image_tokens
+
 
 @dataclass
 class PriorOptimizerConfig:
@@ -85,21 +87,31 @@ class PriorOptimizerConfig:
         self.betas = tuple(self.betas)
 
 
-class FrozenModule:
-    """Holds a module outside its owner's module tree, in eval mode without gradients."""
+def adamw_with_schedule(groups: list[dict], config: PriorOptimizerConfig, device: torch.device, max_steps: int) -> dict:
+    """AdamW over `groups` and its per-step warm-up and decay, as `configure_optimizers` returns them."""
+    # fused kernels on CUDA and CPU: on two CPU cores the tiny prior's step is ~20% faster, its
+    # optimizer step 7x (the 6.3M-entry caption embedding dominates the per-tensor foreach path)
+    fused = {"fused": True} if device.type in ("cuda", "cpu") else {}
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, **fused)
+    total_steps = decay_end(config.schedule, config.decay_steps, max_steps)
 
-    def __init__(self, module: nn.Module):
-        self.module = module.requires_grad_(False).eval()
+    def factor(step: int) -> float:
+        return lr_factor(step, config.warmup_steps, config.schedule, total_steps, config.min_lr_ratio)
 
-    def on(self, device: torch.device) -> nn.Module:
-        """The module, moved to `device` first if it is elsewhere."""
-        if next(self.module.parameters()).device != device:
-            self.module.to(device)
-        return self.module
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 
 class TextImagePrior(L.LightningModule):
-    """Trains `transformer` on caption-then-image sequences; samples images with `generate`."""
+    """Trains `transformer` on caption-then-image sequences; samples images with `generate`.
+
+    Other stage-2 families subclass it (lightning_modules/rq_prior.py), replacing the network
+    (`config_class`, `build_network`, `shard_units`, `entry_points`) and the ids it models
+    (`id_shape`, `check_tokenizer`); steps, optimizer, logs, sampling and files on disk are shared."""
+
+    config_class = TransformerConfig
+    # the network's entry points besides forward, none calling another (FSDP2 gathers around each)
+    entry_points = ("loss", "prefill", "decode_step")
 
     def __init__(
         self,
@@ -142,19 +154,20 @@ class TextImagePrior(L.LightningModule):
         """
         super().__init__()
         if isinstance(transformer, dict):  # a checkpoint's hyperparameters
-            transformer = TransformerConfig(**transformer)
+            transformer = self.config_class(**transformer)
         if isinstance(optimizer, dict):
             optimizer = PriorOptimizerConfig(**optimizer)
         if isinstance(sampling, dict):
             sampling = SamplingConfig(**sampling)
         self.sampling = sampling
-        self.config = transformer if transformer is not None else TransformerConfig()
+        self.config = transformer if transformer is not None else self.config_class()
         self.optimizer_config = optimizer if optimizer is not None else PriorOptimizerConfig()
         if not 0.0 <= caption_dropout < 1.0:
             raise ValueError(f"caption_dropout must be in [0, 1), got {caption_dropout}")
         # plain dicts, so checkpoints load with torch.load(weights_only=True)
         self.save_hyperparameters(
             {
+                CLASS_PATH: f"{type(self).__module__}.{type(self).__qualname__}",  # what `load_prior` builds
                 "transformer": asdict(self.config),
                 "tokenizer": tokenizer,
                 "text_tokenizer": text_tokenizer,
@@ -164,10 +177,11 @@ class TextImagePrior(L.LightningModule):
                 "optimizer": asdict(self.optimizer_config),
                 "compile": compile,
                 "sampling": asdict(sampling) if sampling is not None else None,
-                "fine_stage": fine_stage,
+                # only when given: a prior without one keeps the arguments of every other prior family
+                **({"fine_stage": fine_stage} if fine_stage is not None else {}),
             }
         )
-        self.transformer = build_transformer(self.config, text_loss_weight)
+        self.transformer = self.build_network(self.config, text_loss_weight)
         self.captions = CaptionTokenizer(text_tokenizer, self.config.text_length)
         if self.captions.vocab_size > self.config.text_vocab_size:
             raise ValueError(
@@ -176,7 +190,7 @@ class TextImagePrior(L.LightningModule):
             )
         self.image_tokenizer = FrozenModule(load_tokenizer(tokenizer)) if tokenizer is not None else None
         if self.image_tokenizer is not None:
-            check_tokenizer_fits(self.image_tokenizer.module, self.config, tokenizer)
+            self.check_tokenizer(self.image_tokenizer.module, tokenizer)
         self.fine_stage = self._load_fine_stage(fine_stage, tokenizer)
         null = self.captions([""])  # the empty caption: what caption dropout trains and guidance contrasts with
         self.register_buffer("null_text_ids", null.ids[0], persistent=False)  # (T,)
@@ -201,6 +215,18 @@ class TextImagePrior(L.LightningModule):
         check_fine_stage_fits(self.image_tokenizer.module, stage.config, tokenizer)
         return FrozenModule(stage)
 
+    @staticmethod
+    def build_network(config: TransformerConfig, text_loss_weight: float) -> TextImageTransformer:
+        return build_transformer(config, text_loss_weight)
+
+    def check_tokenizer(self, tokenizer: VQTokenizer, path: str) -> None:
+        check_tokenizer_fits(tokenizer, self.config, path)
+
+    @property
+    def id_shape(self) -> tuple[int, ...]:
+        """The shape of one image's ids, as the tokenizer encodes and decodes them."""
+        return (self.config.image_grid, self.config.image_grid)
+
     # -------------------------------------------------------------------------
     # sampling
 
@@ -216,8 +242,7 @@ class TextImagePrior(L.LightningModule):
         autocast = torch.autocast("cuda", torch.bfloat16) if self.device.type == "cuda" else nullcontext()
         with autocast:
             ids = sample_image_tokens(self.transformer, text_ids, sampling, generator, null_text_ids=self.null_text_ids)
-        grid = self.config.image_grid
-        ids = ids.view(len(prompts), grid, grid)
+        ids = ids.view(len(prompts), *self.id_shape)
         if self.fine_stage is not None:  # the fine map drawn from the coarse one, in one pass
             ids = MultiScaleIds(ids, self.fine_stage.on(self.device).generate(ids, generator))
         return self.image_tokenizer.on(self.device).decode(ids).float()
@@ -229,21 +254,26 @@ class TextImagePrior(L.LightningModule):
         strategy = self.trainer.strategy if self._trainer is not None else None
         adjust_ddp(strategy)
         if isinstance(strategy, AtomicModelParallelStrategy):
-            shard(self.transformer, self.transformer.blocks, strategy, str(self.trainer.precision), self.hparams.compile,
-                  methods=("loss", "prefill", "decode_step"))  # the entry points, none calling another
+            shard(self.transformer, self.shard_units(), strategy, str(self.trainer.precision), self.hparams.compile,
+                  methods=self.entry_points)
         elif self.hparams.compile:
-            for block in self.transformer.blocks:
+            for block in self.shard_units():
                 block.compile()
         if self.hparams.compile:
             # one graph for the heads and their fp32 cross-entropy, beside the blocks' (compiled in
             # place, under FSDP2 after sharding); the embeddings stay eager, a lookup each
             self.transformer.head_losses = torch.compile(self.transformer.head_losses)
 
+    def shard_units(self) -> list[nn.Module]:
+        """The network's blocks: FSDP2's shard units, and what `compile` compiles."""
+        return list(self.transformer.blocks)
+
     def on_train_start(self) -> None:
         self._device_peak_flops = peak_flops_for_mfu(self.device, self.peak_flops)
 
     def image_ids(self, batch: dict) -> torch.Tensor:
-        """(B, N) ids of the batch's images, row-major; encoded here when the batch has images."""
+        """(B, N) ids of the batch's images, row-major ((B, N, D) for residual ids); encoded here
+        when the batch has images."""
         if "image_ids" in batch:
             ids = batch["image_ids"]
         elif self.image_tokenizer is None:
@@ -252,13 +282,16 @@ class TextImagePrior(L.LightningModule):
             ids = self.image_tokenizer.on(self.device).encode(batch["images"])
             if isinstance(ids, MultiScaleIds):  # the prior models the coarse map, the fine stage the fine one
                 ids = ids.coarse
-        grid = self.config.image_grid
-        if ids.shape[1:] != (grid, grid):
+        return self.checked_ids(ids)
+
+    def checked_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """A batch's ids (B, *id_shape) with the grid's positions flattened row-major, checked first."""
+        if ids.shape[1:] != self.id_shape:
             raise ValueError(
-                f"the batch's image ids form a grid of {tuple(ids.shape[1:])}, the transformer expects ({grid}, {grid}): "
+                f"the batch's image ids form a grid of {tuple(ids.shape[1:])}, the transformer expects {self.id_shape}: "
                 "check the data's image_size against the tokenizer's downsampling factor and transformer.image_grid"
             )
-        return ids.flatten(1)
+        return ids.flatten(1, 2)
 
     def text(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         text_ids, text_mask = batch["text_ids"], batch["text_mask"]
@@ -271,13 +304,13 @@ class TextImagePrior(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         text_ids, text_mask = self.text(batch)
-        image_ids = self.image_ids(batch)
+        image_ids, image_targets = self.training_targets(batch)
         if self.hparams.caption_dropout > 0:
             dropped = self.dropped_captions(len(text_ids))  # (B,)
             text_ids = torch.where(dropped[:, None], self.null_text_ids, text_ids)
             text_mask = torch.where(dropped[:, None], self.null_text_mask, text_mask)
         losses = self.transformer.loss(
-            text_ids, text_mask, image_ids, self.hparams.text_loss_weight, self.hparams.image_loss_weight
+            text_ids, text_mask, image_ids, self.hparams.text_loss_weight, self.hparams.image_loss_weight, image_targets
         )
         self.nonfinite.observe(losses["loss"])
         self.log("train/loss", losses["loss"], prog_bar=True)
@@ -292,17 +325,23 @@ class TextImagePrior(L.LightningModule):
         if not self.nonfinite.step_is_finite(self.global_step):
             drop_gradients(optimizer)
 
-    def dropped_captions(self, batch_size: int) -> torch.Tensor:
-        """(B,) bool on the module's device: which captions this batch replaces by the empty one.
+    def training_targets(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What a training step's image loss is taken against: the ids, and soft targets or None."""
+        return self.image_ids(batch), None
 
-        Drawn from a generator seeded by the count of training batches so far (saved in the
-        checkpoint's loop state) and the rank, not the global RNG, so a resumed run drops exactly
-        the captions the uninterrupted run would have. The generator is on the module's device:
-        a mask drawn on the CPU would be a blocking copy to the GPU every step."""
-        batches = self.trainer.fit_loop.epoch_loop.batch_progress.total.ready if self._trainer else 0
-        seed = batches * 4096 + self.global_rank
-        generator = torch.Generator(self.device).manual_seed(seed)
+    def dropped_captions(self, batch_size: int) -> torch.Tensor:
+        """(B,) bool on the module's device: which captions this batch replaces by the empty one,
+        drawn with `batch_seed`. The generator is on the module's device: a mask drawn on the CPU
+        would be a blocking copy to the GPU every step."""
+        generator = torch.Generator(self.device).manual_seed(self.batch_seed())
         return torch.rand(batch_size, generator=generator, device=self.device) < self.hparams.caption_dropout
+
+    def batch_seed(self) -> int:
+        """A seed for this training batch's random draws: the count of training batches so far (saved
+        in the checkpoint's loop state) and the rank, not the global RNG, so a resumed run draws
+        exactly what the uninterrupted run would have."""
+        batches = self.trainer.fit_loop.epoch_loop.batch_progress.total.ready if self._trainer else 0
+        return batches * 4096 + self.global_rank
 
     def log_throughput(self, batch_size: int) -> None:
         """tokens/s, samples/s and MFU of the whole job, from the wall time between training steps."""
@@ -367,7 +406,7 @@ class TextImagePrior(L.LightningModule):
         ]
 
     def configure_optimizers(self):
-        return adamw_with_schedule(self.parameter_groups(), self.optimizer_config, self.trainer.max_steps, self.device)
+        return adamw_with_schedule(self.parameter_groups(), self.optimizer_config, self.device, self.trainer.max_steps)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["nonfinite"] = self.nonfinite.state_dict()
@@ -385,22 +424,6 @@ class TextImagePrior(L.LightningModule):
             self.trainer.strategy.model.clip_grad_norm_(clip)
         else:
             clip_grad_norm(self, optimizer, clip)
-
-
-def adamw_with_schedule(groups: list[dict], config: PriorOptimizerConfig, max_steps: int, device: torch.device) -> dict:
-    """AdamW over parameter `groups` with `config`'s warm-up and schedule by training step, as
-    `configure_optimizers` returns them (the prior's and the fine stage's)."""
-    # fused kernels on CUDA and CPU: on two CPU cores the tiny prior's step is ~20% faster, its
-    # optimizer step 7x (the 6.3M-entry caption embedding dominates the per-tensor foreach path)
-    fused = {"fused": True} if device.type in ("cuda", "cpu") else {}
-    optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, **fused)
-    total_steps = decay_end(config.schedule, config.decay_steps, max_steps)
-
-    def factor(step: int) -> float:
-        return lr_factor(step, config.warmup_steps, config.schedule, total_steps, config.min_lr_ratio)
-
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 
 def host_scalar(value: float) -> torch.Tensor:
@@ -435,6 +458,17 @@ def build_transformer(config: TransformerConfig, text_loss_weight: float) -> Tex
 
 def check_tokenizer_fits(tokenizer: VQTokenizer, config: TransformerConfig, path: str) -> None:
     """Clear errors when the stage-1 tokenizer and the transformer disagree."""
+    check_codebook_and_grid(tokenizer, config, path)
+    if "ResidualQuantizer" in tokenizer.describe()["quantizer"]["class_path"]:
+        raise ValueError(
+            f"tokenizer {path} is residual ((h, w, depth) ids): this prior models one id per position; "
+            "use a VectorQuantizer, LookupFreeQuantizer, FiniteScalarQuantizer or GumbelQuantizer tokenizer, "
+            "or model its ids with the RQ-Transformer (lightning_modules.rq_prior.RQTransformerPrior, configs/prior/rq_*.yaml)"
+        )
+
+
+def check_codebook_and_grid(tokenizer: VQTokenizer, config: TransformerConfig, path: str) -> None:
+    """Clear errors when the tokenizer's codebook or id grid is not the transformer's."""
     description = tokenizer.describe()
     if description["codebook_size"] != config.image_vocab_size:
         raise ValueError(
@@ -446,18 +480,14 @@ def check_tokenizer_fits(tokenizer: VQTokenizer, config: TransformerConfig, path
             f"tokenizer {path} makes {description['latent_size']}x{description['latent_size']} id grids at its "
             f"{description['autoencoder']['image_size']} px but transformer.image_grid is {config.image_grid}"
         )
-    if "ResidualQuantizer" in description["quantizer"]["class_path"]:
-        raise ValueError(
-            f"tokenizer {path} is residual ((h, w, depth) ids): this prior models one id per position; "
-            "use a VectorQuantizer, LookupFreeQuantizer or FiniteScalarQuantizer tokenizer"
-        )
 
 
 # -----------------------------------------------------------------------------
 # a prior on disk: a training checkpoint (.ckpt file or FSDP sharded directory) or an export
-# (model.safetensors: the transformer's fp32 weights; config.json: TextImagePrior's arguments)
+# (model.safetensors: the transformer's fp32 weights; config.json: the prior's class and arguments)
 
 PREFIX = "transformer."  # the transformer's entries in the LightningModule's state dict
+CLASS_PATH = "class_path"  # the prior's class among its saved arguments; absent in older files: TextImagePrior
 
 
 def prior_config(path: str | Path) -> dict[str, Any]:
@@ -472,23 +502,32 @@ def prior_config(path: str | Path) -> dict[str, Any]:
     return config
 
 
-def load_transformer_weights(transformer: TextImageTransformer, path: str | Path) -> None:
-    """Copy the weights of a prior checkpoint or export at `path` into `transformer`."""
+def prior_class(config: dict[str, Any]) -> type[TextImagePrior]:
+    """The class of the prior whose saved arguments are `config`: the one its `class_path` names."""
+    module, _, name = config.get(CLASS_PATH, f"{__name__}.TextImagePrior").rpartition(".")
+    cls = getattr(importlib.import_module(module), name, None)
+    if not (isinstance(cls, type) and issubclass(cls, TextImagePrior)):
+        raise ValueError(f"{config[CLASS_PATH]!r} is not a prior class: a subclass of TextImagePrior was expected")
+    return cls
+
+
+def build_prior(config: dict[str, Any]) -> TextImagePrior:
+    """The prior a checkpoint's or export's saved arguments describe, with fresh weights."""
+    return prior_class(config)(**{name: value for name, value in config.items() if name != CLASS_PATH})
+
+
+def load_transformer_weights(transformer: nn.Module, path: str | Path, prefix: str = PREFIX) -> None:
+    """Copy the weights of a prior checkpoint or export at `path` into `transformer`, the module
+    whose state-dict entries in the LightningModule start with `prefix`."""
     path = Path(path)
     if (path / WEIGHTS_FILE).is_file():
         transformer.load_state_dict(load_file(path / WEIGHTS_FILE))
         return
     if is_sharded_checkpoint(path):
-        # DCP reads into the tensors it is given, each whole from the shards of every rank that
-        # saved one; only the "model" entries are asked for, so the optimizer shards stay on disk.
-        # no_dist: this process alone, even where a process group exists (after a fit).
-        key = sharded_weights_key(path)
-        state = {key: {PREFIX + name: tensor for name, tensor in transformer.state_dict().items()}}
-        dcp.load(state, checkpoint_id=path, no_dist=True)
-        weights = state[key]
+        weights = load_sharded_state(path, prefix, transformer.state_dict())
     else:
         weights = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["state_dict"]
-    transformer.load_state_dict({name.removeprefix(PREFIX): w for name, w in weights.items() if name.startswith(PREFIX)})
+    transformer.load_state_dict({name.removeprefix(prefix): w for name, w in weights.items() if name.startswith(prefix)})
 
 
 def load_prior(
@@ -497,15 +536,16 @@ def load_prior(
     tokenizer: str | Path | None = None,
     fine_stage: str | Path | None = None,
 ) -> TextImagePrior:
-    """A TextImagePrior in eval mode from a .ckpt file, an FSDP sharded checkpoint directory or a
-    `tessera export` directory; `tokenizer` replaces the stage-1 tokenizer the checkpoint names,
-    `fine_stage` the multi-scale fine stage (or adds one to a prior trained without)."""
+    """A prior (TextImagePrior or the subclass it was saved as) in eval mode from a .ckpt file, an
+    FSDP sharded checkpoint directory or a `tessera export` directory; `tokenizer` replaces the
+    stage-1 tokenizer the checkpoint names, `fine_stage` the multi-scale fine stage (or adds one to a
+    prior trained without)."""
     config = prior_config(path)
     if tokenizer is not None:
         config["tokenizer"] = str(tokenizer)
     if fine_stage is not None:
         config["fine_stage"] = str(fine_stage)
-    prior = TextImagePrior(**config)
+    prior = build_prior(config)
     load_transformer_weights(prior.transformer, path)
     return prior.to(map_location).eval()
 
@@ -517,7 +557,8 @@ def export_prior(checkpoint: str | Path, out: str | Path) -> dict[str, Any]:
     config = prior_config(checkpoint)
     # the transformer alone, fp32 on the CPU (load_state_dict casts bf16 weights up to it):
     # neither the stage-1 tokenizer nor a GPU need be here
-    transformer = build_transformer(TransformerConfig(**config["transformer"]), config["text_loss_weight"])
+    cls = prior_class(config)
+    transformer = cls.build_network(cls.config_class(**config["transformer"]), config["text_loss_weight"])
     load_transformer_weights(transformer, checkpoint)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

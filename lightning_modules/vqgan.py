@@ -15,15 +15,20 @@ Generator loss (taming-transformers, LlamaGen, Open-MAGVIT2):
 with w fixed (`disc_weight`) or adaptive: disc_weight * ||grad rec|| / (||grad G|| + 1e-4) on the
 decoder's last layer, clamped to [0, max_adaptive_weight] (taming), and G the generator's GAN
 loss: -mean(logits) ("hinge", taming's and LlamaGen's) or non-saturating (MAGVIT-v2's). Discriminator
-loss, chosen apart: hinge or non-saturating on real and fake, + lecam_weight * LeCAM.
+loss, chosen apart: hinge or non-saturating on real and fake, + lecam_weight * LeCAM. With
+`disc_start: null` and `perceptual_weight: 0` the loss is DALL-E's dVAE ELBO: the pixel term plus
+the `GumbelQuantizer`'s weighted KL to the uniform prior, no discriminator ever trained.
 
 Precision: bf16-mixed or fp32. fp16 is refused: the discriminator's raw step would bypass
 Lightning's gradient scaler, and the adaptive weight's gradient norms overflow in fp16 anyway.
 
-Strategy: DDP with `find_unused_parameters=True` (the generator step leaves the discriminator
+Strategies: DDP with `find_unused_parameters=True` (the generator step leaves the discriminator
 unused and the other way round), which `configure_model` sets on any DDPStrategy, so that
-`configs/trainer/ddp.yaml` composes with every tokenizer config. Lightning's FSDPStrategy
-refuses manual optimization; a 76M-parameter tokenizer fits on every GPU, so DDP is its strategy.
+`configs/trainer/ddp.yaml` composes with every tokenizer config. FSDP2
+(lightning_modules.fsdp.AtomicModelParallelStrategy, configs/trainer/fsdp.yaml): `configure_model`
+shards the encoder, decoder, quantizer (in fp32) and discriminator, each its own unit, and the EMA
+copy alike; LPIPS stays whole on every rank, frozen, outside the module tree. A BatchNorm
+discriminator is refused there. Lightning's FSDPStrategy (FSDP1) refuses manual optimization.
 """
 
 from __future__ import annotations
@@ -36,11 +41,18 @@ from typing import Any, Literal
 import lightning as L
 import torch
 import torch.nn.functional as F
+from torch.distributed.fsdp import FSDPModule
 
 from datamodules.stream import without_padding
 from lightning_modules.clipping import clip_grad_norm
 from lightning_modules.nonfinite import NonFiniteLossGuard, drop_gradients
-from lightning_modules.parallel import adjust_ddp
+from lightning_modules.fsdp import (
+    AtomicModelParallelStrategy,
+    checkpoint_hyperparameters,
+    is_sharded_checkpoint,
+    load_sharded_state,
+)
+from lightning_modules.parallel import FrozenModule, adjust_ddp, shard, shard_in_fp32
 from tessera.lr_schedule import decay_end, lr_factor
 from tessera.nn.autoencoder import AutoencoderConfig
 from tessera.nn.discriminator import PatchDiscriminator
@@ -73,7 +85,8 @@ class DiscriminatorConfig:
     norm: Literal["group", "batch", "none"] = "group"
     """GroupNorm normalises each image alone, the same on one GPU as on many. "batch" is taming's
     BatchNorm: batch statistics in both steps (the running ones move in D's steps only), and
-    SyncBatchNorm, statistics over every rank's images, when the run has several processes (GPUs only)."""
+    SyncBatchNorm, statistics over every rank's images, when the run has several processes (GPUs
+    only, and under DDP only: FSDP2 refuses it)."""
 
 
 @dataclass
@@ -95,8 +108,9 @@ class LossConfig:
     mean(softplus(-D(x_hat))) (MAGVIT-v2 and Open-MAGVIT2, with a hinge discriminator)."""
     discriminator_loss: Literal["hinge", "non_saturating"] = "hinge"
     """The discriminator's loss: "hinge" or "non_saturating" (binary cross-entropy), both x0.5 as taming."""
-    disc_start: int = 0
-    """Training step from which the discriminator trains and the GAN term enters the generator loss."""
+    disc_start: int | None = 0
+    """Training step from which the discriminator trains and the GAN term enters the generator loss;
+    None never: no GAN (the discriminator is built but never trains)."""
     disc_weight: float = 0.75
     """Weight of the generator's GAN term (times the adaptive factor when adaptive)."""
     adaptive_disc_weight: bool = True
@@ -171,7 +185,7 @@ class VQGAN(L.LightningModule):
         """
         Args:
             quantizer: VectorQuantizer, LookupFreeQuantizer, FiniteScalarQuantizer, ResidualQuantizer or
-                MultiScaleQuantizer (a coarse and a fine id map: a MultiScaleTokenizer).
+                GumbelQuantizer or MultiScaleQuantizer (a coarse and a fine id map: a MultiScaleTokenizer).
             autoencoder: encoder and decoder architecture; defaults to taming's f16 at 256 px.
             discriminator: PatchGAN architecture.
             loss: loss terms and their weights.
@@ -211,8 +225,10 @@ class VQGAN(L.LightningModule):
         self.lecam = LeCAMRegularizer(self.loss_config.lecam_decay)
         self.nonfinite = NonFiniteLossGuard(self.optimizer_config.max_nonfinite_steps)
         loss = self.loss_config
+        # frozen VGG16 (58 MB), loaded from its own files: outside the module tree, so no checkpoint
+        # holds it and no strategy wraps or shards it
         self.lpips = (
-            LPIPS(loss.lpips_vgg_weights, loss.lpips_lin_weights, pretrained=loss.pretrained_lpips)
+            FrozenModule(LPIPS(loss.lpips_vgg_weights, loss.lpips_lin_weights, pretrained=loss.pretrained_lpips))
             if loss.perceptual_weight > 0
             else None
         )
@@ -238,22 +254,50 @@ class VQGAN(L.LightningModule):
         check_precision(str(self.trainer.precision))
 
     def configure_model(self) -> None:
-        if self._trainer is not None:  # load_from_checkpoint has no trainer
-            adjust_ddp(self.trainer.strategy, find_unused_parameters=True)
+        strategy = self.trainer.strategy if self._trainer is not None else None  # load_from_checkpoint has no trainer
+        adjust_ddp(strategy, find_unused_parameters=True)
         if self.channels_last:
             self.to(memory_format=torch.channels_last)
+            if self.lpips is not None:  # outside the module tree
+                self.lpips.module.to(memory_format=torch.channels_last)
         self._sync_batch_norm()
-        if self.compile_networks:
+        if isinstance(strategy, AtomicModelParallelStrategy):
+            self._shard(strategy)
+        elif self.compile_networks:
             # the convolutional networks, each in place; the quantizer stays eager: its collectives
             # (all-reduced statistics, the gathered usage window, restarts broadcast from rank 0) and
             # buffer updates are no work for a compiler, and in a compiled graph they split it
             for network in (self.tokenizer.encoder, self.tokenizer.decoder, self.discriminator):
                 network.compile()
 
+    def _shard(self, strategy: AtomicModelParallelStrategy) -> None:
+        """FSDP2: encoder, decoder and discriminator each a unit (gathered in bf16 under bf16-mixed on
+        GPUs), the quantizer a unit in fp32 (`shard_in_fp32`), the tokenizer's two 1x1 convs in its
+        root. The EMA copy is sharded alike, so that its update is a lerp of each rank's own shards;
+        it is only ever evaluated, so it always frees its gathered parameters after a forward."""
+        precision = str(self.trainer.precision)
+        tokenizers = [(self.tokenizer, None)] + ([(self.ema.module, True)] if self.ema is not None else [])
+        for tokenizer, reshard in tokenizers:
+            shard_in_fp32(tokenizer.quantizer, strategy, methods=("ids_to_codes",), reshard_after_forward=reshard)
+            shard(tokenizer, [tokenizer.encoder, tokenizer.decoder], strategy, precision, self.compile_networks,
+                  methods=("encode", "decode"), reshard_after_forward=reshard)
+        shard(self.discriminator, [], strategy, precision)
+        if self.compile_networks:
+            self.discriminator.compile()
+
     def _sync_batch_norm(self) -> None:
         """A BatchNorm discriminator on several processes normalises with every rank's images (SyncBatchNorm)."""
         processes = self.trainer.world_size if self._trainer is not None else 1  # load_from_checkpoint has no trainer
-        if processes < 2 or not any(isinstance(m, torch.nn.BatchNorm2d) for m in self.discriminator.modules()):
+        if not any(isinstance(m, torch.nn.BatchNorm2d) for m in self.discriminator.modules()):
+            return
+        if self._trainer is not None and isinstance(self.trainer.strategy, AtomicModelParallelStrategy):
+            # FSDP2 leaves each rank's running statistics apart, and would gather BatchNorm's scale in bf16
+            raise ValueError(
+                "discriminator.norm 'batch' is not supported under FSDP2 (AtomicModelParallelStrategy): train a "
+                "BatchNorm discriminator with DDP (configs/trainer/ddp.yaml, the tokenizer's default), or use "
+                "discriminator.norm 'group'"
+            )
+        if processes < 2:
             return
         if self.trainer.strategy.root_device.type == "cpu":
             raise ValueError(
@@ -291,7 +335,8 @@ class VQGAN(L.LightningModule):
         opt_g, opt_d = self.optimizers()
         step = self.global_step  # the step this batch contributes to
         finishes_step = self._finishes_step()
-        gan_active = step >= self.loss_config.disc_start
+        gan_active = self.loss_config.disc_start is not None and step >= self.loss_config.disc_start
+        self.tokenizer.quantizer.set_step(step)  # annealed quantizers (Gumbel-softmax) follow the same step
 
         self.toggle_optimizer(opt_g)
         reconstructions, g_loss, logs = self.generator_loss(images, gan_active)
@@ -377,21 +422,31 @@ class VQGAN(L.LightningModule):
     def reconstruction_losses(self, images: torch.Tensor, reconstructions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         pixel = F.l1_loss if self.loss_config.reconstruction == "l1" else F.mse_loss
         rec_loss = pixel(reconstructions.float(), images.float())
-        perceptual_loss = self.lpips(images, reconstructions).mean() if self.lpips is not None else rec_loss.new_zeros(())
-        return rec_loss, perceptual_loss
+        if self.lpips is None:
+            return rec_loss, rec_loss.new_zeros(())
+        return rec_loss, self.lpips.on(images.device)(images, reconstructions).mean()
 
     def gan_weight(self, nll: torch.Tensor, gan_loss: torch.Tensor) -> torch.Tensor:
         """disc_weight, times taming's adaptive factor when asked; a detached fp32 scalar."""
         config = self.loss_config
         if not config.adaptive_disc_weight:
             return nll.new_full((), config.disc_weight)  # a fill on the device, not a blocking copy to it
-        last_layer = self.tokenizer.decoder.last_layer
+        last_layer = self._last_layer()
         nll_grad = torch.autograd.grad(nll, last_layer, retain_graph=True)[0].float()
         gan_grad = torch.autograd.grad(gan_loss, last_layer, retain_graph=True)[0].float()
         factor = nll_grad.norm() / (gan_grad.norm() + 1e-4)
         # a non-finite norm (an overflowing gradient) must not poison every later step: drop the GAN term once
         factor = torch.nan_to_num(factor, nan=0.0, posinf=0.0).clamp(0.0, config.max_adaptive_weight)
         return (config.disc_weight * factor).detach()
+
+    def _last_layer(self) -> torch.Tensor:
+        """The decoder's last weight as this step's graph holds it. Under FSDP2 that is the gathered
+        parameter, not the shard the module holds between forwards: `unshard` puts the same gathered
+        tensor back on the module (and gathers it again if the forward freed it)."""
+        decoder = self.tokenizer.decoder
+        if isinstance(decoder, FSDPModule):
+            decoder.unshard()
+        return decoder.last_layer
 
     def discriminator_loss(self, images: torch.Tensor, reconstructions: torch.Tensor) -> tuple[torch.Tensor, dict]:
         logits_real = self.discriminator(images)
@@ -461,19 +516,14 @@ class VQGAN(L.LightningModule):
         self.log_dict({f"val/{name}": value.float() for name, value in logs.items()}, sync_dist=True)
 
     # -------------------------------------------------------------------------
-    # checkpoints: LPIPS' frozen VGG16 (58 MB) is loaded from its own files, never saved
+    # checkpoints
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["nonfinite"] = self.nonfinite.state_dict()
-        state = checkpoint["state_dict"]
-        for key in [key for key in state if key.startswith("lpips.")]:
-            del state[key]
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if "nonfinite" in checkpoint:
             self.nonfinite.load_state_dict(checkpoint["nonfinite"])
-        if self.lpips is not None:
-            checkpoint["state_dict"].update({f"lpips.{key}": value for key, value in self.lpips.state_dict().items()})
 
 
 def check_precision(precision: str) -> None:
@@ -485,21 +535,23 @@ def check_precision(precision: str) -> None:
 
 
 def load_tokenizer(path: str | Path, use_ema: bool = True) -> VQTokenizer:
-    """A frozen tokenizer in eval mode from a VQGAN training checkpoint (.ckpt) or an export directory.
+    """A frozen tokenizer in eval mode from a VQGAN training checkpoint (.ckpt file or FSDP2 sharded
+    directory) or an export directory.
 
     use_ema: take the EMA weights when the run kept them (what validation measured).
     """
     path = Path(path)
-    if path.is_dir():
+    sharded = is_sharded_checkpoint(path)  # an FSDP2 run's directory of shards
+    if path.is_dir() and not sharded:
         return VQTokenizer.from_pretrained(path)
-    if not path.is_file():
+    if not path.is_file() and not sharded:
         raise FileNotFoundError(f"no tokenizer checkpoint or export directory at {path}")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    hparams = checkpoint.get("hyper_parameters", {})
+    checkpoint = None if sharded else torch.load(path, map_location="cpu", weights_only=True)
+    hparams = checkpoint_hyperparameters(path) if sharded else checkpoint.get("hyper_parameters", {})
     if "quantizer" not in hparams or "autoencoder" not in hparams:
         raise ValueError(f"{path} is not a VQGAN checkpoint: its hyperparameters lack the quantizer and autoencoder")
     tokenizer = VQTokenizer.from_description(hparams)
     prefix = "ema.module." if use_ema and hparams.get("ema_decay") is not None else "tokenizer."
-    state = {key[len(prefix):]: value for key, value in checkpoint["state_dict"].items() if key.startswith(prefix)}
-    tokenizer.load_state_dict(state)
+    weights = load_sharded_state(path, prefix, tokenizer.state_dict()) if sharded else checkpoint["state_dict"]
+    tokenizer.load_state_dict({key[len(prefix):]: value for key, value in weights.items() if key.startswith(prefix)})
     return tokenizer.requires_grad_(False).eval()

@@ -7,6 +7,11 @@ and top-p on the logits, then one seeded multinomial draw per image position.
         guide -> / temperature -> top-k -> top-p -> softmax -> multinomial -> token i
         decode_step(token i) -> logits for token i + 1              (KV cache, static shapes)
 
+    an RQTransformer's (B, N, D) codes: prefill -> the context of position 0
+    for position t = 0 .. N-1:
+        for code d = 0 .. D-1: depth_step(context, codes 0 .. d-1) -> guide -> ... -> code d  (depth KV cache)
+        decode_step(the D codes of t) -> the context of position t + 1    (spatial KV cache)
+
 References:
 1) Classifier-Free Diffusion Guidance, Ho & Salimans 2021: https://arxiv.org/abs/2207.12598; on the
    logits of an autoregressive prior as Make-A-Scene (https://arxiv.org/abs/2203.13131) and
@@ -24,6 +29,7 @@ from typing import Any
 
 import torch
 
+from tessera.nn.rq_transformer import RQTransformer
 from tessera.nn.transformer import TextImageTransformer
 
 
@@ -114,7 +120,6 @@ def filter_logits(logits: torch.Tensor, config: SamplingConfig) -> torch.Tensor:
     return logits
 
 
-@torch.inference_mode()
 def sample_image_tokens(
     model: TextImageTransformer,
     text_ids: torch.Tensor,
@@ -123,15 +128,38 @@ def sample_image_tokens(
     null_text_ids: torch.Tensor | None = None,
     use_cache: bool = True,
 ) -> torch.Tensor:
-    """Draws (B, image_length) long image ids for captions text_ids (B, text_length).
+    """Draws (B, image_length) long image ids for captions text_ids (B, text_length); from an
+    RQTransformer (B, image_length, code_depth): position by position with the spatial KV cache,
+    and at each position its D codes in depth order, each from the depth transformer's logits.
 
-    Reproducible: one `torch.multinomial(generator=...)` draw per image position for all rows at
-    once, in order, so a seeded generator (on the model's device) gives the same images with the
-    cache or without. With `config.cfg_scale != 1`, `null_text_ids` (text_length,), the tokenized
-    empty caption, is required; its rows join the batch, so one forward pass serves both.
-    `use_cache=False` reruns the full forward over the growing sequence at every step: the slow
-    reference. Runs in eval mode (restored after) in the model's dtype; autocast is the caller's.
+    Reproducible: one `torch.multinomial(generator=...)` draw per image token (per code) for all
+    rows at once, in order, so a seeded generator (on the model's device) gives the same images
+    with the cache or without. With `config.cfg_scale != 1`, `null_text_ids` (text_length,), the
+    tokenized empty caption, is required; its rows join the batch, so one forward pass serves both
+    (through both of an RQTransformer's transformers). `use_cache=False` reruns the full forward
+    over the growing sequence at every step: the slow reference. Runs in eval mode (restored after)
+    in the model's dtype; autocast is the caller's.
     """
+    if isinstance(model, RQTransformer):
+        loop = _sample_residual_cached if use_cache else _sample_residual_uncached
+    else:
+        loop = _sample_cached if use_cache else _sample_uncached
+    return _sample(model, text_ids, config, generator, null_text_ids, loop)
+
+
+Loop = Callable[[TextImageTransformer, torch.Tensor, int, Callable[[torch.Tensor], torch.Tensor]], torch.Tensor]
+
+
+@torch.inference_mode()
+def _sample(
+    model: TextImageTransformer,
+    text_ids: torch.Tensor,
+    config: SamplingConfig | None,
+    generator: torch.Generator | None,
+    null_text_ids: torch.Tensor | None,
+    loop: Loop,
+) -> torch.Tensor:
+    """`loop(model, text_ids, batch_size, draw)` with the guidance rows joined to text_ids, in eval mode."""
     config = SamplingConfig() if config is None else config
     device = next(model.parameters()).device
     if generator is not None and generator.device.type != device.type:
@@ -163,9 +191,7 @@ def sample_image_tokens(
     was_training = model.training
     model.eval()
     try:
-        if use_cache:
-            return _sample_cached(model, text_ids, batch_size, draw)
-        return _sample_uncached(model, text_ids, batch_size, draw)
+        return loop(model, text_ids, batch_size, draw)
     finally:
         model.train(was_training)
 
@@ -197,4 +223,34 @@ def _sample_uncached(
         image_ids = tokens[:, : i + 1].repeat(text_ids.size(0) // batch_size, 1)
         _, image_logits = model(text_ids, image_ids)  # (B or 2B, i + 1, Vi)
         tokens[:, i] = draw(image_logits[:, -1])
+    return tokens
+
+
+def _sample_residual_cached(
+    model: RQTransformer, text_ids: torch.Tensor, batch_size: int, draw: Callable[[torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
+    n_image, depth, text_length = model.config.image_length, model.config.code_depth, model.config.text_length
+    tokens = torch.empty(batch_size, n_image, depth, dtype=torch.long, device=text_ids.device)
+    repeats = text_ids.size(0) // batch_size  # the null rows take the same codes
+    cache, depth_cache = model.make_kv_cache(text_ids.size(0)), model.make_depth_cache(text_ids.size(0))
+    positions = torch.arange(text_length, text_length + n_image, device=text_ids.device)
+    context = model.prefill(text_ids, cache)  # (B or 2B, C): of image position 0
+    for t in range(n_image):
+        for d in range(depth):
+            tokens[:, t, d] = draw(model.depth_step(context, tokens[:, t, :d].repeat(repeats, 1), depth_cache))
+        if t + 1 < n_image:  # the last position's codes are never a spatial input
+            context = model.decode_step(tokens[:, t].repeat(repeats, 1), positions[t], cache)
+    return tokens
+
+
+def _sample_residual_uncached(
+    model: RQTransformer, text_ids: torch.Tensor, batch_size: int, draw: Callable[[torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
+    n_image, depth = model.config.image_length, model.config.code_depth
+    tokens = torch.zeros(batch_size, n_image, depth, dtype=torch.long, device=text_ids.device)
+    for t in range(n_image):
+        for d in range(depth):
+            # the codes after (t, d) are placeholders: causal over positions and depths, no logit reads them
+            _, image_logits = model(text_ids, tokens.repeat(text_ids.size(0) // batch_size, 1, 1))  # (B or 2B, N, D, Vi)
+            tokens[:, t, d] = draw(image_logits[:, t, d])
     return tokens

@@ -14,10 +14,18 @@ CONFIGS = sorted((Path(__file__).parents[1] / "configs").rglob("*.yaml"))
 SECTION_TYPES = {"model": L.LightningModule, "data": L.LightningDataModule}
 
 
+# what stands in for a language model's local checkpoint, which the user downloads
+TINY_LLAMA = {"config": {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                         "num_attention_heads": 4}, "tokenizer": "clip-bpe"}
+
+
 def _without_weight_files(sections: dict) -> dict:
-    """Tests build LPIPS with random weights (CI has no VGG16 download) and priors without the
-    stage-1 tokenizer a real run would have trained first."""
+    """Tests build LPIPS with random weights (CI has no VGG16 download), priors without the
+    stage-1 tokenizer a real run would have trained first, and a tiny random Llama where a config
+    names a language model's checkpoint directory."""
     init_args = sections.get("model", {}).get("init_args", {})
+    if init_args.get("backbone", {}).get("path") is not None:
+        init_args["backbone"] = TINY_LLAMA
     loss = init_args.get("loss")
     if loss is not None and loss.get("perceptual_weight", 1.0) > 0:
         loss["pretrained_lpips"] = False
@@ -65,8 +73,11 @@ def _tokenizer_args(name: str) -> dict:
 
 
 @pytest.mark.parametrize("path", TOKENIZER_CONFIGS, ids=lambda p: p.name)
-def test_every_tokenizer_config_names_its_discriminator_norm_and_both_gan_losses(path):
+def test_every_tokenizer_config_with_a_gan_names_its_discriminator_norm_and_both_gan_losses(path):
     init_args = _tokenizer_args(path.name)
+    if init_args["loss"].get("disc_start", 0) is None:  # no GAN: nothing to name
+        assert "discriminator" not in init_args and "disc_weight" not in init_args["loss"]
+        return
     assert init_args["discriminator"]["norm"] in ("group", "batch", "none")
     assert {"generator_loss", "discriminator_loss"} <= set(init_args["loss"])
 
@@ -77,3 +88,13 @@ def test_taming_and_open_magvit2_configs_follow_their_recipes():
     assert (taming["loss"]["generator_loss"], taming["loss"]["discriminator_loss"]) == ("hinge", "hinge")
     magvit2 = _tokenizer_args("magvit2_lfq_f16.yaml")
     assert (magvit2["loss"]["generator_loss"], magvit2["loss"]["discriminator_loss"]) == ("non_saturating", "hinge")
+
+
+def test_dalle_dvae_config_follows_its_recipe():
+    """8,192 codes at f8, the ELBO alone, DALL-E's schedules, beta 6.6 over the 192 pixel values per position."""
+    dvae = _tokenizer_args("dalle_dvae.yaml")
+    quantizer = dvae["quantizer"]["init_args"]
+    assert quantizer["codebook_size"] == 8192 and len(dvae["autoencoder"]["ch_mult"]) == 4  # f8
+    assert (quantizer["temperature_start"], quantizer["temperature_end"]) == (1.0, 1 / 16)
+    assert quantizer["kl_weight"] * 3 * 8**2 == pytest.approx(6.6) and quantizer["kl_warmup_steps"] == 5000
+    assert dvae["loss"]["disc_start"] is None and dvae["loss"]["perceptual_weight"] == 0

@@ -1,5 +1,3 @@
-import json
-
 import lightning as L
 import pytest
 import torch

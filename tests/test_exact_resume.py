@@ -108,26 +108,28 @@ class RecordKeys(L.Callback):
         self.keys.extend(batch["keys"])
 
 
-def write_token_shards(directory: Path) -> str:
-    """3 token shards of 16 caption + 4x4 id samples, as `tessera tokenize` writes them."""
+def write_token_shards(directory: Path, id_shape: tuple[int, ...] = (4, 4)) -> str:
+    """3 token shards of 16 caption + id samples (4x4 ids of 64 codes by default), as `tessera tokenize` writes them."""
     rng = np.random.default_rng(1)
     for shard in range(3):
         samples = []
         for i in range(16):
             buffer = io.BytesIO()
-            np.save(buffer, rng.integers(0, 64, (4, 4)))
+            np.save(buffer, rng.integers(0, 64, id_shape))
             samples.append({"__key__": f"{shard}_{i:02d}", "tokens.npy": buffer.getvalue(), "txt": f"{i % 5} red circles"})
         write_wds_shard(directory / f"{shard:05d}.tar", samples)
     return str(directory / "{00000..00002}.tar")
 
 
-def vqgan_run(shards: str):
-    """The tokenizer with dropout and dead-code restarts (global RNG), and 40 samples an epoch in batches of 4."""
+def vqgan_run(shards: str, **overrides):
+    """The tokenizer with dropout and dead-code restarts (global RNG), and 40 samples an epoch in batches
+    of 4; `overrides` replace VQGAN's arguments."""
     torch.manual_seed(0)
     model = tiny_vqgan(
         image_size=32,
         quantizer=VectorQuantizer(dim=4, codebook_size=32, dead_code_threshold=0.5),
         autoencoder=AutoencoderConfig(ch=8, ch_mult=(1, 2), num_res_blocks=1, z_channels=8, image_size=32, dropout=0.2),
+        **overrides,
     )
     data = CaptionImageDataModule(shards, image_size=32, batch_size=4, num_workers=2, text_length=TEXT_LENGTH,
                                   train_samples=40, shuffle_buffer=8)

@@ -3,8 +3,9 @@
 .ckpt file to model.safetensors + config.json, and `load_prior` on all three giving the same samples.
 
 On CPU the sharded checkpoints are written by Lightning's own sharded save (FSDPStrategy's, reached
-through AtomicFSDPStrategy) in one process, from the checkpoint a CPU fit would save: FSDP itself
-needs a GPU, so the test that trains under it is marked `gpu`.
+through AtomicFSDPStrategy) in one process, from the checkpoint a CPU fit would save. The test that
+trains under FSDP2 (AtomicModelParallelStrategy) in bf16 on one GPU is marked `gpu`; two-process
+FSDP2 runs on CPU are in tests/test_sharding.py.
 """
 
 from __future__ import annotations
@@ -23,10 +24,10 @@ from torch.utils.data import DataLoader
 
 import lightning.pytorch.strategies.fsdp
 import lightning_modules.fsdp
-from lightning_modules.fsdp import SHARDED_METADATA, AtomicFSDPStrategy, swap_in
-from lightning_modules.prior import TextImagePrior, load_prior, load_transformer_weights
+from lightning_modules.fsdp import SHARDED_METADATA, AtomicFSDPStrategy, AtomicModelParallelStrategy, swap_in
+from lightning_modules.prior import TextImagePrior, build_prior, load_prior, load_transformer_weights
 from tessera.commands.cli import main
-from tessera.nn.transformer import Block, TextImageTransformer
+from tessera.nn.transformer import TextImageTransformer
 from tessera.commands.fit import newest_checkpoint
 from tests.test_prior import Tokens, tiny_config, tiny_prior, tokenizer_dir  # noqa: F401 (tokenizer_dir: a fixture)
 from tests.test_vqgan import trainer
@@ -165,8 +166,9 @@ def test_a_sharded_checkpoint_exports_the_models_weights_bitwise_and_its_config(
     assert_weights_equal(weights, prior.transformer.state_dict())
     config = json.loads((tmp_path / "export" / "config.json").read_text())
     assert config == json.loads(json.dumps(dict(prior.hparams)))
-    rebuilt = TextImagePrior(**config)  # the config is the constructor's arguments
-    assert rebuilt.config == prior.config and rebuilt.hparams == prior.hparams
+    assert config["class_path"] == "lightning_modules.prior.TextImagePrior"
+    rebuilt = build_prior(config)  # the config is the class and its constructor's arguments
+    assert type(rebuilt) is TextImagePrior and rebuilt.config == prior.config and rebuilt.hparams == prior.hparams
 
 
 def test_an_export_a_sharded_checkpoint_and_a_ckpt_file_sample_the_same_images(tmp_path, sharded, fitted):
@@ -205,12 +207,12 @@ def test_export_of_something_that_is_no_checkpoint_says_what_it_is(tmp_path, tok
     assert not (tmp_path / "out").exists()
 
 
-# --- a real FSDP run ----------------------------------------------------------------------
+# --- a real FSDP2 run ---------------------------------------------------------------------
 
 
 @pytest.fixture
 def process_group_torn_down():
-    """Lightning keeps the process group of an FSDP fit until the interpreter exits: the GPU tests
+    """Lightning keeps the process group of a sharded fit until the interpreter exits: the GPU tests
     after this one run as a plain one-GPU job, without it."""
     yield
     if torch.distributed.is_initialized():
@@ -218,8 +220,8 @@ def process_group_torn_down():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="FSDP needs a CUDA device")
-def test_a_one_gpu_fsdp_fit_resumes_from_its_sharded_last_ckpt_and_exports_it(
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a bf16 FSDP2 run on a CUDA device")
+def test_a_one_gpu_fsdp2_fit_resumes_from_its_sharded_last_ckpt_and_exports_it(
     tmp_path, tokenizer_dir, process_group_torn_down
 ):
     from tessera.commands.fit import checkpoint_dir, prepare_trainer, resume_checkpoint
@@ -232,11 +234,8 @@ def test_a_one_gpu_fsdp_fit_resumes_from_its_sharded_last_ckpt_and_exports_it(
             trainer.save_checkpoint(tmp_path / "restored.ckpt")
 
     def fsdp_trainer(max_steps: int, callbacks: list[L.Callback]) -> L.Trainer:
-        strategy = AtomicFSDPStrategy(
-            state_dict_type="sharded", auto_wrap_policy={Block}, activation_checkpointing_policy={Block}
-        )
         fit = L.Trainer(
-            accelerator="gpu", devices=1, strategy=strategy, precision="bf16-mixed", max_steps=max_steps,
+            accelerator="gpu", devices=1, strategy=AtomicModelParallelStrategy(), precision="bf16-mixed", max_steps=max_steps,
             default_root_dir=tmp_path / "run", logger=False, enable_progress_bar=False, enable_model_summary=False,
             callbacks=[ModelCheckpoint(save_top_k=0, save_last=True, every_n_train_steps=2), *callbacks],
         )

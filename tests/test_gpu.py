@@ -1,7 +1,8 @@
 """What only a GPU can check, with the CPU tests' tiny networks and data: both stages a few steps in
-bf16-mixed and under torch.compile, the host syncs of their training steps, KV-cached sampling
-against the full forward, the prior's attention on SDPA's fused kernels, and exact stop-and-resume
-on one GPU with deterministic algorithms, CUDA RNG states included. The prior's FSDP fit, resume and
+bf16-mixed, under torch.compile and under FSDP2 (bf16 gathers, an fp32 codebook), the host syncs of
+their training steps, KV-cached sampling against the full forward, the prior's attention on SDPA's
+fused kernels, and exact stop-and-resume on one GPU with deterministic algorithms, CUDA RNG states
+included. The prior's FSDP2 fit, resume and
 export are in test_export.py; the quantizers' fp32 maths under CUDA autocast in the quantizer tests.
 
 Every test is marked `gpu` (`pytest -m gpu`) and skips without CUDA. Most of the run's time goes
@@ -25,9 +26,11 @@ import torch  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
+from lightning_modules.fsdp import AtomicModelParallelStrategy  # noqa: E402
 from tessera.nn.transformer import TextImageTransformer  # noqa: E402
 from tessera.sampling import SamplingConfig, sample_image_tokens  # noqa: E402
 from tests.devices import NEEDS_CUDA  # noqa: E402
+from tests.test_export import process_group_torn_down  # noqa: E402, F401 (a fixture)
 from tests.test_exact_resume import (  # noqa: E402
     assert_resumed_exactly,
     fit,
@@ -92,8 +95,8 @@ class CheckMixedPrecision(L.Callback):
         assert math.isfinite(self.losses[-1]), self.losses
 
 
-def gpu_trainer(tmp_path, callbacks: list[L.Callback]) -> L.Trainer:
-    return trainer(tmp_path, max_steps=STEPS, accelerator="gpu", precision="bf16-mixed", callbacks=callbacks)
+def gpu_trainer(tmp_path, callbacks: list[L.Callback], **options) -> L.Trainer:
+    return trainer(tmp_path, max_steps=STEPS, accelerator="gpu", precision="bf16-mixed", callbacks=callbacks, **options)
 
 
 # --- bf16-mixed -----------------------------------------------------------------------------
@@ -131,6 +134,33 @@ def test_prior_trains_in_bf16_mixed_on_images_its_frozen_tokenizer_encodes(tmp_p
     assert logits == [torch.bfloat16] * STEPS  # the loss, fp32, comes from bf16 logits
     frozen = prior.image_tokenizer.module  # outside the module tree: no precision plugin casts it
     assert {(p.device.type, p.dtype, p.requires_grad) for p in frozen.parameters()} == {("cuda", torch.float32, False)}
+
+
+# --- FSDP2 on one GPU ----------------------------------------------------------------------
+
+
+def record_gathered_dtype(module: torch.nn.Module, name: str, seen: dict[str, set]) -> None:
+    """Notes the dtype of `module`'s first parameter in each of its forwards: under FSDP2 the gathered
+    one (this hook, registered before sharding, runs before FSDP2 frees the gathered parameters)."""
+    module.register_forward_hook(lambda m, args, out: seen.setdefault(name, set()).add(next(m.parameters()).dtype))
+
+
+def test_tokenizer_trains_under_fsdp2_with_bf16_gathers_and_an_fp32_codebook(tmp_path, process_group_torn_down):
+    model, check, seen = tiny_vqgan(ema_decay=0.9), CheckMixedPrecision(), {}
+    for name in ("decoder", "quantizer"):
+        record_gathered_dtype(getattr(model.tokenizer, name), name, seen)
+    record_gathered_dtype(model.discriminator, "discriminator", seen)
+    gpu_trainer(tmp_path, [check], strategy=AtomicModelParallelStrategy()).fit(model, loader())
+    assert model.global_step == STEPS and check.backwards == 2 * STEPS
+    assert seen == {"decoder": {torch.bfloat16}, "quantizer": {torch.float32}, "discriminator": {torch.bfloat16}}
+
+
+def test_prior_trains_under_fsdp2_with_bf16_gathers(tmp_path, tokenizer_dir, process_group_torn_down):
+    prior, check, seen = tiny_prior(tokenizer_dir), CheckMixedPrecision(), {}
+    record_gathered_dtype(prior.transformer.blocks[0], "block", seen)
+    gpu_trainer(tmp_path, [check], strategy=AtomicModelParallelStrategy()).fit(prior, DataLoader(Tokens(prior), batch_size=4))
+    assert prior.global_step == STEPS and check.backwards == STEPS
+    assert seen == {"block": {torch.bfloat16}}
 
 
 # --- torch.compile --------------------------------------------------------------------------

@@ -11,10 +11,11 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from memory_estimate import GIB, HEADROOM, estimate_from_configs, prior_memory  # noqa: E402
 
+from tessera.nn.rq_transformer import RQTransformerConfig  # noqa: E402
 from tessera.nn.transformer import TextImageTransformer, TransformerConfig  # noqa: E402
 
 PRESETS = sorted((REPO / "configs/prior").glob("*.yaml"))
-LARGE = [path for path in PRESETS if path.stem != "tiny_shapes"]
+LARGE = [path for path in PRESETS if "tiny" not in path.stem]
 H100_GIB = 79.1
 
 
@@ -55,3 +56,13 @@ def test_the_1_3b_prior_does_not_fit_an_80gb_card_under_ddp():
     estimate, _ = estimate_from_configs(REPO / "configs/prior/1_3b.yaml", REPO / "configs/trainer/ddp.yaml",
                                         REPO / "configs/data/laion_style.yaml")
     assert estimate.total > HEADROOM * H100_GIB
+
+
+def test_an_rq_transformers_depth_blocks_add_activations_over_every_code_and_logits_at_every_code():
+    shape = dict(n_layer=2, n_head=2, n_embd=64, text_length=8, image_grid=4, image_vocab_size=64)
+    flat = prior_memory(TransformerConfig(**shape), 4, sharded=False, gpus=1, activation_checkpointing=False)
+    rq = prior_memory(RQTransformerConfig(**shape, code_depth=4, depth_n_layer=1), 4, sharded=False, gpus=1,
+                      activation_checkpointing=False)
+    depth_blocks = 34 * (4 * 16 * 4) * 64 / GIB  # one layer over B * N * D codes
+    assert rq.activations == pytest.approx(flat.activations + depth_blocks)
+    assert rq.logits - flat.logits == pytest.approx(10 * 4 * 16 * 3 * 64 / GIB)  # 3 more codes a position

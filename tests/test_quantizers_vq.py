@@ -221,6 +221,7 @@ def test_residual_quantizer_ids_per_depth_and_error_shrinks_with_depth():
 
 
 def quantizers():
+    from tessera.nn.gumbel_quantizer import GumbelQuantizer
     from tessera.nn.lookup_free_quantizer import LookupFreeQuantizer
     from tessera.nn.residual_quantizer import ResidualQuantizer
 
@@ -229,10 +230,11 @@ def quantizers():
         "vq_ema": VectorQuantizer(dim=4, codebook_size=16, ema_decay=0.9),
         "rq": ResidualQuantizer(dim=4, codebook_size=16, depth=2),
         "lfq": LookupFreeQuantizer(dim=4),  # its entropy terms' matmuls
+        "gumbel": GumbelQuantizer(dim=4, codebook_size=16),  # its logits and the sample's mix of codes
     }  # FSQ rounds each channel alone: no matmul to pin
 
 
-@pytest.mark.parametrize("name", ["vq", "vq_ema", "rq", "lfq"])
+@pytest.mark.parametrize("name", ["vq", "vq_ema", "rq", "lfq", "gumbel"])
 def test_codebook_matmuls_run_without_tf32_when_the_user_allows_it(name):
     """`torch.set_float32_matmul_precision("high")` (TF32) is common advice for H100s; the
     quantizers' distances and statistics must not follow it."""

@@ -1,31 +1,41 @@
 """The prior and the tokenizer sharded over 2 CPU processes (gloo): optimizer groups chosen before
-wrapping, FSDP2 against DDP, its checkpoints, resume and export."""
+wrapping, FSDP2 against DDP, its checkpoints, resume and export, and every stage config under every
+trainer config through `tessera fit`."""
 
 from __future__ import annotations
 
+import copy
 import multiprocessing
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
 import torch
+import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import DDPStrategy
 from safetensors.torch import load_file
+from torch.distributed.device_mesh import init_device_mesh
 from torch.utils.data import DataLoader
 
+from callbacks.reconstructions import ReconstructionLogger
 from callbacks.samples import SampleLogger
 
-from lightning_modules.fsdp import AtomicModelParallelStrategy
-from lightning_modules.parallel import unwrapped_name
+from lightning_modules.fsdp import AtomicModelParallelStrategy, is_sharded_checkpoint
+from lightning_modules.parallel import shard_in_fp32, unwrapped_name
 from lightning_modules.prior import TextImagePrior, load_prior
 from tessera.commands.cli import main
+from tessera.commands.fit import checkpoint_dir, newest_checkpoint
 from tessera.nn.transformer import Block, TransformerConfig
-from tests.distributed import run_distributed
-from tests.test_exact_resume import prior_run, write_token_shards
+from tessera.nn.vector_quantizer import VectorQuantizer
+from lightning_modules.vqgan import OptimizerConfig, load_tokenizer
+from tests.distributed import as_launched_rank, run_distributed
+from tests.test_exact_resume import TEXT_LENGTH, prior_run, vqgan_run, write_token_shards
 from tests.test_prior import Tokens, tokenizer_dir  # noqa: F401 (tokenizer_dir: a fixture)
+from tests.test_vqgan import REPO
 from tests.test_prior import tiny_prior as tiny_prior_with_tokenizer
 
 PROMPTS = ["a red circle", "two blue squares"]
@@ -67,25 +77,29 @@ def test_weight_decay_falls_on_the_matrices_of_an_fsdp1_wrapped_prior():
 
 
 class RecordLosses(L.Callback):
+    """Every training step's logged losses by name (train/loss, train/d_loss, ...)."""
+
     def __init__(self):
-        self.losses: list[float] = []
+        self.losses: list[dict[str, float]] = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.losses.append(outputs["loss"].item())
+        metrics = trainer.callback_metrics
+        self.losses.append({name: metrics[name].item() for name in metrics if name.startswith("train/") and "loss" in name})
 
 
-def fit_prior(shards: str, root: Path, strategy, steps: int, ckpt_path: Path | None = None) -> list[float]:
-    """The losses of a 2-process run of the prior (dropout, caption dropout, clipping) that saves a
-    checkpoint every 2 steps, or resumes from `ckpt_path`."""
-    model, data = prior_run(shards)
+def fit_run(make_run, shards: str, root: Path, strategy, steps: int, ckpt_path: Path | None = None,
+            callbacks: tuple[L.Callback, ...] = ()):
+    """(losses, model) of a 2-process run of `make_run`'s model and data (tests.test_exact_resume) that
+    saves a checkpoint every 2 steps, or resumes from `ckpt_path`."""
+    model, data = make_run(shards)
     losses = RecordLosses()
     every_2 = ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=2, save_top_k=-1)
     if ckpt_path is not None:  # a fresh process's RNGs would be anywhere: resume must not depend on them
         torch.manual_seed(1234)
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_steps=steps, default_root_dir=root,
-                        logger=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[losses, every_2])
+                        logger=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[losses, every_2, *callbacks])
     trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
-    return losses.losses
+    return losses.losses, model
 
 
 def _prior_under_ddp_and_fsdp2(rank: int, world_size: int, root: str) -> dict:
@@ -96,10 +110,10 @@ def _prior_under_ddp_and_fsdp2(rank: int, world_size: int, root: str) -> dict:
     shards = write_token_shards(root) if rank == 0 else str(root / "{00000..00002}.tar")
     torch.distributed.barrier()
     # 24 samples an epoch, 12 per rank in batches of 4: step 2 is mid-epoch
-    ddp = fit_prior(shards, root / "ddp", DDPStrategy(), steps=4)
-    fsdp2 = fit_prior(shards, root / "fsdp2", AtomicModelParallelStrategy(), steps=4)
+    ddp, _ = fit_run(prior_run, shards, root / "ddp", DDPStrategy(), steps=4)
+    fsdp2, _ = fit_run(prior_run, shards, root / "fsdp2", AtomicModelParallelStrategy(), steps=4)
     (middle,) = (root / "fsdp2" / "ckpt").glob("*step=2.ckpt")
-    resumed = fit_prior(shards, root / "resumed", AtomicModelParallelStrategy(), steps=4, ckpt_path=middle)
+    resumed, _ = fit_run(prior_run, shards, root / "resumed", AtomicModelParallelStrategy(), steps=4, ckpt_path=middle)
     return {"ddp": ddp, "fsdp2": fsdp2, "resumed": resumed}
 
 
@@ -109,16 +123,90 @@ def test_the_prior_under_fsdp2_trains_as_under_ddp_and_resumes_mid_epoch_bitwise
     for rank in ranks:
         torch.testing.assert_close(rank["fsdp2"], rank["ddp"])
         assert rank["resumed"] == rank["fsdp2"][2:]
-
-    def exported(run: str) -> dict[str, torch.Tensor]:
-        (last,) = (tmp_path / run / "ckpt").glob("*step=4.ckpt")
-        assert main(["export", "--checkpoint", str(last), "--out", str(tmp_path / run / "export")]) == 0
-        return load_file(tmp_path / run / "export" / "model.safetensors")
-
-    ddp, fsdp2, resumed = exported("ddp"), exported("fsdp2"), exported("resumed")
+    ddp, fsdp2, resumed = (exported(tmp_path, run) for run in ("ddp", "fsdp2", "resumed"))
+    assert ddp.keys() == fsdp2.keys() == resumed.keys()
     for name in ddp:
         torch.testing.assert_close(fsdp2[name], ddp[name], msg=name)
         assert torch.equal(resumed[name], fsdp2[name]), name
+
+
+def exported(root: Path, run: str) -> dict[str, torch.Tensor]:
+    """The weights `tessera export` writes from the step-4 checkpoint of `root / run`."""
+    (last,) = (root / run / "ckpt").glob("*step=4.ckpt")
+    assert main(["export", "--checkpoint", str(last), "--out", str(root / run / "export")]) == 0
+    return load_file(root / run / "export" / "model.safetensors")
+
+
+# --- the tokenizer under FSDP2 ----------------------------------------------------------------
+
+
+def _codebook_restarted_under_fsdp2(rank: int, world_size: int) -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    # 15 codes over 2 ranks: shards of 8 and 7 rows; a threshold of 2 restarts every code at the first step
+    quantizer = VectorQuantizer(dim=4, codebook_size=15, dead_code_threshold=2.0)
+    unsharded, initial = copy.deepcopy(quantizer), quantizer.codebook.detach().clone()
+    strategy = SimpleNamespace(data_parallel_mesh=init_device_mesh("cpu", (world_size,)), reshard_after_forward=True)
+    shard_in_fp32(quantizer, strategy)
+    z = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(rank))
+    for module in (quantizer, unsharded):  # the same collectives, in the same order, on both ranks
+        torch.manual_seed(1)
+        module(z)
+    return {"initial": initial, "sharded": quantizer.codebook.detach().full_tensor(), "unsharded": unsharded.codebook.detach()}
+
+
+def test_dead_code_restarts_in_a_forward_reach_the_codebooks_shards():
+    for rank in run_distributed(_codebook_restarted_under_fsdp2):
+        assert not torch.equal(rank["unsharded"], rank["initial"])
+        assert torch.equal(rank["sharded"], rank["unsharded"])
+
+
+
+def tokenizer_run(shards: str):
+    """The exact-resume tests' tokenizer (dropout, dead-code restarts into a learned codebook, the
+    adaptive GAN weight from step 0), with an EMA and a clip that binds, by the norm over all shards."""
+    return vqgan_run(shards, ema_decay=0.9, optimizer=OptimizerConfig(lr=1e-3, gradient_clip_val=0.05))
+
+
+IMAGES = torch.linspace(-1, 1, 2 * 3 * 32 * 32).reshape(2, 3, 32, 32)
+
+
+def _tokenizer_under_ddp_and_fsdp2(rank: int, world_size: int, shards: str, root: str) -> dict:
+    torch.set_num_threads(1)
+    multiprocessing.set_start_method("fork", force=True)  # loader workers fork, as under a launcher
+    as_launched_rank(rank, world_size)
+    root = Path(root)
+    # 40 samples an epoch, 20 per rank in batches of 4: step 2 is mid-epoch
+    ddp, _ = fit_run(tokenizer_run, shards, root / "ddp", DDPStrategy(), steps=4)
+    # reconstructions logged mid-run: every rank joins the gathers, in eval mode, changing no training step
+    reconstructions = ReconstructionLogger(every_n_steps=2, num_images=2)
+    fsdp2, model = fit_run(tokenizer_run, shards, root / "fsdp2", AtomicModelParallelStrategy(), steps=4,
+                           callbacks=(reconstructions,))
+    (middle,) = (root / "fsdp2" / "ckpt").glob("*step=2.ckpt")
+    resumed, _ = fit_run(tokenizer_run, shards, root / "resumed", AtomicModelParallelStrategy(), steps=4, ckpt_path=middle)
+    ids = model.encode(IMAGES)  # every rank, the sharded EMA tokenizer
+    return {"ddp": ddp, "fsdp2": fsdp2, "resumed": resumed, "ids": ids, "images": model.decode(ids)}
+
+
+
+@pytest.mark.slow
+def test_the_tokenizer_under_fsdp2_trains_as_under_ddp_resumes_mid_epoch_bitwise_and_exports(tmp_path, shapes_dir):
+    ranks = run_distributed(_tokenizer_under_ddp_and_fsdp2, str(shapes_dir / "{00000..00002}.tar"), str(tmp_path))
+    for rank in ranks:
+        assert {"train/loss", "train/d_loss", "train/g_loss"} <= rank["fsdp2"][0].keys()
+        # fp32 to its rounding: a reduce-scatter sums the ranks' gradients in another order than an
+        # all-reduce. (The weights are not compared: a conv bias before a per-channel GroupNorm has a
+        # zero gradient up to that rounding, which Adam divides by its own tiny moment into whole steps.)
+        torch.testing.assert_close(rank["fsdp2"], rank["ddp"], rtol=1e-5, atol=1e-6)
+        assert rank["resumed"] == rank["fsdp2"][2:]
+    fsdp2, resumed = exported(tmp_path, "fsdp2"), exported(tmp_path, "resumed")
+    assert fsdp2.keys() == resumed.keys()
+    assert not [name for name in fsdp2 if not torch.equal(resumed[name], fsdp2[name])]
+    assert (tmp_path / "fsdp2" / "reconstructions" / "step_00000004.png").is_file()
+    (checkpoint,) = (tmp_path / "fsdp2" / "ckpt").glob("*step=4.ckpt")
+    unsharded = load_tokenizer(checkpoint)  # the EMA weights, as the export holds them
+    for rank in ranks:
+        assert torch.equal(unsharded.encode(IMAGES), rank["ids"])
+        torch.testing.assert_close(unsharded.decode(rank["ids"]), rank["images"])
 
 
 class Killed(BaseException):
@@ -163,3 +251,79 @@ def test_fsdp2_samples_on_every_rank_and_a_save_killed_midway_leaves_the_previou
     unsharded = load_prior(tmp_path / "export").generate(PROMPTS, seed=0)
     for rank in ranks:
         torch.testing.assert_close(rank["images"], unsharded)
+
+
+# --- every stage config under every trainer config ----------------------------------------------
+
+STAGE_CONFIGS = sorted((REPO / "configs" / "tokenizer").glob("*.yaml")) + sorted((REPO / "configs" / "prior").glob("*.yaml"))
+TRAINER_CONFIGS = sorted((REPO / "configs" / "trainer").glob("*.yaml"))
+# the one pair refused at start-up, with this message: FSDP2 does not run taming's BatchNorm discriminator
+REFUSED = {("taming_f16_16384.yaml", "fsdp.yaml"): "discriminator.norm 'batch' is not supported under FSDP2"}
+
+
+def tiny_fit_arguments(stage: Path, trainer: Path, images: str, tokens: str, root: Path) -> list[str]:
+    """Overrides that shrink a stage config's model to a few thousand parameters and run it for a
+    step on two CPU processes, on the tests' 32 px shapes (tokenizer) or token shards (prior); with
+    the GAN on from the first step, so both optimizers step."""
+    arguments = [
+        "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.num_nodes=1", "--trainer.precision=32",
+        "--trainer.max_steps=1", "--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=false",
+        f"--trainer.default_root_dir={root}", "--data.batch_size=2", "--data.num_workers=0",
+    ]
+    model = yaml.safe_load(stage.read_text())["model"]["init_args"]
+    if "quantizer" in model:
+        if model["discriminator"]["norm"] == "batch" and trainer.name == "ddp.yaml":
+            # SyncBatchNorm runs on GPUs only: on two CPU processes taming's discriminator takes GroupNorm
+            arguments.append("--model.init_args.discriminator.norm=group")
+        small = {"dim": 4, "codebook_size": 32, "depth": 2}
+        quantizer = model["quantizer"]["init_args"]
+        return arguments + [
+            "--model.init_args.autoencoder.ch=8", "--model.init_args.autoencoder.ch_mult=[1,2]",
+            "--model.init_args.autoencoder.num_res_blocks=1", "--model.init_args.autoencoder.z_channels=8",
+            "--model.init_args.autoencoder.image_size=32", "--model.init_args.discriminator.ndf=8",
+            "--model.init_args.discriminator.n_layers=1", "--model.init_args.loss.pretrained_lpips=false",
+            "--model.init_args.loss.disc_start=0",
+            *(f"--model.init_args.quantizer.init_args.{name}={value}" for name, value in small.items() if name in quantizer),
+            f"--data.train_shards={images}", "--data.image_size=32",
+        ]
+    return arguments + [
+        "--model.init_args.tokenizer=null", "--model.init_args.transformer.n_layer=1", "--model.init_args.transformer.n_head=2",
+        "--model.init_args.transformer.n_embd=16", f"--model.init_args.transformer.text_length={TEXT_LENGTH}",
+        "--model.init_args.transformer.image_vocab_size=64", "--model.init_args.transformer.image_grid=4",
+        f"--data.train_shards={tokens}", "--data.train_samples=24", "--data.image_tokens=true",
+        f"--data.text_length={TEXT_LENGTH}",
+    ]
+
+
+def _every_stage_under_every_trainer(rank: int, world_size: int, images: str, root: str) -> list[tuple[str, str]]:
+    torch.set_num_threads(1)
+    as_launched_rank(rank, world_size)
+    root = Path(root)
+    tokens = write_token_shards(root) if rank == 0 else str(root / "{00000..00002}.tar")
+    torch.distributed.barrier()
+    trained = []
+    for stage in STAGE_CONFIGS:
+        for trainer in TRAINER_CONFIGS:
+            run = root / f"{stage.parent.name}-{stage.stem}-{trainer.stem}"
+            argv = ["fit", "--config", str(stage), "--config", str(trainer), *tiny_fit_arguments(stage, trainer, images, tokens, run)]
+            refused = REFUSED.get((stage.name, trainer.name))
+            if refused:
+                with pytest.raises(ValueError, match=refused):
+                    main(argv)
+                continue
+            assert main(argv) == 0
+            trained.append((stage.name, trainer.name))
+    return trained
+
+
+@pytest.mark.slow
+def test_every_stage_config_trains_under_every_trainer_config_on_two_processes(tmp_path, shapes_dir):
+    """README: `configs/tokenizer/*.yaml` and `configs/prior/*.yaml` with `configs/trainer/ddp.yaml` or
+    `fsdp.yaml`; every pair starts and takes its steps, but the refused one, which says why at start-up."""
+    ranks = run_distributed(_every_stage_under_every_trainer, str(shapes_dir / "00000.tar"), str(tmp_path))
+    pairs = {(stage.name, trainer.name) for stage in STAGE_CONFIGS for trainer in TRAINER_CONFIGS}
+    assert ranks[0] == ranks[1] and set(ranks[0]) == pairs - set(REFUSED)
+    for stage in STAGE_CONFIGS:
+        run = tmp_path / f"{stage.parent.name}-{stage.stem}-fsdp"
+        if (stage.name, "fsdp.yaml") not in REFUSED:
+            assert is_sharded_checkpoint(newest_checkpoint(checkpoint_dir(run))), stage.name

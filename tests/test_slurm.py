@@ -2,7 +2,8 @@
 
 The session fixture starts a one-node cluster on this machine (slurm/local_cluster/start.sh:
 Debian's slurm-wlm and munge, CPU-only tasks). The jobs train the tiny tokenizer on 32 px shards
-as 2 CPU tasks joined by gloo: one runs to the end, one is sent SIGUSR1 mid-run and must requeue
+as 2 CPU tasks joined by gloo, under DDP and under configs/trainer/fsdp.yaml (FSDP2, whose
+checkpoints are directories): one runs to the end, one is sent SIGUSR1 mid-run and must requeue
 itself, resume from its checkpoint and finish with every step logged once. Where the machine
 cannot host the cluster (not root, no apt) they skip, unless TESSERA_REQUIRE_SLURM=1 (CI).
 """
@@ -23,8 +24,17 @@ from pathlib import Path
 import pytest
 import torch
 
+from lightning_modules.fsdp import SHARDED_METADATA
+
 REPO = Path(__file__).parents[1]
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+# each trainer the jobs run under: (config files after the tiny tokenizer's, `tessera fit` overrides)
+TRAINERS = {
+    "ddp": ([], ["--trainer.strategy=ddp_find_unused_parameters_true"]),
+    # fp32 on CPU tasks, as the DDP jobs train: bf16 autocast would only slow them down
+    "fsdp2": ([str(REPO / "configs/trainer/fsdp.yaml")], ["--trainer.precision=32"]),
+}
 
 
 @pytest.fixture(scope="session")
@@ -45,9 +55,10 @@ def slurm_cluster():
         yield conf
 
 
-def fit_args(shards: list[str], run_dir: Path, max_steps: int, checkpoint_every: int) -> list[str]:
-    """`tessera fit` overrides: the tiny tokenizer on 32 px shards as 2 gloo ranks, a checkpoint every
-    `checkpoint_every` steps, and a CSV log of every step (flushed at once, so a killed run keeps it)."""
+def fit_args(shards: list[str], run_dir: Path, max_steps: int, checkpoint_every: int, trainer: str) -> list[str]:
+    """`tessera fit` overrides: the tiny tokenizer on 32 px shards as 2 gloo ranks under `trainer`, a
+    checkpoint every `checkpoint_every` steps, and a CSV log of every step (flushed at once, so a
+    killed run keeps it)."""
     logger = {"class_path": "lightning.pytorch.loggers.CSVLogger",
               "init_args": {"save_dir": str(run_dir), "name": "csv", "flush_logs_every_n_steps": 1}}
     checkpoints = [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
@@ -57,16 +68,18 @@ def fit_args(shards: list[str], run_dir: Path, max_steps: int, checkpoint_every:
         "--data=datamodules.caption_image.CaptionImageDataModule",
         f"--data.train_shards={shards[0]}", f"--data.val_shards={shards[2]}",
         "--data.image_size=32", "--data.batch_size=4", "--data.num_workers=0",
-        "--trainer.strategy=ddp_find_unused_parameters_true",
+        *TRAINERS[trainer][1],
         f"--trainer.max_steps={max_steps}", "--trainer.limit_val_batches=0",
         "--trainer.log_every_n_steps=1", "--trainer.enable_progress_bar=false",
         f"--trainer.logger={json.dumps(logger)}", f"--trainer.callbacks={json.dumps(checkpoints)}",
     ]
 
 
-def submit(cwd: Path, run_dir: Path, args: list[str], *options: str, path: Path = Path(sys.executable).parent) -> str:
-    """`tessera submit` of the tiny tokenizer config as 2 CPU tasks on one node (or `options`); the job id."""
-    options = options or (str(REPO / "configs/tokenizer/tiny_shapes.yaml"), "--tasks-per-node=2")
+def submit(cwd: Path, run_dir: Path, args: list[str], *options: str, path: Path = Path(sys.executable).parent,
+           trainer: str = "ddp") -> str:
+    """`tessera submit` of the tiny tokenizer config (and `trainer`'s) as 2 CPU tasks on one node (or
+    `options`); the job id."""
+    options = options or (str(REPO / "configs/tokenizer/tiny_shapes.yaml"), *TRAINERS[trainer][0], "--tasks-per-node=2")
     command = [
         sys.executable, "-m", "tessera.commands.cli", "submit", *options,
         "--nodes=1", "--gpus-per-node=0", "--cpus-per-task=1", "--time=10",
@@ -98,6 +111,11 @@ def wait_for_state(job_id: str, states: set[str], timeout: float, output: Path) 
     pytest.fail(f"job {job_id} is {info['JobState']} (reason {info.get('Reason')}), not {states}:\n{log}")
 
 
+def saved_step(checkpoint: Path) -> int:
+    """The global step of a checkpoint: a .ckpt file, or an FSDP2 checkpoint directory's meta.pt."""
+    return torch.load(checkpoint / SHARDED_METADATA if checkpoint.is_dir() else checkpoint, weights_only=True)["global_step"]
+
+
 def logged_steps(run_dir: Path) -> list[int]:
     """The `step` of every train/loss row in every CSV log of the run (one version per launch)."""
     steps = []
@@ -107,9 +125,11 @@ def logged_steps(run_dir: Path) -> list[int]:
     return steps
 
 
-def test_a_training_job_of_two_cpu_tasks_completes(slurm_cluster, tmp_path, shapes_urls):
+@pytest.mark.parametrize("trainer", TRAINERS)
+def test_a_training_job_of_two_cpu_tasks_completes(slurm_cluster, tmp_path, shapes_urls, trainer):
     run_dir = tmp_path / "run"
-    job_id = submit(tmp_path, run_dir, fit_args(shapes_urls, run_dir, max_steps=4, checkpoint_every=4))
+    job_id = submit(tmp_path, run_dir, fit_args(shapes_urls, run_dir, max_steps=4, checkpoint_every=4, trainer=trainer),
+                    trainer=trainer)
     output = run_dir / f"slurm-{job_id}.out"
     wait_for_state(job_id, {"COMPLETED"}, timeout=300, output=output)
 
@@ -117,15 +137,19 @@ def test_a_training_job_of_two_cpu_tasks_completes(slurm_cluster, tmp_path, shap
     assert "`Trainer.fit` stopped: `max_steps=4` reached" in log, log[-3000:]
     # both tasks joined one process group of 2, one per SLURM task
     assert "distributed_backend=gloo" in log and "All distributed processes registered" in log, log[-3000:]
-    assert torch.load(run_dir / "checkpoints/last.ckpt", weights_only=True)["global_step"] == 4
+    assert saved_step(run_dir / "checkpoints/last.ckpt") == 4
+    assert (run_dir / "checkpoints/last.ckpt").is_dir() == (trainer == "fsdp2")  # FSDP2's shards, one file per rank
     assert sorted(logged_steps(run_dir)) == [0, 1, 2, 3]
 
 
-def test_a_job_signalled_mid_run_requeues_itself_and_resumes_where_it_stopped(slurm_cluster, tmp_path, shapes_urls):
+@pytest.mark.parametrize("trainer", TRAINERS)
+def test_a_job_signalled_mid_run_requeues_itself_and_resumes_where_it_stopped(slurm_cluster, tmp_path, shapes_urls,
+                                                                                trainer):
     """SIGUSR1, as SLURM sends it 90 s before the time limit: a checkpoint, a requeue, a resume."""
     run_dir, max_steps = tmp_path / "run", 40
     # no checkpoint before the end but the one the signal makes: the resume can only come from it
-    job_id = submit(tmp_path, run_dir, fit_args(shapes_urls, run_dir, max_steps=max_steps, checkpoint_every=max_steps))
+    args = fit_args(shapes_urls, run_dir, max_steps=max_steps, checkpoint_every=max_steps, trainer=trainer)
+    job_id = submit(tmp_path, run_dir, args, trainer=trainer)
     output = run_dir / f"slurm-{job_id}.out"
 
     deadline = time.monotonic() + 180
@@ -156,7 +180,7 @@ def test_a_job_signalled_mid_run_requeues_itself_and_resumes_where_it_stopped(sl
     second_run = log[log.index("restart 1,"):]
     assert re.search(r"Restoring states from the checkpoint path at \S+requeue\.ckpt", second_run), second_run[-4000:]
     assert f"`Trainer.fit` stopped: `max_steps={max_steps}` reached" in second_run
-    assert torch.load(run_dir / "checkpoints/last.ckpt", weights_only=True)["global_step"] == max_steps
+    assert saved_step(run_dir / "checkpoints/last.ckpt") == max_steps
     # every step logged exactly once across both runs' CSV logs: none lost, none trained twice
     steps = Counter(logged_steps(run_dir))
     assert sorted(steps) == list(range(max_steps)) and set(steps.values()) == {1}, steps

@@ -24,6 +24,7 @@ from PIL import Image
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 from datamodules.shapes import SyntheticShapes
+from lightning_modules.fsdp import AtomicModelParallelStrategy
 from lightning_modules.vqgan import VQGAN, DiscriminatorConfig, LossConfig, OptimizerConfig, check_precision, load_tokenizer
 from tessera.lr_schedule import decay_end, lr_factor
 from tessera.nn.autoencoder import AutoencoderConfig
@@ -161,6 +162,15 @@ def test_discriminator_does_not_train_before_disc_start(tmp_path):
 
     trainer(tmp_path, max_steps=5).fit(model, loader())
     assert discriminator_steps(model) == 2
+
+
+def test_without_disc_start_the_generator_trains_on_its_own_losses_alone(tmp_path):
+    model = tiny_vqgan(loss=LossConfig(pretrained_lpips=False, disc_start=None))
+    initial = {k: v.clone() for k, v in model.discriminator.state_dict().items()}
+    fit = trainer(tmp_path, max_steps=3)
+    fit.fit(model, loader())
+    assert discriminator_steps(model) == 0 and "train/g_loss" not in fit.callback_metrics
+    assert all(torch.equal(initial[k], v) for k, v in model.discriminator.state_dict().items())
 
 
 class InspectGeneratorStep(L.Callback):
@@ -326,6 +336,13 @@ def test_a_batch_norm_discriminator_on_several_cpu_processes_is_refused_with_the
     model = tiny_vqgan(discriminator=DiscriminatorConfig(ndf=8, n_layers=1, norm="batch"))
     model.trainer = trainer(tmp_path, max_steps=1, devices=2, strategy="ddp")
     with pytest.raises(ValueError, match=r"discriminator.norm 'batch'.*2 processes.*GPU.*'group'"):
+        model.configure_model()
+
+
+def test_a_batch_norm_discriminator_under_fsdp2_is_refused_with_the_fix():
+    model = tiny_vqgan(discriminator=DiscriminatorConfig(ndf=8, n_layers=1, norm="batch"))
+    model.trainer = SimpleNamespace(world_size=2, strategy=AtomicModelParallelStrategy())
+    with pytest.raises(ValueError, match=r"discriminator.norm 'batch' is not supported under FSDP2.*ddp.yaml.*'group'"):
         model.configure_model()
 
 

@@ -1,6 +1,6 @@
 """The `tessera` command line: each verb's options and work in its own module of tessera/commands/
 (shards.py, data.py, quickstart.py, fit.py for the LightningCLI verbs, evaluate_shapes.py and
-evaluate_coco.py, sample.py, export.py, tokenize.py, submit.py); this module only joins them.
+evaluate_coco.py, sample.py, caption.py, export.py, tokenize.py, submit.py); this module only joins them.
 
     tessera shards synthetic --out DIR [--num-samples N] [--image-size S] [--seed X] [--jitter]
     tessera shards folder --images DIR --captions FILE --out DIR [--max-pixels P] [--overwrite]
@@ -10,6 +10,7 @@ evaluate_coco.py, sample.py, export.py, tokenize.py, submit.py); this module onl
     tessera fit --config configs/tokenizer/tiny_shapes.yaml --config configs/data/shapes.yaml
     tessera validate|test|predict ... (LightningCLI: `tessera fit --help` lists every option)
     tessera export --checkpoint RUN.ckpt --out DIR
+    tessera caption --model LLM_CKPT_OR_EXPORT_DIR IMAGE_OR_DIR... --out FILE.json
     tessera tokenize --tokenizer CKPT_OR_EXPORT_DIR --shards PATTERN --out DIR [--rank R --world-size W]
 """
 
@@ -19,7 +20,7 @@ import argparse
 import logging
 import sys
 
-from tessera.commands import data, export, quickstart, sample, shards, submit, tokenize
+from tessera.commands import caption, data, export, quickstart, sample, shards, submit, tokenize
 from tessera.commands.evaluate_coco import add_coco_fid_parsers
 from tessera.commands.evaluate_shapes import add_shapes_parser
 
@@ -102,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_shapes_parser(evaluations)
     add_coco_fid_parsers(evaluations)
     sample.add_parser(commands)
+    caption.add_parser(commands)
     export.add_parser(commands)
     tokenize.add_parser(commands)
     submit.add_parser(commands)

@@ -398,7 +398,7 @@ def add_coco_fid_parsers(evaluations) -> None:
         "coco", help="zero-shot FID-N and CLIP score of a prior on MS-COCO 2014 val captions; results.json",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    coco.add_argument("--prior", required=True, type=Path, help="a TextImagePrior checkpoint (.ckpt)")
+    coco.add_argument("--prior", required=True, type=Path, help="a prior checkpoint (.ckpt) or export directory, of any prior class")
     captions = coco.add_mutually_exclusive_group(required=True)
     captions.add_argument("--annotations", type=Path, help="captions_val2014.json")
     captions.add_argument("--captions", type=Path, help="instead: a fixed caption list, one a line")

@@ -233,11 +233,12 @@ def add_shapes_parser(evaluations: argparse._SubParsersAction) -> argparse.Argum
 
 
 def _evaluate_shapes(args: argparse.Namespace) -> int:
-    from lightning_modules.prior import load_prior
+    from lightning_modules.llm import load_image_generator
 
-    prior = load_prior(args.prior, map_location=process_device(args.device), tokenizer=args.tokenizer, fine_stage=args.fine_stage)
+    prior = load_image_generator(args.prior, map_location=process_device(args.device), tokenizer=args.tokenizer,
+                                 fine_stage=args.fine_stage)
     sampling, sources = sampling_settings(prior.sampling, args)
-    report = {"prior": str(args.prior), "fine_stage": prior.hparams.fine_stage, "sampling": asdict(sampling), "sampling_from": sources,
+    report = {"prior": str(args.prior), "fine_stage": prior.hparams.get("fine_stage"), "sampling": asdict(sampling), "sampling_from": sources,
               **evaluate_shapes(prior, args.num_samples, args.seed, sampling, args.image_size, args.batch_size)}
     text = json.dumps(report, indent=1)
     print(text)

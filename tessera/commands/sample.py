@@ -12,7 +12,7 @@ from tessera.sampling import SAMPLING_FIELDS, with_overrides
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
     sample = commands.add_parser("sample", help="images from a prior checkpoint: OUT/images/*.png, OUT/grid.png, OUT/settings.json")
-    sample.add_argument("--prior", required=True, type=Path, help="a TextImagePrior checkpoint (.ckpt, FSDP sharded) or export directory")
+    sample.add_argument("--prior", required=True, type=Path, help="a prior (of any prior class) or LLMTextImageModel checkpoint (.ckpt, FSDP sharded) or export directory")
     prompts = sample.add_mutually_exclusive_group(required=True)
     prompts.add_argument("--prompt", nargs="+", action="extend", help="one or more prompts; the flag may be repeated")
     prompts.add_argument("--prompts-file", type=Path, help="a text file, one prompt a line")
@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     from PIL import Image
 
     from callbacks.image_logging import image_grid
-    from lightning_modules.prior import load_prior
+    from lightning_modules.llm import load_image_generator
     from tessera.clip_rerank import ClipScorer, rerank
     from tessera.launch import process_device
     from tessera.pixels import to_uint8, to_unit_range
@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     if candidates > args.num_images and args.clip_weights is None:
         raise SystemExit("--candidates above --num-images reranks with CLIP: pass --clip-weights PATH")
     device = process_device(args.device)
-    prior = load_prior(args.prior, map_location=device, tokenizer=args.tokenizer, fine_stage=args.fine_stage)
+    prior = load_image_generator(args.prior, map_location=device, tokenizer=args.tokenizer, fine_stage=args.fine_stage)
     sampling, sources = sampling_settings(prior.sampling, args)
     scorer = ClipScorer(args.clip_model, args.clip_weights, device) if candidates > args.num_images else None
 
@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     grid = image_grid(to_unit_range(images), nrow=args.num_images)
     Image.fromarray(grid.permute(1, 2, 0).numpy()).save(args.out / "grid.png")
     settings = {
-        "prior": str(args.prior), "fine_stage": prior.hparams.fine_stage, "prompts": prompts, "num_images": args.num_images, "candidates": candidates,
+        "prior": str(args.prior), "fine_stage": prior.hparams.get("fine_stage"), "prompts": prompts, "num_images": args.num_images, "candidates": candidates,
         "clip_model": args.clip_model if scorer else None, "clip_scores": scores or None,
         **{name: getattr(sampling, name) for name in SAMPLING_FIELDS}, "sampling_from": sources,
         "seed": args.seed, "batch_size": args.batch_size, "device": str(device),

@@ -26,7 +26,8 @@ TEMPLATES = Path(__file__).resolve().parents[2] / "slurm"
 JOBS = ("tokenizer", "prior", "tokenize", "evaluate_coco")
 TRAINING_JOBS = ("tokenizer", "prior")
 # the model class a training config names -> its template
-MODEL_JOBS = {"lightning_modules.vqgan.VQGAN": "tokenizer", "lightning_modules.prior.TextImagePrior": "prior"}
+MODEL_JOBS = {"lightning_modules.vqgan.VQGAN": "tokenizer", "lightning_modules.prior.TextImagePrior": "prior",
+              "lightning_modules.rq_prior.RQTransformerPrior": "prior"}
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:

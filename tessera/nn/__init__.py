@@ -1,1 +1,1 @@
-"""Plain PyTorch networks: tokenizer, quantizers, discriminator, perceptual loss, transformer."""
+"""Plain PyTorch networks: tokenizer, quantizers, discriminator, perceptual loss, transformers (flat, RQ)."""

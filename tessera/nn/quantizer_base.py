@@ -9,7 +9,8 @@ decoder sees; the decoder's gradient reaches the encoder straight through the ro
 
 The quantizers: `VectorQuantizer` (vector_quantizer.py), `ResidualQuantizer`
 (residual_quantizer.py), `LookupFreeQuantizer` (lookup_free_quantizer.py),
-`FiniteScalarQuantizer` (finite_scalar_quantizer.py).
+`FiniteScalarQuantizer` (finite_scalar_quantizer.py), `GumbelQuantizer` (gumbel_quantizer.py, DALL-E's
+dVAE: a relaxed sample in training, whose decoder gradient needs no straight-through estimate).
 
 References:
 1) Neural Discrete Representation Learning (VQ-VAE), van den Oord, Vinyals & Kavukcuoglu 2017:
@@ -76,6 +77,11 @@ class Quantizer(nn.Module, ABC):
     @abstractmethod
     def ids_to_codes(self, ids: Tensor) -> Tensor:
         """ids as in `QuantizerOutput.ids` -> fp32 z_q (B, C, H, W), equal to forward's z_q."""
+
+    def set_step(self, step: int) -> None:
+        """The training step the next training forward belongs to, handed over by the training loop.
+        A quantizer whose training anneals with the step (`GumbelQuantizer`) keeps it; the others
+        have no use for it."""
 
 
 def quantizer_spec(quantizer: Quantizer) -> dict[str, Any]:

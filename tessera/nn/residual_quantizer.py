@@ -109,6 +109,32 @@ class ResidualQuantizer(Quantizer):
         z_q = z_q.view(B, H, W, self.dim).permute(0, 3, 1, 2).to(z.dtype)  # (B, dim, H, W)
         return QuantizerOutput(z_q=z_q, ids=ids, loss=loss, losses=losses, stats=stats)
 
+    @torch.no_grad()
+    def soft_codes(
+        self, z: Tensor, temperature: float, stochastic: bool = False, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """The RQ-Transformer's soft targets for z (B, dim, H, W): ids (B, H, W, D) and, for each
+        depth, softmax(-||r - e_k||^2 / temperature) over the codes e_k for the residual r that depth
+        quantizes, (B, H, W, D, K) fp32. With `stochastic` each id is drawn from its distribution
+        (seeded by `generator`) instead of being the nearest code, and the residuals after it
+        follow the drawn code; otherwise the ids are `forward`'s."""
+        B, _, H, W = z.shape
+        with fp32_math(z.device.type):
+            z_flat = z.float().permute(0, 2, 3, 1).reshape(-1, self.dim)  # (N, dim)
+            quantized = torch.zeros_like(z_flat)
+            ids, targets = [], []
+            for _ in range(self.depth):
+                probs = (-self.vq.distances(z_flat - quantized) / temperature).softmax(dim=-1)  # (N, K)
+                if stochastic:
+                    ids_d = torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+                else:
+                    ids_d = probs.argmax(dim=-1)
+                quantized = quantized + self.vq.codes(ids_d)
+                ids.append(ids_d)
+                targets.append(probs)
+        ids = torch.stack(ids, dim=-1).view(B, H, W, self.depth)
+        return ids, torch.stack(targets, dim=1).view(B, H, W, self.depth, -1)
+
     def ids_to_codes(self, ids: Tensor) -> Tensor:
         with fp32_math(ids.device.type):
             codes = self.vq.codes(ids)  # (B, H, W, D, dim)

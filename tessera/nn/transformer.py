@@ -263,12 +263,18 @@ class KVCache:
         batch_size: int,
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
+        n_layer: int | None = None,
+        length: int | None = None,
     ):
-        shape = (batch_size, config.n_head, config.sequence_length, config.head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        """n_layer and length: the config's blocks and sequence_length unless given (the RQ-Transformer's
+        depth blocks over the D codes of a position)."""
+        n_layer = config.n_layer if n_layer is None else n_layer
+        length = config.sequence_length if length is None else length
+        shape = (batch_size, config.n_head, length, config.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
         # compared with the input positions to mask keys not written yet (they hold zeros or stale values)
-        self.positions = torch.arange(config.sequence_length, device=device)
+        self.positions = torch.arange(length, device=device)
         for tensor in (*self.k, *self.v, self.positions):
             # fixed addresses, as transformers' StaticCache: a compiled step (mode="reduce-overhead")
             # then records CUDA graphs that write into these buffers, instead of skipping them
@@ -401,8 +407,13 @@ class TextImageTransformer(nn.Module):
         x = self.hidden_states(text_ids, image_ids)  # (B, T + N - 1, C)
         T = text_ids.size(1)
         text_logits = self.text_head(x[:, : T - 1]) if self.text_head is not None else None  # (B, T - 1, Vt)
-        image_logits = self.image_head(x[:, T - 1 :])  # (B, N, Vi)
+        image_logits = self.image_logits(x[:, T - 1 :], image_ids)  # (B, N, Vi)
         return text_logits, image_logits
+
+    def image_logits(self, context: torch.Tensor, image_ids: torch.Tensor | None) -> torch.Tensor:
+        """The hidden states that predict the image tokens (B, N, C) -> their logits (B, N, Vi).
+        The image ids are not needed here; the RQ-Transformer's depth steps read them."""
+        return self.image_head(context)
 
     def hidden_states(self, text_ids: torch.Tensor, image_ids: torch.Tensor | None = None) -> torch.Tensor:
         """The final-norm hidden states (B, T + N - 1, C) that `forward` feeds to the heads."""
@@ -428,6 +439,7 @@ class TextImageTransformer(nn.Module):
         image_ids: torch.Tensor,
         text_loss_weight: float = 1.0,
         image_loss_weight: float = 7.0,
+        image_targets: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Next-token cross-entropy (in fp32) of the caption and the image.
 
@@ -436,6 +448,8 @@ class TextImageTransformer(nn.Module):
         over all image tokens, and loss = (w_t * text_loss + w_i * image_loss) / (w_t + w_i):
         DALL-E's 1/8 : 7/8 by default. With text_loss_weight 0 the text head is skipped (with a
         49,408-token vocabulary it is most of a small model's FLOPs) and text_loss is absent.
+        image_targets: distributions over the codebook (..., image_vocab_size), one per image token,
+        to take the cross-entropy against instead of the ids (the RQ-Transformer's soft labels).
         """
         if text_loss_weight < 0 or image_loss_weight < 0 or text_loss_weight + image_loss_weight <= 0:
             raise ValueError(
@@ -450,7 +464,7 @@ class TextImageTransformer(nn.Module):
             raise ValueError(f"text_mask {tuple(text_mask.shape)} must match text_ids {tuple(text_ids.shape)}")
         image_ids = self._flat_image_ids(image_ids, text_ids.size(0))
         x = self.hidden_states(text_ids, image_ids)  # (B, T + N - 1, C)
-        return self.head_losses(x, text_ids, text_mask, image_ids, text_loss_weight, image_loss_weight)
+        return self.head_losses(x, text_ids, text_mask, image_ids, text_loss_weight, image_loss_weight, image_targets)
 
     def head_losses(
         self,
@@ -460,6 +474,7 @@ class TextImageTransformer(nn.Module):
         image_ids: torch.Tensor,
         text_loss_weight: float,
         image_loss_weight: float,
+        image_targets: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """`loss` from the final hidden states x (B, T + N - 1, C): the heads and their fp32
         cross-entropies. A function of its own so that torch.compile can take it as one graph
@@ -467,7 +482,9 @@ class TextImageTransformer(nn.Module):
         of stored: eager, the upcast copies of both heads' logits and their log-softmax are most
         of a step's activation memory (over a GiB at batch 64 for the 300m preset)."""
         T = text_ids.size(1)
-        image_loss = _cross_entropy(self.image_head(x[:, T - 1 :]), image_ids, self.config.image_vocab_size)
+        image_logits = self.image_logits(x[:, T - 1 :], image_ids)
+        targets = image_ids if image_targets is None else image_targets
+        image_loss = _cross_entropy(image_logits, targets, self.config.image_vocab_size)
         if text_loss_weight == 0:
             return {"loss": image_loss, "image_loss": image_loss}
         text_targets = text_ids[:, 1:].masked_fill(~text_mask[:, 1:].bool(), IGNORE_INDEX)  # (B, T - 1)
@@ -477,15 +494,15 @@ class TextImageTransformer(nn.Module):
 
     # --- incremental decoding for sampling ---------------------------------------------------
 
-    def make_kv_cache(self, batch_size: int, dtype: torch.dtype | None = None) -> KVCache:
+    def make_kv_cache(self, batch_size: int, dtype: torch.dtype | None = None, **shape: int) -> KVCache:
         """A cache on the model's device, in the dtype its keys and values will have: autocast's
-        when autocast is on for that device, else the parameters'."""
+        when autocast is on for that device, else the parameters'. `shape`: KVCache's n_layer, length."""
         param = next(self.parameters())
         if dtype is None:
             device_type = param.device.type
             autocast = torch.is_autocast_enabled(device_type)
             dtype = torch.get_autocast_dtype(device_type) if autocast else param.dtype
-        return KVCache(self.config, batch_size, param.device, dtype)
+        return KVCache(self.config, batch_size, param.device, dtype, **shape)
 
     def _blocks_cached(self, x: torch.Tensor, cache: KVCache, input_pos: torch.Tensor) -> torch.Tensor:
         """x (B, T, C) at sequence positions input_pos (T,) through every block, reading and writing the cache."""
@@ -525,6 +542,9 @@ class TextImageTransformer(nn.Module):
 
 def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """Mean cross-entropy in fp32 over the real vocabulary (the head's padding columns are no tokens,
-    so they take no share of the softmax), skipping IGNORE_INDEX targets."""
+    so they take no share of the softmax), skipping IGNORE_INDEX targets; targets are ids, or
+    distributions over the vocabulary (..., vocab_size)."""
     logits = logits[..., :vocab_size].float()  # a view when the vocabulary is already a multiple of 64
-    return F.cross_entropy(logits.reshape(-1, vocab_size), targets.reshape(-1), ignore_index=IGNORE_INDEX)
+    soft = targets.is_floating_point()
+    targets = targets.float().reshape(-1, vocab_size) if soft else targets.reshape(-1)
+    return F.cross_entropy(logits.reshape(-1, vocab_size), targets, ignore_index=IGNORE_INDEX)

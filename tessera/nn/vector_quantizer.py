@@ -123,15 +123,18 @@ class VectorQuantizer(Quantizer):
     def quantize(self, z: Tensor) -> tuple[Tensor, Tensor]:
         """fp32 vectors z (N, dim), already normalised with `l2_normalize`, -> their nearest codes:
         ids (N,) and codes (N, dim), the codes carrying the codebook's gradient."""
-        with torch.no_grad():
-            codebook = self.codebook.float()
-            if self.l2_normalize:
-                codebook = F.normalize(codebook, dim=-1)
-            # ||z - e||^2 = ||z||^2 - 2 z.e + ||e||^2 in one matmul; ||z||^2 is the same for every
-            # code, so the argmin can do without it
-            distances = torch.addmm(codebook.square().sum(1), z, codebook.t(), alpha=-2)  # (N, K)
-            ids = distances.argmin(1)  # (N,)
+        ids = self.distances(z).argmin(1)  # (N,)
         return ids, self.codes(ids)
+
+    @torch.no_grad()
+    def distances(self, z: Tensor) -> Tensor:
+        """fp32 vectors z (N, dim) -> ||z - e_k||^2 - ||z||^2 for every code e_k, (N, K): the squared
+        distances up to a constant per row, which neither an argmin nor a softmax over codes sees."""
+        codebook = self.codebook.float()
+        if self.l2_normalize:
+            codebook = F.normalize(codebook, dim=-1)
+        # ||z - e||^2 = ||z||^2 - 2 z.e + ||e||^2 in one matmul
+        return torch.addmm(codebook.square().sum(1), z, codebook.t(), alpha=-2)
 
     @torch.no_grad()
     def update_codebook(self, z: Tensor, ids: Tensor) -> Tensor:

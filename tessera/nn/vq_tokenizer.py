@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from tessera.nn.autoencoder import AutoencoderConfig, Decoder, build_encoder
 from tessera.nn.quantizer_base import Quantizer, QuantizerOutput, build_quantizer, quantizer_spec
+from tessera.nn.residual_quantizer import ResidualQuantizer
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -65,6 +66,16 @@ class VQTokenizer(nn.Module):
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) images in [-1, 1] -> (B, h, w) long ids ((B, h, w, D) for a residual quantizer)."""
         return self.quantizer(self.quant_conv(self.encoder(images))).ids
+
+    @torch.no_grad()
+    def soft_codes(
+        self, images: torch.Tensor, temperature: float, stochastic: bool = False, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 3, H, W) images -> ids (B, h, w, D) and soft targets (B, h, w, D, K) of a residual
+        quantizer (`ResidualQuantizer.soft_codes`), for an RQ-Transformer's soft labels."""
+        if not isinstance(self.quantizer, ResidualQuantizer):
+            raise ValueError(f"soft codes need a ResidualQuantizer; this tokenizer's is a {type(self.quantizer).__name__}")
+        return self.quantizer.soft_codes(self.quant_conv(self.encoder(images)), temperature, stochastic, generator)
 
     @torch.no_grad()
     def decode(self, ids: torch.Tensor) -> torch.Tensor:
