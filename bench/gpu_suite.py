@@ -132,6 +132,14 @@ BENCHMARKS = [
         seconds=150,
     ),
     Benchmark(
+        "multiscale_shapes",
+        "the prior's own coarse sampling in the same run: the fine stage's share of sampling time "
+        "(random-init networks of the tiny multi-scale configs)",
+        gpu=["--tiny", "--device", "cuda", "--scenes", "64", "--batch-size", "64"],
+        smoke=["--tiny", "--scenes", "4", "--batch-size", "2", "--repeats", "1"],
+        seconds=60,
+    ),
+    Benchmark(
         "data_throughput",
         "webdataset's documented pipeline with torchvision transforms (pipeline webdataset+torchvision)",
         gpu=["--images", "1024", "--workers", "1", "2", "4", "--data", WORK],

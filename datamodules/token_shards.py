@@ -52,6 +52,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from tessera.nn.multiscale_tokenizer import MultiScaleIds
 from tessera.pixels import to_unit_range
 from datamodules.images import resize_and_crop
 from datamodules.shard_writer import SIZES_FILE, add_member, count_samples, stats_path, write_json_atomically
@@ -306,10 +307,13 @@ def _tokenize(
 
 def encode_images(tokenizer: ImageTokenizer, images: torch.Tensor, device: torch.device) -> np.ndarray:
     """(B, 3, S, S) uint8 -> ids (B, h, w) or (B, h, w, D) on the host; bf16 on CUDA, where the
-    quantizer still measures distances in fp32."""
+    quantizer still measures distances in fp32. A multi-scale tokenizer's coarse map: the prior's
+    tokens (its fine stage trains on images)."""
     pixels = to_unit_range(images.to(device, non_blocking=True))
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        return tokenizer.encode(pixels).cpu().numpy()
+        ids = tokenizer.encode(pixels)
+    ids = ids.coarse if isinstance(ids, MultiScaleIds) else ids
+    return ids.cpu().numpy()
 
 
 class PartialShard:

@@ -387,11 +387,15 @@ def is_llm(path: str | Path) -> bool:
 
 
 def load_image_generator(path: str | Path, map_location: str | torch.device = "cpu",
-                         tokenizer: str | Path | None = None) -> L.LightningModule:
+                         tokenizer: str | Path | None = None, fine_stage: str | Path | None = None) -> L.LightningModule:
     """The stage-2 model at `path`, an LLMTextImageModel or a TextImagePrior, whichever it holds:
-    what `tessera sample` and `tessera evaluate shapes` draw images with (`generate`)."""
-    load = load_llm if is_llm(path) else load_prior
-    return load(path, map_location=map_location, tokenizer=tokenizer)
+    what `tessera sample` and `tessera evaluate shapes` draw images with (`generate`). `fine_stage`
+    adds or replaces a prior's multi-scale fine stage."""
+    if not is_llm(path):
+        return load_prior(path, map_location=map_location, tokenizer=tokenizer, fine_stage=fine_stage)
+    if fine_stage is not None:
+        raise ValueError(f"{path} is an LLM backbone: a multi-scale fine stage goes with a TextImagePrior's coarse map")
+    return load_llm(path, map_location=map_location, tokenizer=tokenizer)
 
 
 def load_llm(path: str | Path, map_location: str | torch.device = "cpu", tokenizer: str | Path | None = None) -> LLMTextImageModel:

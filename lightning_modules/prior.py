@@ -5,6 +5,10 @@ Batches come from CaptionImageDataModule, either with "images" (then the frozen 
 tokenizer encodes them on the fly) or, from token shards (`image_tokens: true`), with
 "image_ids" already made by `tessera tokenize`. Both carry "text_ids" and "text_mask".
 
+With a multi-scale tokenizer (tessera/nn/multiscale_tokenizer.py) the prior models its coarse
+map; a `fine_stage` (lightning_modules/fine_stage.py) draws the fine map from each sampled coarse
+map in `generate`.
+
 Caption dropout replaces a share of the captions with the empty caption, so every model trained
 with the defaults can sample with classifier-free guidance.
 
@@ -53,6 +57,7 @@ from lightning_modules.parallel import FrozenModule, adjust_ddp, shard, unwrappe
 from lightning_modules.vqgan import load_tokenizer
 from tessera.flops import peak_bf16_flops
 from tessera.lr_schedule import decay_end, lr_factor
+from tessera.nn.multiscale_tokenizer import MultiScaleIds
 from tessera.nn.transformer import TextImageTransformer, TransformerConfig
 from tessera.nn.vq_tokenizer import CONFIG_FILE, WEIGHTS_FILE, VQTokenizer
 from tessera.sampling import SamplingConfig, sample_image_tokens
@@ -120,6 +125,7 @@ class TextImagePrior(L.LightningModule):
         compile: bool = False,
         peak_flops: float | None = None,
         sampling: SamplingConfig | None = None,
+        fine_stage: str | None = None,
     ):
         """
         Args:
@@ -142,6 +148,9 @@ class TextImagePrior(L.LightningModule):
             sampling: how this prior's images are drawn unless told otherwise (`generate` without
                 settings, `tessera sample`, `tessera evaluate`): the settings it was tuned with,
                 kept in its checkpoints and exports. None: SamplingConfig's defaults.
+            fine_stage: with a multi-scale `tokenizer`, whose coarse map this prior models: a
+                FineStage checkpoint or export; `generate` then draws the fine map from every
+                sampled coarse map and decodes both. None decodes the coarse map alone.
         """
         super().__init__()
         if isinstance(transformer, dict):  # a checkpoint's hyperparameters
@@ -168,6 +177,8 @@ class TextImagePrior(L.LightningModule):
                 "optimizer": asdict(self.optimizer_config),
                 "compile": compile,
                 "sampling": asdict(sampling) if sampling is not None else None,
+                # only when given: a prior without one keeps the arguments of every other prior family
+                **({"fine_stage": fine_stage} if fine_stage is not None else {}),
             }
         )
         self.transformer = self.build_network(self.config, text_loss_weight)
@@ -180,6 +191,7 @@ class TextImagePrior(L.LightningModule):
         self.image_tokenizer = FrozenModule(load_tokenizer(tokenizer)) if tokenizer is not None else None
         if self.image_tokenizer is not None:
             self.check_tokenizer(self.image_tokenizer.module, tokenizer)
+        self.fine_stage = self._load_fine_stage(fine_stage, tokenizer)
         null = self.captions([""])  # the empty caption: what caption dropout trains and guidance contrasts with
         self.register_buffer("null_text_ids", null.ids[0], persistent=False)  # (T,)
         self.register_buffer("null_text_mask", null.mask[0], persistent=False)  # (T,)
@@ -191,6 +203,17 @@ class TextImagePrior(L.LightningModule):
         self._device_peak_flops: float | None = None  # what MFU divides by, found at the start of training
         self._last_step_time: float | None = None
         self.nonfinite = NonFiniteLossGuard(self.optimizer_config.max_nonfinite_steps)
+
+    def _load_fine_stage(self, path: str | None, tokenizer: str | None) -> FrozenModule | None:
+        if path is None:
+            return None
+        from lightning_modules.fine_stage import check_fine_stage_fits, load_fine_stage  # it imports this module
+
+        if self.image_tokenizer is None:
+            raise ValueError("a fine_stage needs the multi-scale `tokenizer` whose fine map it draws")
+        stage = load_fine_stage(path)
+        check_fine_stage_fits(self.image_tokenizer.module, stage.config, tokenizer)
+        return FrozenModule(stage)
 
     @staticmethod
     def build_network(config: TransformerConfig, text_loss_weight: float) -> TextImageTransformer:
@@ -219,7 +242,10 @@ class TextImagePrior(L.LightningModule):
         autocast = torch.autocast("cuda", torch.bfloat16) if self.device.type == "cuda" else nullcontext()
         with autocast:
             ids = sample_image_tokens(self.transformer, text_ids, sampling, generator, null_text_ids=self.null_text_ids)
-        return self.image_tokenizer.on(self.device).decode(ids.view(len(prompts), *self.id_shape)).float()
+        ids = ids.view(len(prompts), *self.id_shape)
+        if self.fine_stage is not None:  # the fine map drawn from the coarse one, in one pass
+            ids = MultiScaleIds(ids, self.fine_stage.on(self.device).generate(ids, generator))
+        return self.image_tokenizer.on(self.device).decode(ids).float()
 
     # -------------------------------------------------------------------------
     # training
@@ -254,6 +280,8 @@ class TextImagePrior(L.LightningModule):
             raise ValueError("the batch has images but no `tokenizer` was given to encode them")
         else:
             ids = self.image_tokenizer.on(self.device).encode(batch["images"])
+            if isinstance(ids, MultiScaleIds):  # the prior models the coarse map, the fine stage the fine one
+                ids = ids.coarse
         return self.checked_ids(ids)
 
     def checked_ids(self, ids: torch.Tensor) -> torch.Tensor:
@@ -503,14 +531,20 @@ def load_transformer_weights(transformer: nn.Module, path: str | Path, prefix: s
 
 
 def load_prior(
-    path: str | Path, map_location: str | torch.device = "cpu", tokenizer: str | Path | None = None
+    path: str | Path,
+    map_location: str | torch.device = "cpu",
+    tokenizer: str | Path | None = None,
+    fine_stage: str | Path | None = None,
 ) -> TextImagePrior:
     """A prior (TextImagePrior or the subclass it was saved as) in eval mode from a .ckpt file, an
     FSDP sharded checkpoint directory or a `tessera export` directory; `tokenizer` replaces the
-    stage-1 tokenizer the checkpoint names."""
+    stage-1 tokenizer the checkpoint names, `fine_stage` the multi-scale fine stage (or adds one to a
+    prior trained without)."""
     config = prior_config(path)
     if tokenizer is not None:
         config["tokenizer"] = str(tokenizer)
+    if fine_stage is not None:
+        config["fine_stage"] = str(fine_stage)
     prior = build_prior(config)
     load_transformer_weights(prior.transformer, path)
     return prior.to(map_location).eval()

@@ -65,8 +65,9 @@ from tessera.nn.gan_losses import (
     non_saturating_g_loss,
 )
 from tessera.nn.lpips import LPIPS
+from tessera.nn.multiscale_tokenizer import MultiScaleIds
 from tessera.nn.quantizer_base import Quantizer, build_quantizer, code_counts, quantizer_spec, usage_stats
-from tessera.nn.vq_tokenizer import VQTokenizer
+from tessera.nn.vq_tokenizer import VQTokenizer, build_tokenizer
 from tessera.pixels import psnr
 
 D_LOSSES = {"hinge": hinge_d_loss, "non_saturating": non_saturating_d_loss}
@@ -184,7 +185,7 @@ class VQGAN(L.LightningModule):
         """
         Args:
             quantizer: VectorQuantizer, LookupFreeQuantizer, FiniteScalarQuantizer, ResidualQuantizer or
-                GumbelQuantizer.
+                GumbelQuantizer or MultiScaleQuantizer (a coarse and a fine id map: a MultiScaleTokenizer).
             autoencoder: encoder and decoder architecture; defaults to taming's f16 at 256 px.
             discriminator: PatchGAN architecture.
             loss: loss terms and their weights.
@@ -218,7 +219,7 @@ class VQGAN(L.LightningModule):
         self.channels_last = channels_last
         self.compile_networks = compile
 
-        self.tokenizer = VQTokenizer(autoencoder, quantizer)
+        self.tokenizer = build_tokenizer(autoencoder, quantizer)
         self.discriminator = PatchDiscriminator(autoencoder.in_channels, **asdict(discriminator))
         self.ema = EMA(self.tokenizer, ema_decay) if ema_decay is not None else None
         self.lecam = LeCAMRegularizer(self.loss_config.lecam_decay)
@@ -495,7 +496,8 @@ class VQGAN(L.LightningModule):
         rec_loss, perceptual_loss = self.reconstruction_losses(images, reconstructions)  # means over the batch
         psnr_sum = psnr(images, reconstructions).sum()
         sums = [rec_loss * samples, perceptual_loss * samples, psnr_sum, rec_loss.new_tensor(samples)]
-        codes = code_counts(quantized.ids, self.tokenizer.codebook_size)  # (K,)
+        ids = quantized.ids.coarse if isinstance(quantized.ids, MultiScaleIds) else quantized.ids  # stage 2's vocabulary
+        codes = code_counts(ids, self.tokenizer.codebook_size)  # (K,)
         self.val_sums += torch.cat([torch.stack([value.double() for value in sums]), codes.double()])
 
     def on_validation_epoch_end(self) -> None:

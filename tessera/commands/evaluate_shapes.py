@@ -225,6 +225,7 @@ def add_shapes_parser(evaluations: argparse._SubParsersAction) -> argparse.Argum
     parser.add_argument("--batch-size", type=int, default=32, help="images sampled at once")
     parser.add_argument("--image-size", type=int, default=None, help="side images are analysed at; the prior's own by default")
     parser.add_argument("--tokenizer", type=Path, default=None, help="the stage-1 tokenizer, if not where the checkpoint says")
+    parser.add_argument("--fine-stage", type=Path, default=None, help="the multi-scale fine stage, if not where the checkpoint says or to add one")
     parser.add_argument("--device", default=None, help="cuda when there is one, else cpu")
     parser.add_argument("--out", type=Path, default=None, help="also write the report here (JSON)")
     parser.set_defaults(run=_evaluate_shapes)
@@ -234,9 +235,10 @@ def add_shapes_parser(evaluations: argparse._SubParsersAction) -> argparse.Argum
 def _evaluate_shapes(args: argparse.Namespace) -> int:
     from lightning_modules.llm import load_image_generator
 
-    prior = load_image_generator(args.prior, map_location=process_device(args.device), tokenizer=args.tokenizer)
+    prior = load_image_generator(args.prior, map_location=process_device(args.device), tokenizer=args.tokenizer,
+                                 fine_stage=args.fine_stage)
     sampling, sources = sampling_settings(prior.sampling, args)
-    report = {"prior": str(args.prior), "sampling": asdict(sampling), "sampling_from": sources,
+    report = {"prior": str(args.prior), "fine_stage": prior.hparams.get("fine_stage"), "sampling": asdict(sampling), "sampling_from": sources,
               **evaluate_shapes(prior, args.num_samples, args.seed, sampling, args.image_size, args.batch_size)}
     text = json.dumps(report, indent=1)
     print(text)

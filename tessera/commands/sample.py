@@ -24,6 +24,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--batch-size", type=int, default=32, help="images sampled at once")
     sample.add_argument("--tokenizer", type=Path, default=None, help="the stage-1 tokenizer, if not where the checkpoint says")
+    sample.add_argument("--fine-stage", type=Path, default=None, help="the multi-scale fine stage, if not where the checkpoint says or to add one")
     sample.add_argument("--device", default=None, help="cuda when there is one, else cpu")
     sample.add_argument("--out", required=True, type=Path)
     sample.set_defaults(run=run)
@@ -45,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     if candidates > args.num_images and args.clip_weights is None:
         raise SystemExit("--candidates above --num-images reranks with CLIP: pass --clip-weights PATH")
     device = process_device(args.device)
-    prior = load_image_generator(args.prior, map_location=device, tokenizer=args.tokenizer)
+    prior = load_image_generator(args.prior, map_location=device, tokenizer=args.tokenizer, fine_stage=args.fine_stage)
     sampling, sources = sampling_settings(prior.sampling, args)
     scorer = ClipScorer(args.clip_model, args.clip_weights, device) if candidates > args.num_images else None
 
@@ -70,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     grid = image_grid(to_unit_range(images), nrow=args.num_images)
     Image.fromarray(grid.permute(1, 2, 0).numpy()).save(args.out / "grid.png")
     settings = {
-        "prior": str(args.prior), "prompts": prompts, "num_images": args.num_images, "candidates": candidates,
+        "prior": str(args.prior), "fine_stage": prior.hparams.get("fine_stage"), "prompts": prompts, "num_images": args.num_images, "candidates": candidates,
         "clip_model": args.clip_model if scorer else None, "clip_scores": scores or None,
         **{name: getattr(sampling, name) for name in SAMPLING_FIELDS}, "sampling_from": sources,
         "seed": args.seed, "batch_size": args.batch_size, "device": str(device),

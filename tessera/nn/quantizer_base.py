@@ -91,6 +91,8 @@ def quantizer_spec(quantizer: Quantizer) -> dict[str, Any]:
     init_args = {}
     for name in names:
         value = getattr(quantizer, name)
+        if isinstance(value, Quantizer):  # a quantizer made of quantizers (MultiScaleQuantizer's levels)
+            value = quantizer_spec(value)
         init_args[name] = list(value) if isinstance(value, tuple) else value
     return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": init_args}
 

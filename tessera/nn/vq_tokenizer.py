@@ -104,7 +104,7 @@ class VQTokenizer(nn.Module):
     @classmethod
     def from_description(cls, description: dict[str, Any]) -> VQTokenizer:
         """A tokenizer with fresh weights, of the architecture `describe` wrote."""
-        return cls(AutoencoderConfig(**description["autoencoder"]), build_quantizer(description["quantizer"]))
+        return build_tokenizer(AutoencoderConfig(**description["autoencoder"]), build_quantizer(description["quantizer"]))
 
     def save_pretrained(self, directory: str | Path) -> Path:
         directory = Path(directory)
@@ -128,3 +128,13 @@ class VQTokenizer(nn.Module):
         tokenizer = cls.from_description(json.loads((directory / CONFIG_FILE).read_text()))
         tokenizer.load_state_dict(load_file(str(directory / WEIGHTS_FILE)))
         return tokenizer.requires_grad_(False).eval()
+
+
+def build_tokenizer(config: AutoencoderConfig, quantizer: Quantizer) -> VQTokenizer:
+    """The tokenizer a quantizer needs: `MultiScaleTokenizer` for a `MultiScaleQuantizer` (two id
+    maps), `VQTokenizer` for every other."""
+    # imported here: multiscale_tokenizer.py subclasses VQTokenizer
+    from tessera.nn.multiscale_tokenizer import MultiScaleQuantizer, MultiScaleTokenizer
+
+    cls = MultiScaleTokenizer if isinstance(quantizer, MultiScaleQuantizer) else VQTokenizer
+    return cls(config, quantizer)
