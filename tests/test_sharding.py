@@ -290,6 +290,7 @@ STAGE_CONFIGS = sorted((REPO / "configs" / "tokenizer").glob("*.yaml")) + sorted
 TRAINER_CONFIGS = sorted((REPO / "configs" / "trainer").glob("*.yaml"))
 # the one pair refused at start-up, with this message: FSDP2 does not run taming's BatchNorm discriminator
 REFUSED = {("taming_f16_16384.yaml", "fsdp.yaml"): "discriminator.norm 'batch' is not supported under FSDP2"}
+RQ_DEPTH = 2  # codes per position of the RQ priors' token shards
 
 
 def tiny_fit_arguments(stage: Path, trainer: Path, images: str, tokens: str, root: Path) -> list[str]:
@@ -303,9 +304,11 @@ def tiny_fit_arguments(stage: Path, trainer: Path, images: str, tokens: str, roo
     ]
     model = yaml.safe_load(stage.read_text())["model"]["init_args"]
     if "quantizer" in model:
-        if model["discriminator"]["norm"] == "batch" and trainer.name == "ddp.yaml":
+        if model.get("discriminator", {}).get("norm") == "batch" and trainer.name == "ddp.yaml":
             # SyncBatchNorm runs on GPUs only: on two CPU processes taming's discriminator takes GroupNorm
             arguments.append("--model.init_args.discriminator.norm=group")
+        if model["loss"].get("disc_start", 0) is not None:  # a GAN-less config (DALL-E's dVAE) stays one
+            arguments.append("--model.init_args.loss.disc_start=0")
         small = {"dim": 4, "codebook_size": 32, "depth": 2}
         quantizer = model["quantizer"]["init_args"]
         return arguments + [
@@ -313,11 +316,15 @@ def tiny_fit_arguments(stage: Path, trainer: Path, images: str, tokens: str, roo
             "--model.init_args.autoencoder.num_res_blocks=1", "--model.init_args.autoencoder.z_channels=8",
             "--model.init_args.autoencoder.image_size=32", "--model.init_args.discriminator.ndf=8",
             "--model.init_args.discriminator.n_layers=1", "--model.init_args.loss.pretrained_lpips=false",
-            "--model.init_args.loss.disc_start=0",
             *(f"--model.init_args.quantizer.init_args.{name}={value}" for name, value in small.items() if name in quantizer),
             f"--data.train_shards={images}", "--data.image_size=32",
         ]
-    return arguments + [
+    if "code_depth" in model["transformer"]:  # the RQ-Transformer: (h, w, D) ids
+        tokens, depth = str(Path(tokens).parent / "rq" / "{00000..00002}.tar"), [
+            f"--model.init_args.transformer.code_depth={RQ_DEPTH}", "--model.init_args.transformer.depth_n_layer=1"]
+    else:
+        depth = []
+    return arguments + depth + [
         "--model.init_args.tokenizer=null", "--model.init_args.transformer.n_layer=1", "--model.init_args.transformer.n_head=2",
         "--model.init_args.transformer.n_embd=16", f"--model.init_args.transformer.text_length={TEXT_LENGTH}",
         "--model.init_args.transformer.image_vocab_size=64", "--model.init_args.transformer.image_grid=4",
@@ -330,6 +337,9 @@ def _every_stage_under_every_trainer(rank: int, world_size: int, images: str, ro
     torch.set_num_threads(1)
     as_launched_rank(rank, world_size)
     root = Path(root)
+    if rank == 0:
+        (root / "rq").mkdir()
+        write_token_shards(root / "rq", id_shape=(4, 4, RQ_DEPTH))
     tokens = write_token_shards(root) if rank == 0 else str(root / "{00000..00002}.tar")
     torch.distributed.barrier()
     trained = []
