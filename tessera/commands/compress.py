@@ -304,19 +304,27 @@ def _symbols(prior, path: Path) -> torch.Tensor:
 
 
 def _read_symbols(prior, path: Path) -> torch.Tensor:
-    from datamodules.images import decode_image, resize_and_crop
-    from datamodules.token_shards import encode_images
+    from datamodules.images import decode_image
 
     if path.suffix == ".npy":
         ids = np.load(path, allow_pickle=False)
         if ids.dtype.kind not in "iu":
             raise ValueError(f"{path} holds {ids.dtype} values, not integer ids")
         return torch.from_numpy(ids.astype(np.int64))
-    image = decode_image(path.read_bytes())
+    return image_symbols(prior, decode_image(path.read_bytes()))
+
+
+def image_symbols(prior, image) -> torch.Tensor:
+    """What `prior` codes of an RGB PIL image: for a pixel model its subpixels (H, W, 3), as they
+    are; for a prior over tokenizer ids the ids of the image resized and centre-cropped to the
+    tokenizer's size (as `tessera tokenize` makes them)."""
+    from datamodules.images import resize_and_crop
+    from datamodules.token_shards import encode_images
+
     if prior.coded_kind == "pixels":
         return torch.from_numpy(np.asarray(image).astype(np.int64))  # (H, W, 3)
     if prior.image_tokenizer is None:
-        raise ValueError(f"{path} is an image, and the prior names no tokenizer to encode it with: pass --tokenizer")
+        raise ValueError("an image is coded through the prior's tokenizer, and this prior names none: pass --tokenizer")
     tokenizer = prior.image_tokenizer.module
     pixels = resize_and_crop(image, tokenizer.config.image_size)  # (S, S, 3) uint8
     images = torch.tensor(pixels).permute(2, 0, 1)[None]  # (1, 3, S, S)
