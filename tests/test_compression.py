@@ -141,6 +141,25 @@ def test_probabilities_that_differ_from_the_encoders_fail_the_ids_checksum(monke
         decompress(prior, data)
 
 
+def test_coding_runs_the_prior_on_one_thread_whatever_torchs_setting_and_restores_it():
+    prior = tiny_prior(None, tokenizer=None).eval()
+    steps, seen = prior.symbol_steps, []
+
+    def spied(captions):
+        seen.append(torch.get_num_threads())
+        return steps(captions)
+
+    prior.symbol_steps = spied
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # a sum split over two threads rounds otherwise than over one
+    try:
+        data = compress(prior, torch.randint(64, (2, 4, 4)), CAPTIONS[:2]).data
+        decompress(prior, data)
+        assert seen == [1, 1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_coding_refuses_a_prior_off_the_cpu_or_below_fp32():
     prior = tiny_prior(None, tokenizer=None).eval().to(torch.bfloat16)
     with pytest.raises(ValueError, match="torch.bfloat16 on cpu: coding runs it in fp32 on the CPU"):

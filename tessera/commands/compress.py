@@ -167,7 +167,9 @@ def model_fingerprint(prior) -> str:
 
 @contextmanager
 def _deterministic(prior) -> Iterator[None]:
-    """The prior as both sides must run it: fp32 on the CPU, in eval mode, no autocast, no grad."""
+    """The prior as both sides must run it: fp32 on the CPU, in eval mode, no autocast, no grad,
+    and on one thread: a matmul split over another number of threads sums in another order, and
+    a file compressed with 1 thread failed to decompress with 2 (a 4-layer, 16,384-code prior)."""
     from tessera.sampling import eval_mode
 
     param = next(prior.transformer.parameters())
@@ -176,8 +178,13 @@ def _deterministic(prior) -> Iterator[None]:
             f"the prior is {param.dtype} on {param.device}: coding runs it in fp32 on the CPU (load_prior's "
             "default), where compressing and decompressing compute the same probabilities"
         )
-    with torch.no_grad(), torch.autocast("cpu", enabled=False), eval_mode(prior):
-        yield
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad(), torch.autocast("cpu", enabled=False), eval_mode(prior):
+            yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _symbols_crc(row: torch.Tensor) -> int:
