@@ -18,6 +18,8 @@ from PIL import Image
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
+from datamodules.images import resize_and_crop
+from datamodules.token_shards import encode_images
 from lightning_modules.prior import TextImagePrior, export_prior, load_prior
 from tessera.coding import decode, encode
 from tessera.commands import compress as compress_module
@@ -194,12 +196,8 @@ def test_commands_round_trip_images_through_the_tokenizer_and_id_grids(tmp_path,
 
     tokenizer = prior.image_tokenizer.module
     for index in range(3):
-        image = np.asarray(Image.open(inputs / f"img{index}.png"))
-        from datamodules.images import resize_and_crop
-        from datamodules.token_shards import encode_images
-
-        crop = resize_and_crop(Image.fromarray(image), 32)
-        expected = encode_images(tokenizer, torch.from_numpy(crop).permute(2, 0, 1)[None], torch.device("cpu"))[0]
+        crop = resize_and_crop(Image.open(inputs / f"img{index}.png").convert("RGB"), 32)
+        expected = encode_images(tokenizer, torch.tensor(crop).permute(2, 0, 1)[None], torch.device("cpu"))[0]
         np.testing.assert_array_equal(np.load(tmp_path / "out" / f"img{index}.tokens.npy"), expected)
         assert (tmp_path / "out" / f"img{index}.txt").read_text() == CAPTIONS[index]
         assert Image.open(tmp_path / "out" / f"img{index}.png").size == (32, 32)
