@@ -37,6 +37,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from tessera.coding import PRECISION_BITS, decode, encode
+from tessera.sampling import eval_mode
+
 MAGIC = b"TSRC"
 FORMAT_VERSION = 1
 _PREFIX = struct.Struct("<4sHI")  # magic, format version, header length
@@ -93,8 +96,6 @@ def compress(
     """Range-codes `symbols` (B, *prior.id_shape), each with its caption, `batch_size` at a time,
     into the file `decompress` reads. `prior`: a TextImagePrior (or subclass) on the CPU in fp32,
     as `load_prior` gives it."""
-    from tessera.coding import PRECISION_BITS, encode
-
     shape = tuple(prior.id_shape)
     if tuple(symbols.shape[1:]) != shape:
         raise ValueError(f"the symbols form grids of {tuple(symbols.shape[1:])}, the prior models {shape}")
@@ -103,6 +104,8 @@ def compress(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     names = names if names is not None else [f"{i:06d}" for i in range(len(symbols))]
+    if len(names) != len(symbols):
+        raise ValueError(f"{len(symbols)} images but {len(names)} names")
     flat = symbols.long().reshape(len(symbols), -1)  # (B, S): the prior's step order
     batches, words, information = [], [], []
     with _deterministic(prior):
@@ -124,8 +127,6 @@ def compress(
 def decompress(prior, data: bytes) -> Decompressed:
     """The symbols, captions and names `compress` wrote into `data`, with the same prior (on the
     CPU in fp32); a file of another model, or a damaged one, is refused with the reason."""
-    from tessera.coding import decode
-
     header, words = read_container(data)
     expected = model_fingerprint(prior)
     if header["model"] != expected:
@@ -133,9 +134,8 @@ def decompress(prior, data: bytes) -> Decompressed:
             f"the file was written with the model {header['model'][:16]}, this prior is {expected[:16]} "
             "(fingerprints of class, shape, text tokenizer and weights): decompress with the prior that compressed it"
         )
-    if header["kind"] != prior.coded_kind or tuple(header["shape"]) != tuple(prior.id_shape):
-        raise ValueError(f"the file holds {header['kind']} of shape {header['shape']}, the prior models "
-                         f"{prior.coded_kind} of shape {list(prior.id_shape)}")
+    if header["precision"] != PRECISION_BITS:
+        raise ValueError(f"the file is coded with {header['precision']}-bit probabilities; this tessera codes with {PRECISION_BITS}")
     rows, start, image = [], 0, 0
     length = int(np.prod(header["shape"]))
     with _deterministic(prior):
@@ -170,8 +170,6 @@ def _deterministic(prior) -> Iterator[None]:
     """The prior as both sides must run it: fp32 on the CPU, in eval mode, no autocast, no grad,
     and on one thread: a matmul split over another number of threads sums in another order, and
     a file compressed with 1 thread failed to decompress with 2 (a 4-layer, 16,384-code prior)."""
-    from tessera.sampling import eval_mode
-
     param = next(prior.transformer.parameters())
     if param.device.type != "cpu" or param.dtype != torch.float32:
         raise ValueError(
