@@ -179,8 +179,9 @@ def sample_image_tokens(
 
 Steps = Generator[torch.Tensor, torch.Tensor, torch.Tensor]
 """An autoregressive model, one symbol at a time: the generator yields the logits (rows, >= K) of
-the next symbol of every row, is sent the (B,) symbols chosen for them, and returns all the
-symbols once the last is chosen. Sampling chooses by drawing, the range coder (tessera/coding.py)
+the next symbol of every row (log-probabilities up to a constant; the first K columns are the
+alphabet), is sent the (B,) symbols chosen for them, and returns all the symbols once the last
+is chosen. Sampling chooses by drawing, the range coder (tessera/coding.py)
 by reading the symbols it codes or decodes; the model cannot tell which."""
 
 
