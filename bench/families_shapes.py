@@ -36,6 +36,7 @@ import math
 import os
 import statistics
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,26 +88,40 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
+def run(args: argparse.Namespace) -> Iterator[dict]:
+    """The setup, then one record per family as it is measured (the flat prior first: the others'
+    sampling speed is given against its own)."""
     torch.set_num_threads(args.threads)
     os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("WANDB_SILENT", "true")
     args.out.mkdir(parents=True, exist_ok=True)
     log = StageLog()
     image_size = shapes_image_size()
+    yield {"bench": "families_shapes", "setup": setup(args), "torch": torch.__version__, "threads": args.threads}
     data = write_data(args.out, args.num_samples, image_size, log, jitter=args.jitter)
-    results = {}
-    for name in args.families:
-        results[name] = run_family(name, FAMILIES[name], args, data, image_size, log)
-        (args.out / "families.json").write_text(json.dumps(results, indent=2) + "\n")
-    flat_speed = results.get(FLAT, {}).get("images_per_second")
-    for numbers in results.values():
+    flat_speed = None
+    for name in sorted(args.families, key=lambda name: name != FLAT):
+        numbers = run_family(name, FAMILIES[name], args, data, image_size, log)
+        flat_speed = numbers["images_per_second"] if name == FLAT else flat_speed
         numbers["speed_vs_flat"] = round(numbers["images_per_second"] / flat_speed, 2) if flat_speed else None
-    (args.out / "families.json").write_text(json.dumps(results, indent=2) + "\n")
-    (args.out / "families.md").write_text(table(results, args))
-    print(table(results, args))
-    return results
+        yield {"family": name, **numbers}
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    records = []
+    for record in run(args):
+        print(json.dumps(record), flush=True)
+        records.append(record)
+        (args.out / "families.json").write_text(json.dumps(records, indent=2) + "\n")
+    (args.out / "families.md").write_text(table(records))
+    print(table(records))
+
+
+def setup(args: argparse.Namespace) -> str:
+    return (f"{'jittered' if args.jitter else 'centred'} shapes, {args.num_samples:,} training scenes, "
+            f"tokenizers {args.tokenizer_steps:,} steps, priors and fine stage {args.prior_steps:,}, "
+            f"{args.fidelity_samples} samples per group, {args.threads} thread(s)")
 
 
 def run_family(name: str, family: Family, args: argparse.Namespace, data: tuple[str, str], image_size: int, log: StageLog) -> dict:
@@ -216,14 +231,12 @@ COLUMNS = {
 }
 
 
-def table(results: dict, args: argparse.Namespace) -> str:
-    header = ["family", *(title for title, _ in COLUMNS.values())]
-    rows = [[name, *("" if numbers.get(key) is None else fmt.format(numbers[key]) for key, (_, fmt) in COLUMNS.items())]
-            for name, numbers in results.items()]
-    setup = (f"{'jittered' if args.jitter else 'centred'} shapes, {args.num_samples:,} training scenes, "
-             f"tokenizers {args.tokenizer_steps:,} steps, priors {args.prior_steps:,}, "
-             f"{args.fidelity_samples} samples per group, {args.threads} thread(s)")
-    lines = [setup, "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+def table(records: list[dict]) -> str:
+    header, *families = records
+    titles = ["family", *(title for title, _ in COLUMNS.values())]
+    rows = [[numbers["family"], *("" if numbers.get(key) is None else fmt.format(numbers[key]) for key, (_, fmt) in COLUMNS.items())]
+            for numbers in families]
+    lines = [header["setup"], "", "| " + " | ".join(titles) + " |", "|" + "---|" * len(titles)]
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows]) + "\n"
 
 
