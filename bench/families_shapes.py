@@ -2,7 +2,8 @@
 
 For each family (FAMILIES below: the flat prior over FSQ codes, the RQ-Transformer over residual
 codes, the multi-scale tokens with their fine stage, the flat prior over DALL-E's Gumbel dVAE
-codes), through the commands a user runs: `tessera fit` of its tokenizer config, export,
+codes, and the RQ-Transformer again with the paper's soft labels and stochastic codes on the RQ
+family's tokenizer), through the commands a user runs: `tessera fit` of its tokenizer config, export,
 `tessera tokenize` of both splits, `tessera fit` of its fine stage where it has one, `tessera fit`
 of its prior on the token shards. Every tokenizer trains `--tokenizer-steps`, every prior (and
 fine stage) `--prior-steps`, each cosine ending at its last step. Then, per family:
@@ -37,7 +38,7 @@ import os
 import statistics
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import lightning as L
@@ -59,11 +60,20 @@ FLAT = "flat"
 @dataclass(frozen=True)
 class Family:
     """A stage-2 family as its configs, relative to configs/: the tokenizer, the prior over its
-    codes, and the fine stage for a multi-scale tokenizer."""
+    codes, and the fine stage for a multi-scale tokenizer; with `prior_args` over the prior config's
+    own, and `tokenizer_of` another family whose tokenizer (and token shards) it reuses when that
+    family's directory has them."""
 
     tokenizer: str
     prior: str
     fine_stage: str | None = None
+    prior_args: dict = field(default_factory=dict)
+    tokenizer_of: str | None = None
+
+    @property
+    def from_images(self) -> bool:
+        """Soft labels are made from the images by the frozen tokenizer: that prior trains on images."""
+        return self.prior_args.get("soft_label_temperature") is not None
 
 
 FAMILIES = {
@@ -71,6 +81,9 @@ FAMILIES = {
     "rq": Family("tokenizer/rq_tiny_shapes.yaml", "prior/rq_tiny_shapes.yaml"),
     "multiscale": Family("tokenizer/tiny_shapes_multiscale.yaml", "prior/tiny_shapes.yaml", "fine_stage/tiny_shapes.yaml"),
     "dvae": Family("tokenizer/dvae_tiny_shapes.yaml", "prior/tiny_shapes.yaml"),
+    # the RQ-Transformer paper's training refinements, on the RQ family's tokenizer
+    "rq_soft": Family("tokenizer/rq_tiny_shapes.yaml", "prior/rq_tiny_shapes.yaml", tokenizer_of="rq",
+                      prior_args={"soft_label_temperature": 0.5, "stochastic_codes": True}),
 }
 
 
@@ -130,9 +143,11 @@ def run_family(name: str, family: Family, args: argparse.Namespace, data: tuple[
     out.mkdir(exist_ok=True)
     train, val = data
     images = {"data": {"init_args": {"train_shards": train, "val_shards": val}}}
-    tokenizer_run = out / "tokenizer_run"
-    train_stage(out, "tokenizer", family.tokenizer, args.tokenizer_steps, tokenizer_run, images, log)
-    tokenizer = load_tokenizer(tokenizer_run / FINAL)
+    tokenizer_dir = args.out / (family.tokenizer_of or name)
+    if not (tokenizer_dir / "tokenizer_run" / FINAL).is_file():
+        tokenizer_dir.mkdir(exist_ok=True)
+        train_stage(tokenizer_dir, "tokenizer", family.tokenizer, args.tokenizer_steps, tokenizer_dir / "tokenizer_run", images, log)
+    tokenizer = load_tokenizer(tokenizer_dir / "tokenizer_run" / FINAL)
     tokenizer.save_pretrained(out / "tokenizer")
     tokens = {}
     for split, pattern in (("train", train), ("val", val)):
@@ -149,10 +164,11 @@ def run_family(name: str, family: Family, args: argparse.Namespace, data: tuple[
         fine_bits = validation_loss(fine, val, image_size, "val/loss") * fine.config.fine_grid**2 / math.log(2)
 
     prior_run = out / "prior_run"
-    train_stage(out, "prior", family.prior, args.prior_steps, prior_run, {
-        "model": {"init_args": {"tokenizer": str(out / "tokenizer"), **({"fine_stage": str(fine_stage)} if fine_stage else {})}},
-        "data": {"init_args": {"train_shards": tokens["train"], "val_shards": tokens["val"], "image_tokens": True}},
-    }, log)
+    model_args = {"tokenizer": str(out / "tokenizer"), **family.prior_args, **({"fine_stage": str(fine_stage)} if fine_stage else {})}
+    prior_data = images if family.from_images else {
+        "data": {"init_args": {"train_shards": tokens["train"], "val_shards": tokens["val"], "image_tokens": True}}
+    }
+    train_stage(out, "prior", family.prior, args.prior_steps, prior_run, {**prior_data, "model": {"init_args": model_args}}, log)
     prior = load_prior(prior_run / FINAL, tokenizer=out / "tokenizer", fine_stage=fine_stage)
 
     tokens_per_image = math.prod(prior.id_shape)
