@@ -240,3 +240,19 @@ def test_a_pixel_models_images_round_trip_bit_for_bit_through_the_commands(tmp_p
                  "--caption", "noise"]) == 0
     assert main(["decompress", str(tmp_path / "tiny.tsr"), "--prior", str(export), "--out", str(tmp_path / "out")]) == 0
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "out" / "tiny.png")), pixels)
+
+
+def test_the_shapes_bench_puts_a_priors_coded_size_beside_the_lossless_codecs(tmp_path, tokenizer_dir):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from compression_shapes import main as bench
+
+    checkpoint = _checkpoint(tiny_prior(tokenizer_dir), tmp_path / "prior.ckpt")
+    bench(["--images", "3", "--image-size", "32", "--prior", str(checkpoint), "--coder-symbols", "128",
+           "--json", str(tmp_path / "rows.json")])
+    rows = json.loads((tmp_path / "rows.json").read_text())
+    sizes = {row["coder"].split(":")[-1].strip(): row["bytes"] for row in rows["images"]}
+    assert sizes["raw uint8"] == 3 * 32 * 32 * 3 and 0 < sizes["PNG (optimize)"] < sizes["raw uint8"]
+    assert sizes["-log2 p"] <= sizes["coded, header apart"] <= sizes["-log2 p"] + 2 * WORD_BITS / 8 < sizes["coded file"]
+    assert len(rows["coder"]) == 8 and all(row["excess_bits"] > -1 for row in rows["coder"])
