@@ -8,8 +8,9 @@ is the model's own distribution over the next symbol, so a symbol costs about -l
 The model is any `Steps` generator (tessera/sampling.py): the KV-cached loop the sampler runs, sent
 the symbols being coded (or just decoded) instead of drawn ones. Encoder and decoder must compute
 bitwise-identical probabilities, or the decoder reads garbage from the first differing step on:
-so the model runs the same batch in fp32 on both sides (on the CPU: the same code on the same
-floats gives the same bits), and the probabilities are one fp32 softmax over the first K logits.
+so the model runs the same batch in fp32 on one CPU thread on both sides (the same code on the
+same floats then gives the same bits; `tessera compress` sees to it), and the probabilities are
+one fp32 softmax over the first K logits.
 
 The coder is constriction's range coder (FIFO: symbols come out in the order they went in, as an
 autoregressive model predicts them), with 32-bit words and 24-bit probabilities: each categorical
