@@ -23,6 +23,7 @@ from tessera.nn.pixelcnn import PixelCNN, PixelCNNConfig
 from tessera.nn.subpixels import check_subpixels
 from tessera.pixels import to_unit_range
 from tessera.sampling import SamplingConfig, sample_image_tokens
+from tests.test_evaluation import coco  # noqa: F401 (a fixture: a tiny COCO-format val set)
 from tests.test_prior import RecordLoss, shapes_data
 from tests.test_vqgan import trainer
 
@@ -359,3 +360,16 @@ def test_sample_and_evaluate_shapes_commands_take_a_pixel_prior(tmp_path, checkp
     assert main(argv) == 0
     report = json.loads(out.read_text())
     assert report["seen"]["n"] == report["held_out"]["n"] == 2 and report["image_size"] == 32
+
+
+def test_evaluate_coco_command_takes_a_pixel_prior(tmp_path, coco, checkpoint):
+    from tessera.commands.cli import main
+
+    annotations, images = coco
+    argv = ["evaluate", "coco", "--prior", str(checkpoint), "--annotations", str(annotations), "--images", str(images),
+            "--num-samples", "2", "--batch-size", "2", "--feature-extractor", "tests.test_evaluation:tiny_extractor",
+            "--image-size", "32", "--workers", "0", "--out", str(tmp_path / "run")]
+    assert main(argv) == 0
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["count"] == 2 and results["fid"] > 0
+    assert (results["sampler"]["top_k"], results["sampler"]["cfg_scale"]) == (64, 1.5)  # the prior's own
