@@ -23,6 +23,7 @@ from tessera.nn.pixelcnn import PixelCNN, PixelCNNConfig
 from tessera.nn.subpixels import check_subpixels
 from tessera.pixels import to_unit_range
 from tessera.sampling import SamplingConfig, sample_image_tokens
+from tests.devices import DEVICES
 from tests.test_evaluation import coco  # noqa: F401 (a fixture: a tiny COCO-format val set)
 from tests.test_prior import RecordLoss, shapes_data
 from tests.test_vqgan import trainer
@@ -373,3 +374,17 @@ def test_evaluate_coco_command_takes_a_pixel_prior(tmp_path, coco, checkpoint):
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["count"] == 2 and results["fid"] > 0
     assert (results["sampler"]["top_k"], results["sampler"]["cfg_scale"]) == (64, 1.5)  # the prior's own
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", PRIORS)
+def test_pixel_priors_sample_and_step_on_each_device(name, device):
+    """On a GPU `generate` runs under bf16 autocast (the Image Transformer's cache in bf16); the
+    stepwise distributions stay fp32 and match the teacher-forced pass."""
+    prior = small_prior(name).eval().to(device)
+    images = prior.generate(PROMPTS, SamplingConfig(top_k=None, cfg_scale=2.0), seed=0)
+    assert images.shape == (2, 3, 8, 8) and images.device.type == device and -1 <= images.min() and images.max() <= 1
+    subpixels = torch.randint(256, (2, 8, 8, 3), generator=torch.Generator().manual_seed(0))
+    text_ids = prior.captions(PROMPTS).ids
+    expected = prior.subpixel_log_probs(subpixels, text_ids).flatten(1, 3)
+    torch.testing.assert_close(stepped(prior, subpixels.to(device), text_ids), expected, rtol=0, atol=1e-4)

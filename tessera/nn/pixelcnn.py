@@ -204,9 +204,6 @@ class PixelCNN(nn.Module):
         """Rows above a pixel that reach its distribution: k//2 per vertical layer, plus the shift."""
         return self.config.n_layer * (self.config.kernel_size // 2) + 1
 
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())
-
     def flops_per_sequence(self) -> int:
         """Training FLOPs of one image (tessera/flops.py): every convolution's weights at every pixel,
         the caption's projection once."""
