@@ -305,6 +305,23 @@ def test_a_pixel_prior_refuses_a_tokenizer_a_caption_loss_and_images_of_another_
         prior.train().subpixel_steps(prior.captions(PROMPTS).ids)
 
 
+@pytest.mark.parametrize("name", PRIORS)
+def test_symbol_steps_yield_the_subpixel_steps_distributions_and_return_what_was_sent(name):
+    prior = small_prior(name).eval()
+    subpixels = torch.randint(256, (2, 8 * 8 * 3), generator=torch.Generator().manual_seed(0))
+    expected = stepped(prior, subpixels, prior.captions(PROMPTS).ids)
+    generator, yielded, returned = prior.symbol_steps(PROMPTS), [], None
+    log_probs = next(generator)
+    for i in range(subpixels.size(1)):
+        yielded.append(log_probs)
+        try:
+            log_probs = generator.send(subpixels[:, i])
+        except StopIteration as end:
+            assert i == subpixels.size(1) - 1
+            returned = end.value
+    assert torch.equal(torch.stack(yielded, dim=1), expected) and torch.equal(returned, subpixels)
+
+
 class Scenes(Dataset):
     """Eight fixed caption / 8 px image samples as the datamodule gives them."""
 
