@@ -15,7 +15,7 @@ log-likelihood per subpixel in bits (8 is a uniform model).
 
 For likelihoods and lossless coding, `subpixel_log_probs` (teacher forced, one pass) and
 `subpixel_steps` (the next subpixel's distribution given those pushed so far) on an eval-mode
-prior; tessera/nn/subpixels.py documents both.
+prior, tessera/nn/subpixels.py documents both; `symbol_steps` is the latter as a generator.
 """
 
 from __future__ import annotations
