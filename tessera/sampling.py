@@ -7,6 +7,10 @@ and top-p on the logits, then one seeded multinomial draw per image position.
         guide -> / temperature -> top-k -> top-p -> softmax -> multinomial -> token i
         decode_step(token i) -> logits for token i + 1              (KV cache, static shapes)
 
+    a pixel model's (B, 3*H*W) subpixels (tessera/nn/subpixels.py): steps = subpixel_steps(captions)
+    for subpixel i = 0 .. 3HW-1:
+        steps.log_probs() -> guide -> ... -> value i -> steps.push(value i)   (what a coder steps through)
+
     an RQTransformer's (B, N, D) codes: prefill -> the context of position 0
     for position t = 0 .. N-1:
         for code d = 0 .. D-1: depth_step(context, codes 0 .. d-1) -> guide -> ... -> code d  (depth KV cache)
@@ -34,6 +38,8 @@ from typing import Any
 
 import torch
 
+from tessera.nn.image_transformer import ImageTransformer
+from tessera.nn.pixelcnn import PixelCNN
 from tessera.nn.rq_transformer import RQTransformer
 from tessera.nn.transformer import TextImageTransformer
 
@@ -135,7 +141,9 @@ def sample_image_tokens(
 ) -> torch.Tensor:
     """Draws (B, image_length) long image ids for captions text_ids (B, text_length); from an
     RQTransformer (B, image_length, code_depth): position by position with the spatial KV cache,
-    and at each position its D codes in depth order, each from the depth transformer's logits.
+    and at each position its D codes in depth order, each from the depth transformer's logits;
+    from a pixel model (PixelCNN, ImageTransformer) (B, 3*H*W) subpixels in raster order, through
+    its `subpixel_steps` (a PixelCNN has no cache: one forward per subpixel either way).
 
     Reproducible: one `torch.multinomial(generator=...)` draw per image token (per code) for all
     rows at once, in order, so a seeded generator (on the model's device) gives the same images
@@ -212,12 +220,15 @@ def image_token_steps(
 ) -> Steps:
     """A prior's image tokens as `Steps` for captions text_ids (rows, text_length): its logits
     (rows, padded_image_vocab_size) for each image token in row-major order, for each code of an
-    RQTransformer position by position, then depth by depth; it returns (B, image_length) ids, or
-    (B, image_length, code_depth). The B = `batch_size` (default: all rows) ids sent at a step are
+    RQTransformer position by position, then depth by depth, for each subpixel of a pixel model
+    (PixelCNN, ImageTransformer: log-probabilities (rows, 256)) in raster order over (row, col,
+    channel); it returns (B, image_length) ids, (B, image_length, code_depth), or (B, 3*H*W). The B = `batch_size` (default: all rows) ids sent at a step are
     repeated over the rows after the first B: guidance's empty-caption rows take the same tokens.
     With the cache: prefill, then one decode step per token; without: the full forward over the
     growing sequence at every step. The caller sets eval mode and no_grad."""
     batch_size = text_ids.size(0) if batch_size is None else batch_size
+    if isinstance(model, (PixelCNN, ImageTransformer)):  # a PixelCNN has no cache: one forward a step either way
+        return _subpixel_steps(model, text_ids, batch_size, use_cache)
     if isinstance(model, RQTransformer):
         loop = _residual_steps_cached if use_cache else _residual_steps_uncached
     else:
@@ -249,6 +260,14 @@ def _steps_uncached(model: TextImageTransformer, text_ids: torch.Tensor, batch_s
         _, image_logits = model(text_ids, image_ids)  # (B or 2B, i + 1, Vi)
         tokens[:, i] = yield image_logits[:, -1]
     return tokens
+
+
+def _subpixel_steps(model: PixelCNN | ImageTransformer, text_ids: torch.Tensor, batch_size: int, use_cache: bool) -> Steps:
+    steps = model.subpixel_steps(text_ids, use_cache) if isinstance(model, ImageTransformer) else model.subpixel_steps(text_ids)
+    for _ in range(steps.length):
+        values = yield steps.log_probs()  # (rows, 256)
+        steps.push(values.repeat(text_ids.size(0) // batch_size))  # the same value for the null rows
+    return steps.values[:batch_size]  # (B, 3*H*W)
 
 
 def _residual_steps_cached(model: RQTransformer, text_ids: torch.Tensor, batch_size: int) -> Steps:
