@@ -1,7 +1,8 @@
 """Lossless image coding on the shapes set: PNG, WebP and JPEG XL against a model's likelihood.
 
 On the renders of the first `--images` scenes of `tessera shards synthetic` (datamodules/shapes.py,
-seed 0), in bits per subpixel (8 x bytes / (H x W x 3)), each file decoded again and checked equal:
+`--seed`: 0 as the quickstart's training split, 1 as its validation split), in bits per subpixel
+(8 x bytes / (H x W x 3)), each file decoded again and checked equal:
   - PNG (Pillow, optimize=True), lossless WebP (method 6) and lossless JPEG XL (pillow-jxl-plugin,
     effort 9: `pip install -e '.[bench]'`; without it the row says so);
   - with --prior, a model `load_prior` reads: its -log2 p of what it codes given each image's
@@ -13,7 +14,7 @@ seed 0), in bits per subpixel (8 x bytes / (H x W x 3)), each file decoded again
     quantization giving every symbol at least one count (a 16-bit CDF's floor) would cost.
 
     python bench/compression_shapes.py --images 100
-    python bench/compression_shapes.py --images 100 --prior runs/prior/export
+    python bench/compression_shapes.py --images 32 --image-size 32 --seed 1 --prior runs/pixel_image_transformer/checkpoints/last.ckpt
 """
 
 from __future__ import annotations
@@ -43,7 +44,9 @@ JXL_INSTALL = "pip install -e '.[bench]' (pillow-jxl-plugin)"
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=int, default=100, help="scenes of the shapes set, from the first")
-    parser.add_argument("--image-size", type=int, default=64, help="render size (the quickstart's: 64)")
+    parser.add_argument("--image-size", type=int, default=64, help="render size")
+    parser.add_argument("--seed", type=int, default=0, help="scenes of SyntheticShapes(images, image_size, seed): 0 the "
+                        "quickstart's training split, 1 its validation split")
     parser.add_argument("--prior", type=Path, default=None, help="a prior or pixel model checkpoint or export to code with")
     parser.add_argument("--tokenizer", type=Path, default=None, help="the prior's stage-1 tokenizer, if not where it says")
     parser.add_argument("--batch-size", type=int, default=16, help="images coded together")
@@ -146,7 +149,7 @@ def coder_overhead(symbols: int, batch: int = 64) -> list[dict]:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    shapes = SyntheticShapes(args.images, image_size=args.image_size, seed=0)
+    shapes = SyntheticShapes(args.images, image_size=args.image_size, seed=args.seed)
     samples = [shapes[i] for i in range(args.images)]
     images, captions = [s.image.convert("RGB") for s in samples], [s.caption for s in samples]
     subpixels = args.images * args.image_size**2 * 3
@@ -155,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
     rows += [{"coder": name, "bytes": size} for name, size in codec_sizes(images).items()]
     if args.prior is not None:
         rows += model_rows(args, images, captions)
-    print(f"## {args.images} shapes renders of {args.image_size} px: {subpixels:,} subpixels\n")
+    print(f"## {args.images} shapes renders of {args.image_size} px (seed {args.seed}): {subpixels:,} subpixels\n")
     print("| coder | bytes | bits per subpixel |\n|---|---:|---:|")
     for row in rows:
         if isinstance(row["bytes"], str):

@@ -2,7 +2,7 @@
 image next to the nats; `compress` then `decompress` gives back exactly the ids (random, constant,
 over several batches, flat and residual), in about -log2 p bits; a uniform model costs log2(K) a
 token; files of another model, damaged files and probabilities that differ are refused; the
-commands round-trip images and id grids, and a pixel model's images bit for bit."""
+commands round-trip images and id grids, and a pixel prior's images bit for bit."""
 
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
 from datamodules.images import resize_and_crop
@@ -25,8 +24,9 @@ from tessera.coding import decode, encode
 from tessera.commands import compress as compress_module
 from tessera.commands.cli import main
 from tessera.commands.compress import compress, decompress, model_fingerprint
-from tessera.nn.vq_tokenizer import CONFIG_FILE, WEIGHTS_FILE
 from tessera.sampling import image_token_steps
+from tests.test_pixel_models import PRIORS as PIXEL_PRIORS
+from tests.test_pixel_models import tiny_image_transformer_prior
 from tests.test_prior import Tokens, tiny_config, tiny_prior, tokenizer_dir  # noqa: F401 (tokenizer_dir: a fixture)
 from tests.test_rq_prior import ResidualTokens, tiny_rq_prior
 
@@ -215,31 +215,35 @@ def test_compress_refuses_an_input_without_a_caption_or_of_another_grid(tmp_path
         main(["compress", str(tmp_path / "b.npy"), "--prior", str(checkpoint), "--out", str(tmp_path / "b.tsr"), "--caption", "x"])
 
 
-class PixelsAsTokens(TextImagePrior):
-    """A stand-in pixel model: the flat prior's 36 steps over 256 values read as the subpixels of a
-    3 x 4 RGB image, to take the commands' pixel path end to end."""
+@pytest.mark.parametrize("name", ["pixelcnn", "image_transformer"])
+def test_a_pixel_priors_subpixels_round_trip_in_about_their_teacher_forced_minus_log2_p(name):
+    prior = PIXEL_PRIORS[name](network=dict(image_grid=6)).eval()
+    images = torch.cat([torch.randint(256, (2, 6, 6, 3), generator=torch.Generator().manual_seed(0)),
+                        torch.full((1, 6, 6, 3), 255)])
+    compressed = compress(prior, images, CAPTIONS[:3], batch_size=2)
+    result = decompress(prior, compressed.data)
 
-    coded_kind = "pixels"
+    assert torch.equal(result.symbols, images) and result.kind == "pixels"
+    log_probs = prior.subpixel_log_probs(images, prior.captions(CAPTIONS[:3]).ids)  # one teacher-forced pass
+    reference = -log_probs.gather(-1, images[..., None]).flatten(1).sum(1) / math.log(2)
+    torch.testing.assert_close(torch.from_numpy(compressed.information_bits).float(), reference, rtol=1e-4, atol=1e-3)
+    coded_bits = 8 * (len(compressed.data) - compressed.header_bytes)
+    assert reference.sum() <= coded_bits <= reference.sum() + 2 * 2 * WORD_BITS
 
-    @property
-    def id_shape(self) -> tuple[int, ...]:
-        return (3, 4, 3)
 
-
-def test_a_pixel_models_images_round_trip_bit_for_bit_through_the_commands(tmp_path):
-    torch.manual_seed(0)
-    model = PixelsAsTokens(transformer=tiny_config(image_vocab_size=256, image_grid=6))
-    export = tmp_path / "pixel_model"
-    export.mkdir()
-    save_file(model.transformer.state_dict(), str(export / WEIGHTS_FILE))
-    (export / CONFIG_FILE).write_text(json.dumps(dict(model.hparams)))
-    pixels = np.random.default_rng(0).integers(0, 256, (3, 4, 3), dtype=np.uint8)
+def test_a_pixel_priors_png_round_trips_bit_for_bit_through_the_commands(tmp_path):
+    prior = tiny_image_transformer_prior(network=dict(image_grid=6))
+    checkpoint = _checkpoint(prior, tmp_path / "pixel.ckpt")
+    pixels = np.random.default_rng(0).integers(0, 256, (6, 6, 3), dtype=np.uint8)
     Image.fromarray(pixels).save(tmp_path / "tiny.png")
 
-    assert main(["compress", str(tmp_path / "tiny.png"), "--prior", str(export), "--out", str(tmp_path / "tiny.tsr"),
+    assert main(["compress", str(tmp_path / "tiny.png"), "--prior", str(checkpoint), "--out", str(tmp_path / "tiny.tsr"),
                  "--caption", "noise"]) == 0
-    assert main(["decompress", str(tmp_path / "tiny.tsr"), "--prior", str(export), "--out", str(tmp_path / "out")]) == 0
+    assert main(["decompress", str(tmp_path / "tiny.tsr"), "--prior", str(checkpoint), "--out", str(tmp_path / "out")]) == 0
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "out" / "tiny.png")), pixels)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "big.png")
+    with pytest.raises(SystemExit, match=r"big.png gives symbols of shape \(8, 8, 3\), the prior models \(6, 6, 3\)"):
+        main(["compress", str(tmp_path / "big.png"), "--prior", str(checkpoint), "--out", str(tmp_path / "big.tsr"), "--caption", "x"])
 
 
 def test_the_shapes_bench_puts_a_priors_coded_size_beside_the_lossless_codecs(tmp_path, tokenizer_dir):
