@@ -11,7 +11,7 @@ An `.npy` input is an id grid already (`id_shape`, as `tessera tokenize` writes 
 
 The file, all integers little-endian:
 
-    b"TSRC" | format version (u16) | header length (u32) | header (UTF-8 JSON) | words (u32 each) | CRC-32 of all before (u32)
+    b"TSRC" | format version (u16) | header length (u32) | header (UTF-8 JSON, deflated) | words (u32 each) | CRC-32 of all before (u32)
 
 The header: the model's fingerprint (SHA-256 of its class, shape, text tokenizer and weights), the
 kind of symbols ("tokens", or a pixel model's "pixels"), the shape of one image's symbols, the
@@ -194,8 +194,9 @@ def _symbols_crc(row: torch.Tensor) -> int:
 
 
 def write_container(header: dict[str, Any], words: np.ndarray) -> bytes:
-    """prefix | header JSON | words | CRC-32 of everything before it."""
-    text = json.dumps(header, separators=(",", ":")).encode()
+    """prefix | deflated header JSON | words | CRC-32 of everything before it."""
+    # deflated: the captions and names, often alike, are most of a small image's file
+    text = zlib.compress(json.dumps(header, separators=(",", ":")).encode(), 9)
     body = _PREFIX.pack(MAGIC, FORMAT_VERSION, len(text)) + text + words.astype("<u4").tobytes()
     return body + _CRC.pack(zlib.crc32(body))
 
@@ -210,7 +211,7 @@ def read_container(data: bytes) -> tuple[dict[str, Any], np.ndarray]:
     end = len(data) - _CRC.size
     if end < _PREFIX.size + header_length or _CRC.unpack_from(data, end)[0] != zlib.crc32(data[:end]):
         raise ValueError(f"the file is corrupt or truncated: its {len(data)} bytes fail their CRC-32")
-    header = json.loads(data[_PREFIX.size : _PREFIX.size + header_length])
+    header = json.loads(zlib.decompress(data[_PREFIX.size : _PREFIX.size + header_length]))
     payload = data[_PREFIX.size + header_length : end]
     coded = 4 * sum(count for _, count in header["batches"])
     if len(payload) != coded:
