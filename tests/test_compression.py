@@ -122,7 +122,9 @@ def test_a_truncated_corrupt_or_foreign_file_is_refused_with_its_reason():
     with pytest.raises(ValueError, match="corrupt or truncated"):
         decompress(prior, data[:-5])
     with pytest.raises(ValueError, match="corrupt or truncated"):
-        decompress(prior, data[:12])
+        decompress(prior, data[:20])
+    with pytest.raises(ValueError, match="truncated: 6 bytes"):
+        decompress(prior, data[:6])
     flipped = bytearray(data)
     flipped[-9] ^= 0x10  # a bit of the coded words
     with pytest.raises(ValueError, match="corrupt or truncated"):

@@ -203,8 +203,10 @@ def write_container(header: dict[str, Any], words: np.ndarray) -> bytes:
 
 def read_container(data: bytes) -> tuple[dict[str, Any], np.ndarray]:
     """The header and the words of a file `write_container` wrote; a clear error for anything else."""
-    if len(data) < _PREFIX.size or data[:4] != MAGIC:
+    if data[:4] != MAGIC:
         raise ValueError(f"not a `tessera compress` file: it does not start with {MAGIC!r}")
+    if len(data) < _PREFIX.size + _CRC.size:
+        raise ValueError(f"the file is truncated: {len(data)} bytes, fewer than an empty file's")
     _, version, header_length = _PREFIX.unpack_from(data)
     if version != FORMAT_VERSION:
         raise ValueError(f"the file is in format version {version}; this tessera reads version {FORMAT_VERSION}")
