@@ -386,6 +386,22 @@ def test_the_llm_under_fsdp2_trains_as_under_ddp_and_exports_from_its_shards(tmp
 # --- evaluation -----------------------------------------------------------------------------------
 
 
+def test_the_llama_benchmark_rows_flops_per_token_are_what_torchs_flop_counter_counts_in_a_training_step(monkeypatch):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "bench"))
+    from prior_throughput import causal_lm_flops_per_token, llama_config, prior_config
+
+    config = llama_config(prior_config(tiny=True))
+    model = AutoModelForCausalLM.from_config(config)
+    ids = torch.randint(0, config.vocab_size, (3, 20))
+    # the math kernel, whose matmuls the counter sees: the whole T x T scores, as flops.py counts them
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(input_ids=ids, use_cache=False).logits.float().logsumexp(-1).mean().backward()
+    assert counter.get_total_flops() == 3 * 20 * causal_lm_flops_per_token(model, 20)
+
+
 @pytest.fixture(scope="module")
 def llm_files(tmp_path_factory, words_dir, tokenizer_dir, shapes_dir) -> dict[str, Path]:  # noqa: F811
     """A tiny LLM trained one step, which draws with top-k 8 unless told: its checkpoint and its export."""
