@@ -114,7 +114,9 @@ def test_parse_prompt_examples_and_text_outside_the_grammar():
     pair = parse_prompt("a small blue square to the right of a large green triangle")
     assert (pair["layout"], pair["relation"]) == ("pair", "right of")
     assert pair["objects"][1] == {"size": "large", "color": "green", "shape": "triangle"}
-    for text in ("a red circle", "a large pink circle on the left", "two blue squares", ""):
+    row = "a small red circle, a large blue square and a small green diamond from left to right"
+    assert parse_prompt(row.replace(",", " ,")) == parse_prompt(row) and parse_prompt(row)["layout"] == "row"
+    for text in ("a red circle", "a large pink circle on the left", "two blue squares", "", row.replace(",", "")):
         with pytest.raises(ValueError, match="not a caption of the shapes grammar"):
             parse_prompt(text)
 
