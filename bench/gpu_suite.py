@@ -5,13 +5,13 @@ Each script runs through its own `parse_args(argv)` and `run(args)` with the arg
 `BENCHMARKS`: fewer steps, repeats or images than its defaults, and the settings that answer its
 goal, its reference among them (every script's full run remains its own command). Each
 benchmark's entry holds the equivalent command line. What is measured is fixed by those
-arguments; time only bounds the run, for a GPU session of 9 minutes with `pytest -m gpu` first:
+arguments; time only bounds the run, for 9 minutes of a GPU machine with `pytest -m gpu` first:
   - a benchmark still running at its `seconds` (about twice what it should take), or at the
     suite's deadline, is stopped and recorded as an error, keeping the settings it finished
     (the scripts yield a record per setting);
   - no benchmark starts after `--deadline-s` (360); the remaining ones are recorded as skipped,
-    and `--only NAME ...` runs them in a later session.
-The GPU benchmarks come first; data_throughput and shapes_tokenizer measure the CPU and come
+    and `--only NAME ...` runs them in a later run.
+The GPU benchmarks come first; data_throughput, shapes_tokenizer and families_shapes measure the CPU and come
 last. A benchmark that fails is recorded with its error and the suite goes on. The JSON and the
 markdown are rewritten after every benchmark.
 
@@ -97,9 +97,9 @@ BENCHMARKS = [
         # the goal's three comparisons, and eager guidance for eval_speed's projection; compiled
         # guidance and GPT-2 without a cache are left to the full run
         gpu=["--batch-size", "64", "--warmup", "1", "--repeats", "1", "--nocache-steps", "8",
-             "--settings", "tessera", "tessera-nocache", "tessera+cfg", "gpt2+dynamic", "tessera+compile", "gpt2+static",
+             "--settings", "tessera", "tessera-nocache", "tessera+cfg", "gpt2+dynamic", "tessera+compile", "gpt2+static", "rq",
              "llama", "llama+cfg"],
-        smoke=["--tiny", "--device", "cpu", "--warmup", "0", "--settings", "tessera", "tessera-nocache", "gpt2+dynamic", "llama"],
+        smoke=["--tiny", "--device", "cpu", "--warmup", "0", "--settings", "tessera", "tessera-nocache", "gpt2+dynamic", "rq", "llama"],
         seconds=200,
         columns=("setting", "images_per_s", "ms_per_token_step", "seconds_per_batch", "cudagraph_skips"),
     ),
@@ -155,6 +155,18 @@ BENCHMARKS = [
         gpu=["--seconds", "120", "--samples", "1024", "--", "--trainer.max_steps=100"],
         smoke=["--seconds", "60", "--samples", "64", "--threads", "1", "--", "--trainer.max_steps=2"],
         seconds=120,
+    ),
+    Benchmark(
+        "families_shapes",
+        "the flat prior (family flat) trained the same steps on the same data in the same run (CPU; "
+        "a short run here: the code path and the speeds, not the fidelity of the full one)",
+        gpu=["--out", WORK, "--families", "flat", "rq", "--tokenizer-steps", "50", "--prior-steps", "50",
+             "--num-samples", "1024", "--fidelity-samples", "16", "--repeats", "1"],
+        # the multi-scale family: tokenizer, fine stage and prior, every kind of stage there is
+        smoke=["--out", WORK, "--families", "multiscale", "--tokenizer-steps", "1", "--prior-steps", "1",
+               "--num-samples", "64", "--fidelity-samples", "2", "--repeats", "1"],
+        seconds=240,
+        columns=("family", "images_per_second", "speed_vs_flat", "seen_color_and_shape", "val_bits_per_image"),
     ),
 ]
 
@@ -324,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
 
     def write(entries: list[dict[str, Any]]) -> None:
-        # after every benchmark: a session that ends early still leaves what was measured
+        # after every benchmark: a run cut short still leaves what was measured
         report.update(seconds=round(time.perf_counter() - started, 1), benchmarks=entries)
         (args.out / "gpu_suite.json").write_text(json.dumps(report, indent=1) + "\n")
         (args.out / "gpu_suite.md").write_text(markdown(report))

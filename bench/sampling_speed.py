@@ -18,6 +18,10 @@ happen there), CUDA synchronised around the timed ones:
   - tessera-nocache: `use_cache=False`, the full forward over the growing sequence at every step.
     One warm-up and one timed batch; with --nocache-steps K only K evenly spaced steps of that
     loop are timed and the rest interpolated linearly (`extrapolated_from_steps` in the output);
+  - rq, rq+cfg: the RQ-Transformer over an 8x8x4 code stack, the same 256 ids an image as the
+    16x16 grid, at the flat prior's parameters: 20 spatial blocks and 4 depth blocks against 24
+    (the RQ-Transformer paper's speed claim: 64 spatial steps instead of 256, each followed by a
+    4-step depth loop through its own small cache), eager, the same top-k per code;
   - gpt2+static: `GPT2LMHeadModel.generate(do_sample=True, top_k=256, max_new_tokens=256,
     cache_implementation="static")` over one joint vocabulary (text then image ids, 65,856 at
     300m, as bench/prior_throughput.py); on CUDA transformers compiles the decode step itself
@@ -48,8 +52,10 @@ code generation; on a CPU transformers does not compile its static-cache step.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
+import math
 import time
 from collections.abc import Callable, Iterator
 
@@ -60,11 +66,12 @@ from transformers import GPT2LMHeadModel, LlamaForCausalLM
 
 from prior_throughput import gpt2_config, llama_config, llm_vocabulary, prior_config  # the training bench's shapes
 from tessera.llm import sample_image_codes
-from tessera.nn.transformer import TextImageTransformer
+from tessera.nn.rq_transformer import RQTransformer, RQTransformerConfig
+from tessera.nn.transformer import TextImageTransformer, TransformerConfig
 from tessera.sampling import SamplingConfig, filter_logits, sample_image_tokens
 
 SETTINGS = [
-    "tessera", "tessera+cfg", "tessera+compile", "tessera+compile+cfg", "tessera-nocache",
+    "tessera", "tessera+cfg", "tessera+compile", "tessera+compile+cfg", "tessera-nocache", "rq", "rq+cfg",
     "gpt2+static", "gpt2+dynamic", "gpt2-nocache", "llama", "llama+cfg",
 ]
 
@@ -72,6 +79,18 @@ SETTINGS = [
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
+
+
+def rq_config(config: TransformerConfig, code_depth: int = 4, depth_n_layer: int = 4) -> RQTransformerConfig:
+    """The RQ-Transformer with the flat prior's blocks split between its spatial and depth
+    transformers, over a grid of as many ids: 16x16 becomes 8x8x4 (4x4 becomes 2x2x4)."""
+    side = math.isqrt(config.image_length // code_depth)
+    if side * side * code_depth != config.image_length:
+        raise ValueError(f"{config.image_length} image ids are no square grid of {code_depth}-code stacks")
+    depth_n_layer = min(depth_n_layer, config.n_layer - 1)
+    fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(TransformerConfig)}
+    return RQTransformerConfig(**{**fields, "image_grid": side, "n_layer": config.n_layer - depth_n_layer},
+                               code_depth=code_depth, depth_n_layer=depth_n_layer)
 
 
 def null_caption(model: TextImageTransformer) -> torch.Tensor:
@@ -135,13 +154,13 @@ def time_nocache_steps(
 def measure(
     name: str, args: argparse.Namespace, models: dict, prompts: torch.Tensor, device: torch.device
 ) -> dict:
-    n_image = models["config"].image_length
+    n_image = models["config"].image_length  # ids per image, the RQ-Transformer's too
     warmup, repeats = args.warmup, args.repeats
     extra: dict = {}
     skips_before = torch._dynamo.utils.counters["inductor"]["cudagraph_skips"]
 
-    if name.startswith("tessera"):
-        model = models["tessera"]
+    if name.startswith(("tessera", "rq")):
+        model = models["rq" if name.startswith("rq") else "tessera"]
         guided = "cfg" in name
         sampling = SamplingConfig(top_k=args.top_k, cfg_scale=args.cfg_scale if guided else 1.0)
         null_text_ids = null_caption(model) if guided else None
@@ -247,6 +266,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def rq_header(models: dict) -> dict:
+    """The RQ-Transformer's shape and both models' parameters (without embeddings), when it runs."""
+    if "rq" not in models:
+        return {}
+    c = models["rq"].config
+    return {
+        "rq_shape": f"{c.n_layer} spatial + {c.depth_n_layer} depth layers, {c.image_grid}x{c.image_grid}x{c.code_depth} codes",
+        "params": {name: models[name].num_params() for name in ("tessera", "rq") if name in models},
+    }
+
+
 def run(args: argparse.Namespace) -> Iterator[dict]:
     """The header, then one result per setting as it is measured."""
     device = torch.device(args.device)
@@ -256,6 +286,8 @@ def run(args: argparse.Namespace) -> Iterator[dict]:
     models = {"config": config}
     if any(s.startswith("tessera") for s in args.settings):
         models["tessera"] = TextImageTransformer(config).to(device, dtype).eval()
+    if any(s.startswith("rq") for s in args.settings):
+        models["rq"] = RQTransformer(rq_config(config)).to(device, dtype).eval()
     if any(s.startswith("gpt2") for s in args.settings):
         models["gpt2"] = GPT2LMHeadModel(gpt2_config(config)).to(device, dtype).eval()
     if any(s.startswith("llama") for s in args.settings):
@@ -275,6 +307,7 @@ def run(args: argparse.Namespace) -> Iterator[dict]:
         "top_k": args.top_k,
         "gpt2_vocab": models["gpt2"].config.vocab_size if "gpt2" in models else None,
         "llama_vocab": models["llama"].config.vocab_size if "llama" in models else None,
+        **rq_header(models),
     }
     yield header
     for name in args.settings:

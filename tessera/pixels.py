@@ -20,3 +20,15 @@ def psnr(images: torch.Tensor, reconstructions: torch.Tensor) -> torch.Tensor:
     """(B,) peak signal-to-noise ratio in dB of images in [-1, 1], measured in [0, 1]."""
     mse = ((reconstructions.float().clamp(-1, 1) - images.float()) / 2).pow(2).mean(dim=(1, 2, 3))
     return -10.0 * torch.log10(mse.clamp_min(1e-10))
+
+
+def to_subpixels(images: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) float [-1, 1] -> (B, H, W, 3) long in [0, 255]: what a pixel model reads and
+    predicts, channels last so that raster order over (row, col, channel) is the memory order.
+    Inverts `to_unit_range` exactly, so a loader's uint8 pixels come back unchanged."""
+    return to_uint8(images).permute(0, 2, 3, 1).long()
+
+
+def from_subpixels(subpixels: torch.Tensor) -> torch.Tensor:
+    """(B, H, W, 3) integers in [0, 255] -> (B, 3, H, W) float32 [-1, 1], as the networks take images."""
+    return to_unit_range(subpixels.permute(0, 3, 1, 2))

@@ -7,6 +7,10 @@ and top-p on the logits, then one seeded multinomial draw per image position.
         guide -> / temperature -> top-k -> top-p -> softmax -> multinomial -> token i
         decode_step(token i) -> logits for token i + 1              (KV cache, static shapes)
 
+    a pixel model's (B, 3*H*W) subpixels (tessera/nn/subpixels.py): steps = subpixel_steps(captions)
+    for subpixel i = 0 .. 3HW-1:
+        steps.log_probs() -> guide -> ... -> value i -> steps.push(value i)   (what a coder steps through)
+
     an RQTransformer's (B, N, D) codes: prefill -> the context of position 0
     for position t = 0 .. N-1:
         for code d = 0 .. D-1: depth_step(context, codes 0 .. d-1) -> guide -> ... -> code d  (depth KV cache)
@@ -25,10 +29,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 from typing import Any
 
 import torch
 
+from tessera.nn.image_transformer import ImageTransformer
+from tessera.nn.pixelcnn import PixelCNN
 from tessera.nn.rq_transformer import RQTransformer
 from tessera.nn.transformer import TextImageTransformer
 
@@ -130,7 +137,9 @@ def sample_image_tokens(
 ) -> torch.Tensor:
     """Draws (B, image_length) long image ids for captions text_ids (B, text_length); from an
     RQTransformer (B, image_length, code_depth): position by position with the spatial KV cache,
-    and at each position its D codes in depth order, each from the depth transformer's logits.
+    and at each position its D codes in depth order, each from the depth transformer's logits;
+    from a pixel model (PixelCNN, ImageTransformer) (B, 3*H*W) subpixels in raster order, through
+    its `subpixel_steps` (a PixelCNN has no cache: one forward per subpixel either way).
 
     Reproducible: one `torch.multinomial(generator=...)` draw per image token (per code) for all
     rows at once, in order, so a seeded generator (on the model's device) gives the same images
@@ -140,7 +149,9 @@ def sample_image_tokens(
     over the growing sequence at every step: the slow reference. Runs in eval mode (restored after)
     in the model's dtype; autocast is the caller's.
     """
-    if isinstance(model, RQTransformer):
+    if isinstance(model, (PixelCNN, ImageTransformer)):
+        loop = partial(_sample_subpixels, use_cache=use_cache)
+    elif isinstance(model, RQTransformer):
         loop = _sample_residual_cached if use_cache else _sample_residual_uncached
     else:
         loop = _sample_cached if use_cache else _sample_uncached
@@ -224,6 +235,21 @@ def _sample_uncached(
         _, image_logits = model(text_ids, image_ids)  # (B or 2B, i + 1, Vi)
         tokens[:, i] = draw(image_logits[:, -1])
     return tokens
+
+
+def _sample_subpixels(
+    model: PixelCNN | ImageTransformer,
+    text_ids: torch.Tensor,
+    batch_size: int,
+    draw: Callable[[torch.Tensor], torch.Tensor],
+    use_cache: bool,
+) -> torch.Tensor:
+    steps = model.subpixel_steps(text_ids, use_cache) if isinstance(model, ImageTransformer) else model.subpixel_steps(text_ids)
+    values = torch.empty(batch_size, steps.length, dtype=torch.long, device=text_ids.device)
+    for i in range(steps.length):
+        values[:, i] = draw(steps.log_probs())
+        steps.push(values[:, i].repeat(text_ids.size(0) // batch_size))  # the same value for the null rows
+    return values
 
 
 def _sample_residual_cached(

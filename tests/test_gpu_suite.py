@@ -116,7 +116,7 @@ def test_eval_speed_projects_fid_30k_from_the_guided_sampling_speed_of_the_same_
 # `tessera fit` processes (about 10 s of imports each on two cores, three of them)
 IN_PROCESS = ["prior_throughput", "memory_estimate", "sampling_speed", "tokenizer_throughput", "host_syncs",
               "eval_speed", "multiscale_shapes", "data_throughput"]
-LAUNCHING_FITS = ["requeue_cost", "shapes_tokenizer"]
+LAUNCHING_FITS = ["requeue_cost", "shapes_tokenizer", "families_shapes"]
 
 
 def test_the_suite_and_its_smoke_tests_cover_every_script_of_bench(gpu_suite):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
     export = commands.add_parser("export", help="a VQGAN, prior or fine-stage checkpoint -> model.safetensors + config.json (an LLM backbone's: a transformers directory)")
-    export.add_argument("--checkpoint", required=True, type=Path, help="a VQGAN, prior (TextImagePrior, RQTransformerPrior), FineStage or LLMTextImageModel checkpoint (.ckpt, FSDP sharded)")
+    export.add_argument("--checkpoint", required=True, type=Path, help="a VQGAN, prior (TextImagePrior, RQTransformerPrior, PixelCNNPrior, ImageTransformerPrior), FineStage or LLMTextImageModel checkpoint (.ckpt, FSDP sharded)")
     export.add_argument("--out", required=True, type=Path, help="directory to write")
     export.add_argument("--no-ema", action="store_true", help="export the live weights even if the run kept an EMA")
     export.set_defaults(run=run)

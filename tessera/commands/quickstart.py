@@ -175,7 +175,9 @@ def shapes_image_size() -> int:
     return yaml.safe_load(DATA_CONFIG.read_text())["data"]["init_args"]["image_size"]
 
 
-def write_data(out: Path, num_samples: int, image_size: int, log: StageLog) -> tuple[str, str]:
+def write_data(out: Path, num_samples: int, image_size: int, log: StageLog, jitter: bool = False) -> tuple[str, str]:
+    """Training and validation shards of the shapes set in OUT/data; `jitter` moves the shapes off
+    their cells' centres (the harder set). Returns the two shard patterns."""
     from datamodules.check import check_shards
     from datamodules.shapes import SyntheticShapes
     from datamodules.shard_writer import write_shards
@@ -183,7 +185,7 @@ def write_data(out: Path, num_samples: int, image_size: int, log: StageLog) -> t
     patterns = []
     for split, count, seed in (("train", num_samples, 0), ("val", max(64, num_samples // 64), 1)):
         directory = out / "data" / split
-        write_shards(SyntheticShapes(count, image_size, seed), directory, samples_per_shard=512, image_format="png")
+        write_shards(SyntheticShapes(count, image_size, seed, jitter), directory, samples_per_shard=512, image_format="png")
         shards = sorted(directory.glob("[0-9]*.tar"))
         pattern = str(directory / f"{{{shards[0].stem}..{shards[-1].stem}}}.tar") if len(shards) > 1 else str(shards[0])
         report = check_shards(pattern)

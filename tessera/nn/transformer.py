@@ -186,16 +186,21 @@ class CausalSelfAttention(nn.Module):
             k_cache.index_copy_(2, input_pos, k)
             v_cache.index_copy_(2, input_pos, v)
             k, v = k_cache, v_cache  # (B, nh, max_len, hs)
-        y = F.scaled_dot_product_attention(
+        y = self.attention(q, k, v, attn_mask)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again
+        return self.resid_dropout(self.c_proj(y))
+
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+        """Heads (B, nh, T, hs) and keys, values -> (B, nh, T, hs): causal without a mask, else where
+        the mask allows (local attention, tessera/nn/image_transformer.py, replaces the causal case)."""
+        return F.scaled_dot_product_attention(
             q,
             k,
             v,
             attn_mask=attn_mask,
             dropout_p=self.dropout if self.training else 0.0,
             is_causal=attn_mask is None,
-        )  # (B, nh, T, hs)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again
-        return self.resid_dropout(self.c_proj(y))
+        )
 
 
 class MLP(nn.Module):
@@ -227,10 +232,10 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-norm Transformer block: x + attn(norm(x)), then x + mlp(norm(x)). FSDP wraps each one."""
 
-    def __init__(self, config: TransformerConfig):
+    def __init__(self, config: TransformerConfig, attention: type[CausalSelfAttention] = CausalSelfAttention):
         super().__init__()
         self.ln_1 = norm_layer(config)
-        self.attn = CausalSelfAttention(config)
+        self.attn = attention(config)
         self.ln_2 = norm_layer(config)
         self.mlp = MLP(config)
 
@@ -301,6 +306,9 @@ class TextImageTransformer(nn.Module):
     """Caption ids (B, text_length) and image ids (B, N) -> next-token logits for both; with
     `text_head=False`, for the image ids only (a prior trained without caption loss)."""
 
+    attention_class = CausalSelfAttention  # every block's; the Image Transformer's attends locally
+    kv_cache_class = KVCache  # what `make_kv_cache` makes; the Image Transformer's keeps a window
+
     def __init__(self, config: TransformerConfig, text_head: bool = True):
         super().__init__()
         self.config = config
@@ -311,7 +319,7 @@ class TextImageTransformer(nn.Module):
         self.image_row = nn.Embedding(config.image_grid, d)
         self.image_col = nn.Embedding(config.image_grid, d)
         self.drop = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
+        self.blocks = nn.ModuleList([Block(config, self.attention_class) for _ in range(config.n_layer)])
         self.ln_f = norm_layer(config)
         self.text_head = nn.Linear(d, config.padded_text_vocab_size, bias=False) if text_head else None
         self.image_head = nn.Linear(d, config.padded_image_vocab_size, bias=False)
@@ -502,7 +510,7 @@ class TextImageTransformer(nn.Module):
             device_type = param.device.type
             autocast = torch.is_autocast_enabled(device_type)
             dtype = torch.get_autocast_dtype(device_type) if autocast else param.dtype
-        return KVCache(self.config, batch_size, param.device, dtype, **shape)
+        return self.kv_cache_class(self.config, batch_size, param.device, dtype, **shape)
 
     def _blocks_cached(self, x: torch.Tensor, cache: KVCache, input_pos: torch.Tensor) -> torch.Tensor:
         """x (B, T, C) at sequence positions input_pos (T,) through every block, reading and writing the cache."""
