@@ -45,6 +45,7 @@ from lightning_modules.prior import (
     adamw_with_schedule,
     load_prior,
     load_transformer_weights,
+    prior_config,
 )
 from lightning_modules.vqgan import load_tokenizer
 from tessera.llm import (
@@ -384,6 +385,12 @@ def is_llm(path: str | Path) -> bool:
     if path.is_dir() and not is_sharded_checkpoint(path):  # another family's export
         return False
     return "backbone" in checkpoint_hyperparameters(path)
+
+
+def image_generator_config(path: str | Path) -> dict[str, Any]:
+    """The constructor arguments of the stage-2 model at `path`, an LLMTextImageModel's or a
+    TextImagePrior's (its `sampling` among them), read without building the model."""
+    return llm_config(path) if is_llm(path) else prior_config(path)
 
 
 def load_image_generator(path: str | Path, map_location: str | torch.device = "cpu",
