@@ -79,12 +79,11 @@ import torch
 import torch.distributed as dist
 import transformers
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
-from transformers.pytorch_utils import Conv1D
 
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from lightning_modules.parallel import shard
-from tessera.flops import attention_flops, matmul_flops, peak_bf16_flops
+from tessera.flops import causal_lm_flops_per_token, peak_bf16_flops
 from tessera.llm import ImageVocabulary, build_sequences, sequence_loss
 from tessera.nn.transformer import TextImageTransformer, TransformerConfig
 
@@ -145,15 +144,6 @@ def llama_config(config: TransformerConfig) -> LlamaConfig:
 
 def llm_vocabulary(config: TransformerConfig) -> ImageVocabulary:
     return ImageVocabulary(config.text_vocab_size, config.image_vocab_size)
-
-
-def causal_lm_flops_per_token(model: torch.nn.Module, positions: int) -> float:
-    """Training FLOPs per token of a `transformers` causal LM run at `positions` positions, as
-    tessera/flops.py counts them: 6 per matmul weight (GPT-2's Conv1D, every Linear, the head
-    whether tied to the token table or not, whose lookup is no matmul) and position, and attention."""
-    config = model.config
-    weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, (Conv1D, torch.nn.Linear)))
-    return (matmul_flops(weights, positions) + attention_flops(config.num_hidden_layers, config.hidden_size, positions)) / positions
 
 
 def gpt2_non_embedding_params(model: GPT2LMHeadModel) -> int:

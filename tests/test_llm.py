@@ -281,6 +281,24 @@ def test_tiny_llm_learns_both_directions_of_the_shapes_set(tmp_path, words_dir, 
     assert last < 0.6 * first, (first, last)
 
 
+def test_tokens_per_second_and_mfu_are_logged_against_the_given_peak_and_no_mfu_on_a_cpu_without_one(tmp_path, words_dir, tokenizer_dir, shapes_dir):
+    from tessera.flops import causal_lm_flops_per_token
+
+    for peak in (1e12, None):
+        llm, lengths = tiny_llm(words_dir, tokenizer_dir, peak_flops=peak), []
+        log_throughput = llm.log_throughput
+        llm.log_throughput = lambda ids: (lengths.append(ids.size(1)), log_throughput(ids))
+        run = trainer(tmp_path, max_steps=2)  # throughput from the second step on: the time between two
+        run.fit(llm, datamodule=shapes_data(shapes_dir, batch_size=4))
+        metrics = run.callback_metrics
+        assert metrics["throughput/tokens_per_s"] > 0 and metrics["throughput/samples_per_s"] > 0
+        if peak is None:
+            assert "throughput/mfu" not in metrics
+        else:  # the rows of the last step, as long as its longest
+            expected = metrics["throughput/tokens_per_s"].item() * causal_lm_flops_per_token(llm.model, lengths[-1]) / peak
+            assert metrics["throughput/mfu"].item() == pytest.approx(expected, rel=1e-5)
+
+
 def test_validation_losses_count_every_real_sample_once_whatever_the_batch_size(tmp_path, words_dir, tokenizer_dir, shapes_dir):
     llm = tiny_llm(words_dir, tokenizer_dir)
     logged = []
@@ -391,7 +409,8 @@ def test_the_llama_benchmark_rows_flops_per_token_are_what_torchs_flop_counter_c
     from torch.utils.flop_counter import FlopCounterMode
 
     monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "bench"))
-    from prior_throughput import causal_lm_flops_per_token, llama_config, prior_config
+    from prior_throughput import llama_config, prior_config
+    from tessera.flops import causal_lm_flops_per_token
 
     config = llama_config(prior_config(tiny=True))
     model = AutoModelForCausalLM.from_config(config)
