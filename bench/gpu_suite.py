@@ -72,12 +72,12 @@ BENCHMARKS = [
     Benchmark(
         "prior_throughput",
         "transformers GPT-2 of the same shape, eager and compiled (settings gpt2, gpt2+compile); "
-        "unsharded against FSDP2 (tessera, tessera+fsdp2)",
+        "unsharded against FSDP2 (tessera, tessera+fsdp2); the LLM backbone family's step on a Llama of the same size (llama)",
         # eager, then compiled as TextImagePrior(compile=True) trains; the whole-loss compile is left to
         # the full run; FSDP2's cost in time and memory beside the eager row
         gpu=["--batch-size", "64", "--warmup", "2", "--steps", "5",
-             "--settings", "tessera", "tessera+fsdp2", "gpt2", "tessera+compile-blocks-heads", "gpt2+compile"],
-        smoke=["--tiny", "--device", "cpu", "--warmup", "0", "--steps", "1", "--settings", "tessera", "tessera+fsdp2", "gpt2"],
+             "--settings", "tessera", "tessera+fsdp2", "gpt2", "tessera+compile-blocks-heads", "gpt2+compile", "llama"],
+        smoke=["--tiny", "--device", "cpu", "--warmup", "0", "--steps", "1", "--settings", "tessera", "tessera+fsdp2", "gpt2", "llama"],
         seconds=200,
         columns=("setting", "tokens_per_s", "mfu", "ms_per_step", "peak_memory_gib", "loss"),
     ),
@@ -92,12 +92,14 @@ BENCHMARKS = [
     Benchmark(
         "sampling_speed",
         "transformers GPT-2 generate with a static cache (compiled by transformers) and a dynamic one "
-        "(settings gpt2+static, gpt2+dynamic); our cacheless loop (tessera-nocache)",
+        "(settings gpt2+static, gpt2+dynamic); our cacheless loop (tessera-nocache); the LLM backbone family's "
+        "sampling on a Llama of the same size (llama, llama+cfg against tessera, tessera+cfg)",
         # the goal's three comparisons, and eager guidance for eval_speed's projection; compiled
         # guidance and GPT-2 without a cache are left to the full run
         gpu=["--batch-size", "64", "--warmup", "1", "--repeats", "1", "--nocache-steps", "8",
-             "--settings", "tessera", "tessera-nocache", "tessera+cfg", "gpt2+dynamic", "tessera+compile", "gpt2+static", "rq"],
-        smoke=["--tiny", "--device", "cpu", "--warmup", "0", "--settings", "tessera", "tessera-nocache", "gpt2+dynamic", "rq"],
+             "--settings", "tessera", "tessera-nocache", "tessera+cfg", "gpt2+dynamic", "tessera+compile", "gpt2+static", "rq",
+             "llama", "llama+cfg"],
+        smoke=["--tiny", "--device", "cpu", "--warmup", "0", "--settings", "tessera", "tessera-nocache", "gpt2+dynamic", "rq", "llama"],
         seconds=200,
         columns=("setting", "images_per_s", "ms_per_token_step", "seconds_per_batch", "cudagraph_skips"),
     ),

@@ -28,14 +28,26 @@ autocast (fp32 weights), backward, gradient-norm clip 1.0, fused AdamW step (lr 
     next-token targets; eager;
   - gpt2+compile: the same with `torch.compile(model)` (its loss is inside forward, so inside
     the graph, as with tessera+compile).
+  - llama: the LLM backbone family's step (lightning_modules/llm.py) on a `transformers`
+    LlamaForCausalLM of the prior's size, random init from its config (`llama_config`: the same
+    layers, width and heads, SwiGLU at the prior's 8/3 d rounded up to 64, RMSNorm, RoPE, no
+    biases, SDPA attention, tied embeddings as configs/llm/tiny_llama_shapes.yaml) over the family's
+    vocabulary (text ids, <boi>, <eoi>, then the codes: 65,794 at 300m); the batch is half
+    caption-then-image rows, half image-then-caption rows (`tessera.llm.build_sequences`,
+    image_to_text 0.5, 323 positions with <boi>, <eoi> and <eos>), the loss `tessera.llm.sequence_loss`
+    over every target of both directions; eager;
+  - llama+compile: the same with `torch.compile(model)` (the loss eager, as the family trains).
 
-Tokens per step are batch x 320 for both (tessera feeds 319 positions, the last image token is
-only a target; GPT-2 feeds 320 and computes logits for the last one too). MFU = tokens/s x FLOPs
+Tokens per step are batch x 320 for tessera and GPT-2 (tessera feeds 319 positions, the last image
+token is only a target; GPT-2 feeds 320 and computes logits for the last one too), batch x 323
+for Llama (its sequences carry <boi>, <eoi> and a caption's <eos>). MFU = tokens/s x FLOPs
 per token / peak, the FLOPs each model executes, counted by tessera/flops.py for both (6 per
 matmul weight and position, heads included, + attention's 12 L d T per position as PaLM
 appendix B; embedding lookups not counted): tessera's blocks at 319 positions, its 49,408-wide
 text head at 63 and its 16,384-wide image head at 256 (`TextImageTransformer.flops_per_token`);
-GPT-2's blocks and its 65,856-wide head at all 320, 13% more work per token than tessera's.
+GPT-2's blocks and its 65,856-wide head at all 320, 13% more work per token than tessera's;
+Llama's blocks and its 65,794-wide head at all 323 (6 N + attention, N every matmul weight with
+the head, `causal_lm_flops_per_token`).
 Peak: the device's dense bf16 figure from tessera/flops.py's table of device names (989 TFLOP/s
 on an H100 SXM or an H200; printed in the header); --peak-flops for a device the table lacks,
 which otherwise reports no MFU. The one-H100 80GB reference, GPT-2 at 72.0k tokens/s eager
@@ -44,6 +56,7 @@ the reference gives them).
 
     python bench/prior_throughput.py                                  # one H100: all settings, batch 64
     python bench/prior_throughput.py --settings tessera+compile gpt2+compile --steps 50
+    python bench/prior_throughput.py --settings tessera llama llama+compile       # the LLM family's row
     python bench/prior_throughput.py --tiny                           # CPU smoke run, 2 layers x 64
 
 --tiny compiles with the "aot_eager" backend unless --compile-backend is given: it checks that
@@ -65,17 +78,17 @@ from contextlib import contextmanager, nullcontext
 import torch
 import torch.distributed as dist
 import transformers
-from transformers import GPT2Config, GPT2LMHeadModel
-from transformers.pytorch_utils import Conv1D
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from lightning_modules.parallel import shard
-from tessera.flops import attention_flops, matmul_flops, peak_bf16_flops
+from tessera.flops import causal_lm_flops_per_token, peak_bf16_flops
+from tessera.llm import ImageVocabulary, build_sequences, sequence_loss
 from tessera.nn.transformer import TextImageTransformer, TransformerConfig
 
 SETTINGS = ["tessera", "tessera+compile", "tessera+compile-blocks", "tessera+compile-blocks-heads", "tessera+fsdp2",
-            "tessera+compile-blocks+fsdp2", "gpt2", "gpt2+compile"]
+            "tessera+compile-blocks+fsdp2", "gpt2", "gpt2+compile", "llama", "llama+compile"]
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -109,20 +122,35 @@ def gpt2_config(config: TransformerConfig) -> GPT2Config:
     )
 
 
+def llama_config(config: TransformerConfig) -> LlamaConfig:
+    """A Llama of the prior's shape over the LLM backbone family's vocabulary (tessera/llm.py: text
+    ids, <boi>, <eoi>, then the codes), its MLP as wide as the prior's SwiGLU would be (8/3 d rounded
+    up to 64, the parameters of a 4 d GELU MLP), embeddings tied as configs/llm/tiny_llama_shapes.yaml."""
+    return LlamaConfig(
+        vocab_size=llm_vocabulary(config).size,
+        hidden_size=config.n_embd,
+        intermediate_size=_round_up(8 * config.n_embd // 3, 64),
+        num_hidden_layers=config.n_layer,
+        num_attention_heads=config.n_head,
+        num_key_value_heads=config.n_head,
+        max_position_embeddings=config.sequence_length + 3,  # <boi>, <eoi>, and <eos> after a caption
+        tie_word_embeddings=True,
+        attn_implementation="sdpa",
+        bos_token_id=None,  # no start token: both directions' rows begin with the caption or <boi>
+        eos_token_id=config.text_vocab_size - 1,  # CLIP's end of text, as in null_caption
+        pad_token_id=None,
+    )
+
+
+def llm_vocabulary(config: TransformerConfig) -> ImageVocabulary:
+    return ImageVocabulary(config.text_vocab_size, config.image_vocab_size)
+
+
 def gpt2_non_embedding_params(model: GPT2LMHeadModel) -> int:
     """Parameters without the token and position tables (the head is tied to the token table):
     the same N as `TextImageTransformer.num_params()`."""
     n = sum(p.numel() for p in model.parameters())  # parameters() counts the tied head once
     return n - model.transformer.wte.weight.numel() - model.transformer.wpe.weight.numel()
-
-
-def gpt2_flops_per_token(model: GPT2LMHeadModel) -> float:
-    """Training FLOPs per token as tessera/flops.py counts them: the blocks' matmuls (Conv1D) and the
-    head (tied to the token table, whose lookup is no matmul) at every position, and attention."""
-    config = model.config
-    weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, (Conv1D, torch.nn.Linear)))
-    T = config.n_positions
-    return (matmul_flops(weights, T) + attention_flops(config.n_layer, config.n_embd, T)) / T
 
 
 def adamw(model: torch.nn.Module) -> torch.optim.AdamW:
@@ -167,6 +195,7 @@ class Trainee:
     loss: Callable[[], torch.Tensor]
     n_params: int  # without embeddings
     flops_per_token: float
+    seq_len: int  # positions a sequence feeds: the tokens a step counts per row
 
 
 def build(name: str, config: TransformerConfig, batch_size: int, device: torch.device, compile_kwargs: dict,
@@ -192,7 +221,24 @@ def build(name: str, config: TransformerConfig, batch_size: int, device: torch.d
                 model.head_losses = torch.compile(model.head_losses, **compile_kwargs)
         n_params = model.num_params()
         return Trainee(
-            model, lambda: loss_fn(text_ids, text_mask, image_ids)["loss"], n_params, model.flops_per_token()
+            model, lambda: loss_fn(text_ids, text_mask, image_ids)["loss"], n_params, model.flops_per_token(),
+            config.sequence_length,
+        )
+
+    if name.startswith("llama"):
+        model = LlamaForCausalLM(llama_config(config)).to(device)
+        # half the rows caption their image, as LLMTextImageModel(image_to_text=0.5) trains
+        to_text = torch.arange(batch_size) % 2 == 1
+        vocab = llm_vocabulary(config)
+        ids, kinds = build_sequences(text_ids.tolist(), image_ids, to_text, vocab, bos=None, eos=model.config.eos_token_id, pad=0)
+        forward = torch.compile(model, **compile_kwargs) if name == "llama+compile" else model
+        n_params = sum(p.numel() for p in model.parameters()) - model.get_input_embeddings().weight.numel()
+        return Trainee(
+            model,
+            lambda: sequence_loss(forward(input_ids=ids, use_cache=False).logits, ids, kinds)["loss"],
+            n_params,
+            causal_lm_flops_per_token(model, ids.size(1)),
+            ids.size(1),
         )
 
     model = GPT2LMHeadModel(gpt2_config(config)).to(device)
@@ -204,7 +250,8 @@ def build(name: str, config: TransformerConfig, batch_size: int, device: torch.d
         model,
         lambda: forward(input_ids=input_ids, labels=input_ids).loss,
         n_params,
-        gpt2_flops_per_token(model),
+        causal_lm_flops_per_token(model, config.sequence_length),
+        config.sequence_length,
     )
 
 
@@ -250,7 +297,7 @@ def measure_steps(name: str, args: argparse.Namespace, config: TransformerConfig
     sync(device)
     seconds = time.perf_counter() - started
 
-    seq_len = config.sequence_length
+    seq_len = trainee.seq_len
     tokens_per_s = args.batch_size * seq_len * args.steps / seconds
     result = {
         "setting": name,

@@ -28,6 +28,12 @@ happen there), CUDA synchronised around the timed ones:
     (its CompileConfig: mode "reduce-overhead"). Reference measurement, one H100 80GB: 67.4 images/s, 3.7 ms/step;
   - gpt2+dynamic: the same with its default dynamic cache, eager (reference: 13.3 images/s);
   - gpt2-nocache: `use_cache=False` (reference: ~7 images/s); one warm-up and one timed batch.
+  - llama, llama+cfg: the LLM backbone family's image sampling (`tessera.llm.sample_image_codes`,
+    as LLMTextImageModel.generate draws: the caption, <boi>, then 256 codes with the logits cut to
+    the codes, top-k over them, `transformers`' dynamic KV cache, eager) on the Llama of the prior's
+    size that bench/prior_throughput.py trains (`llama_config`, random init); +cfg guides against
+    the empty caption's rows as tessera+cfg does. The flat prior of similar size is tessera and
+    tessera+cfg in the same run.
 GPT-2 has no end-of-sequence id here, so every row gets all 256 tokens. Its top-k runs over its
 65,856-way joint vocabulary, ours over the 16,384 image ids.
 
@@ -56,16 +62,17 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import torch
 import transformers
-from transformers import GPT2LMHeadModel
+from transformers import GPT2LMHeadModel, LlamaForCausalLM
 
-from prior_throughput import gpt2_config, prior_config  # the same two shapes as the training bench
+from prior_throughput import gpt2_config, llama_config, llm_vocabulary, prior_config  # the training bench's shapes
+from tessera.llm import sample_image_codes
 from tessera.nn.rq_transformer import RQTransformer, RQTransformerConfig
 from tessera.nn.transformer import TextImageTransformer, TransformerConfig
 from tessera.sampling import SamplingConfig, filter_logits, sample_image_tokens
 
 SETTINGS = [
     "tessera", "tessera+cfg", "tessera+compile", "tessera+compile+cfg", "tessera-nocache", "rq", "rq+cfg",
-    "gpt2+static", "gpt2+dynamic", "gpt2-nocache",
+    "gpt2+static", "gpt2+dynamic", "gpt2-nocache", "llama", "llama+cfg",
 ]
 
 
@@ -181,6 +188,19 @@ def measure(
                 seconds = time_batches(run, warmup, repeats, device)
         finally:
             uncompile(model)
+    elif name.startswith("llama"):
+        model, vocab = models["llama"], llm_vocabulary(models["config"])
+        guided = name == "llama+cfg"
+        sampling = SamplingConfig(top_k=args.top_k, cfg_scale=args.cfg_scale if guided else 1.0)
+        rows = prompts.tolist()
+        if guided:
+            extra["cfg_scale"] = args.cfg_scale
+            extra["rows_per_step"] = 2 * len(prompts)
+
+        def run() -> torch.Tensor:
+            return sample_image_codes(model, vocab, rows, n_image, sampling, null_prompt=[] if guided else None)
+
+        seconds = time_batches(run, warmup, repeats, device)
     else:
         model = models["gpt2"]
         kwargs = dict(
@@ -270,6 +290,8 @@ def run(args: argparse.Namespace) -> Iterator[dict]:
         models["rq"] = RQTransformer(rq_config(config)).to(device, dtype).eval()
     if any(s.startswith("gpt2") for s in args.settings):
         models["gpt2"] = GPT2LMHeadModel(gpt2_config(config)).to(device, dtype).eval()
+    if any(s.startswith("llama") for s in args.settings):
+        models["llama"] = LlamaForCausalLM(llama_config(config)).to(device, dtype).eval()
     prompts = torch.randint(0, config.text_vocab_size, (args.batch_size, config.text_length),
                             generator=torch.Generator().manual_seed(0)).to(device)
 
@@ -284,6 +306,7 @@ def run(args: argparse.Namespace) -> Iterator[dict]:
                  f"{config.text_length} text + {config.image_length} image tokens",
         "top_k": args.top_k,
         "gpt2_vocab": models["gpt2"].config.vocab_size if "gpt2" in models else None,
+        "llama_vocab": models["llama"].config.vocab_size if "llama" in models else None,
         **rq_header(models),
     }
     yield header

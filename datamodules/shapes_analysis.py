@@ -103,9 +103,11 @@ def parse_prompt(caption: str) -> dict:
     """A caption of the shapes grammar -> {"layout", "position", "relation", "objects": [{size, color, shape}]}.
 
     "position" (a SINGLE_POSITIONS name) is set for a single object, "relation" for a pair;
-    objects are in caption order. Raises ValueError for text outside the grammar.
+    objects are in caption order. Raises ValueError for text outside the grammar. Case, runs of
+    whitespace and a space before a comma (word-level and CLIP BPE tokenizers decode "a , b") do
+    not matter.
     """
-    text = " ".join(caption.strip().lower().split())
+    text = " ".join(caption.strip().lower().split()).replace(" ,", ",")
     for layout, grammar in _GRAMMAR.items():
         if found := grammar.fullmatch(text):
             words = found.groups()

@@ -25,6 +25,7 @@ tessera.json.
 from __future__ import annotations
 
 import json
+import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict
 from pathlib import Path
@@ -43,8 +44,12 @@ from lightning_modules.parallel import FrozenModule, adjust_ddp, shard
 from lightning_modules.prior import (
     PriorOptimizerConfig,
     adamw_with_schedule,
+    host_scalar,
     load_prior,
     load_transformer_weights,
+    peak_flops_for_mfu,
+    prior_config,
+    throughput_logs,
 )
 from lightning_modules.vqgan import load_tokenizer
 from tessera.llm import (
@@ -58,6 +63,7 @@ from tessera.llm import (
     sample_image_codes,
     sequence_loss,
 )
+from tessera.flops import causal_lm_flops_per_token
 from tessera.nn.vq_tokenizer import VQTokenizer
 from tessera.sampling import SamplingConfig
 
@@ -83,6 +89,7 @@ class LLMTextImageModel(L.LightningModule):
         optimizer: PriorOptimizerConfig | None = None,
         compile: bool = False,
         sampling: SamplingConfig | None = None,
+        peak_flops: float | None = None,
     ):
         """
         Args:
@@ -103,6 +110,7 @@ class LLMTextImageModel(L.LightningModule):
             compile: torch.compile each decoder layer in place.
             sampling: how images are drawn unless told otherwise (`generate` without settings,
                 `tessera sample`); kept in checkpoints and exports. None: SamplingConfig's defaults.
+            peak_flops: dense bf16 peak FLOP/s of one device, for the logged MFU, as the prior's.
         """
         super().__init__()
         if isinstance(backbone, dict):  # a checkpoint's hyperparameters
@@ -151,6 +159,9 @@ class LLMTextImageModel(L.LightningModule):
         if self.image_tokenizer is not None:
             check_image_tokenizer(self.image_tokenizer.module, codebook_size, image_grid, tokenizer)
         self.nonfinite = NonFiniteLossGuard(self.optimizer_config.max_nonfinite_steps)
+        self.peak_flops = peak_flops  # a property of the machine, not the model: not a hyperparameter
+        self._device_peak_flops: float | None = None
+        self._last_step_time: float | None = None
 
     def caption_ids(self, captions: list[str]) -> list[list[int]]:
         """Each caption's token ids without special tokens, cut to text_length; cleaned as the
@@ -216,6 +227,9 @@ class LLMTextImageModel(L.LightningModule):
             for layer in decoder_layers(self.model):
                 layer.compile()
 
+    def on_train_start(self) -> None:
+        self._device_peak_flops = peak_flops_for_mfu(self.device, self.peak_flops)
+
     def image_codes(self, batch: dict, image_tokenizer: VQTokenizer | None = None) -> torch.Tensor:
         """(B, grid * grid) codes of the batch's images, row-major; encoded here when it has images."""
         if "image_ids" in batch:
@@ -245,7 +259,18 @@ class LLMTextImageModel(L.LightningModule):
         self.log("train/loss", losses["loss"], prog_bar=True)
         self.log_dict({f"train/{name}": losses[name] for name in ("text_loss", "image_loss", "z_loss")})
         self.log("train/nonfinite_skipped", float(self.nonfinite.skipped))
+        self.log_throughput(ids)
         return losses["loss"]
+
+    def log_throughput(self, ids: torch.Tensor) -> None:
+        """tokens/s (padding included: it is computed all the same), samples/s and MFU of the whole
+        job, from the wall time between training steps; rows are as long as the batch's longest."""
+        now = time.perf_counter()
+        if self._last_step_time is not None:
+            logs = throughput_logs(len(ids), ids.numel(), now - self._last_step_time, self.trainer.world_size,
+                                   causal_lm_flops_per_token(self.model, ids.size(1)), self._device_peak_flops)
+            self.log_dict({name: host_scalar(value) for name, value in logs.items()}, rank_zero_only=True)
+        self._last_step_time = now
 
     def sequences(self, captions: list[list[int]], codes: torch.Tensor, to_text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """input_ids and kinds (B, L) of both directions' rows (`build_sequences`)."""
@@ -291,6 +316,7 @@ class LLMTextImageModel(L.LightningModule):
             self.val_sums += torch.stack(sums)
 
     def on_validation_epoch_end(self) -> None:
+        self._last_step_time = None  # the validation pause is not a training step
         image, image_targets, caption, caption_targets = self.trainer.strategy.reduce(self.val_sums, reduce_op="sum")
         if image_targets == 0:
             return
@@ -384,6 +410,12 @@ def is_llm(path: str | Path) -> bool:
     if path.is_dir() and not is_sharded_checkpoint(path):  # another family's export
         return False
     return "backbone" in checkpoint_hyperparameters(path)
+
+
+def image_generator_config(path: str | Path) -> dict[str, Any]:
+    """The constructor arguments of the stage-2 model at `path`, an LLMTextImageModel's or a
+    TextImagePrior's (its `sampling` among them), read without building the model."""
+    return llm_config(path) if is_llm(path) else prior_config(path)
 
 
 def load_image_generator(path: str | Path, map_location: str | torch.device = "cpu",

@@ -366,13 +366,8 @@ class TextImagePrior(L.LightningModule):
         """tokens/s, samples/s and MFU of the whole job, from the wall time between training steps."""
         now = time.perf_counter()
         if self._last_step_time is not None:
-            seconds = now - self._last_step_time
-            world = self.trainer.world_size
-            samples_per_s = batch_size * world / seconds
-            tokens_per_s = samples_per_s * self.config.sequence_length
-            logs = {"throughput/samples_per_s": samples_per_s, "throughput/tokens_per_s": tokens_per_s}
-            if self._device_peak_flops is not None:
-                logs["throughput/mfu"] = tokens_per_s * self.flops_per_token / (self._device_peak_flops * world)
+            logs = throughput_logs(batch_size, batch_size * self.config.sequence_length, now - self._last_step_time,
+                                   self.trainer.world_size, self.flops_per_token, self._device_peak_flops)
             self.log_dict({name: host_scalar(value) for name, value in logs.items()}, rank_zero_only=True)
         self._last_step_time = now
 
@@ -453,6 +448,16 @@ def host_scalar(value: float) -> torch.Tensor:
     """A number to log, as a CPU tensor: Lightning copies a Python number to the module's device,
     a blocking host-to-GPU copy each time."""
     return torch.tensor(float(value))
+
+
+def throughput_logs(samples: int, tokens: int, seconds: float, world: int, flops_per_token: float,
+                    peak_flops: float | None) -> dict[str, float]:
+    """The job's samples/s, tokens/s and (given a peak) MFU, from one rank's training step of
+    `samples` and `tokens` that took `seconds`, every rank alike."""
+    logs = {"throughput/samples_per_s": samples * world / seconds, "throughput/tokens_per_s": tokens * world / seconds}
+    if peak_flops is not None:
+        logs["throughput/mfu"] = logs["throughput/tokens_per_s"] * flops_per_token / (peak_flops * world)
+    return logs
 
 
 def peak_flops_for_mfu(device: torch.device, peak_flops: float | None) -> float | None:

@@ -15,6 +15,8 @@ The peak is the dense (no 2:4 sparsity) bf16 tensor-core figure of NVIDIA's data
 
 from __future__ import annotations
 
+import torch
+
 # Keyed by the exact name torch.cuda.get_device_name gives: the H100 PCIe and NVL cards share the
 # "H100" of the SXM part but not its clocks, so a substring match would credit them with its peak.
 PEAK_BF16_FLOPS: dict[str, float] = {
@@ -52,3 +54,14 @@ def attention_flops(n_layer: int, n_embd: int, positions: int) -> int:
     appendix B). The whole T x T scores, as PaLM and nanoGPT count them: a causal kernel skips
     about half, which is then a gain the MFU does not show."""
     return 12 * n_layer * n_embd * positions * positions
+
+
+def causal_lm_flops_per_token(model: torch.nn.Module, positions: int) -> float:
+    """Training FLOPs per token of a `transformers` causal LM run at `positions` positions, counted
+    as above: 6 per matmul weight (GPT-2's Conv1D, every Linear, the head whether tied to the token
+    table or not, whose lookup is no matmul) and position, and attention."""
+    from transformers.pytorch_utils import Conv1D  # transformers is imported where an LLM is counted
+
+    config = model.config
+    weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, (Conv1D, torch.nn.Linear)))
+    return (matmul_flops(weights, positions) + attention_flops(config.num_hidden_layers, config.hidden_size, positions)) / positions

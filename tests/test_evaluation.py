@@ -431,13 +431,14 @@ def test_coco_command_end_to_end_deterministic_and_resumable(tmp_path, coco, pri
 
 @pytest.mark.parametrize("missing", ["clip_weights", "images", "tokenizer"])
 def test_coco_checks_every_input_file_before_loading_the_prior(tmp_path, coco, monkeypatch, missing):
-    import lightning_modules.prior
+    import lightning_modules.llm
     from tessera.commands.evaluate_coco import evaluate_coco
 
-    def load_prior(*args, **kwargs):
-        raise AssertionError("the prior was loaded before every input was checked")
+    def load(*args, **kwargs):
+        raise AssertionError("the prior was read before every input was checked")
 
-    monkeypatch.setattr(lightning_modules.prior, "load_prior", load_prior)
+    for name in ("load_image_generator", "image_generator_config"):
+        monkeypatch.setattr(lightning_modules.llm, name, load)
     annotations, images = coco
     (tmp_path / "prior.ckpt").write_bytes(b"never read")
     inputs = {"clip_weights": tmp_path / "clip.pt", "images": images, "tokenizer": None, **{missing: tmp_path / "nowhere"}}

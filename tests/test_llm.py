@@ -1,6 +1,7 @@
 """A `transformers` causal LM with image codes in its vocabulary (tessera/llm.py, lightning_modules/llm.py):
 the added tokens and embeddings, both directions' sequences and their loss, image-only sampling with
-and without the KV cache and guidance, learning on the shapes set, and an export plain transformers loads.
+and without the KV cache and guidance, learning on the shapes set, an export plain transformers loads,
+and the evaluation commands (`tessera evaluate coco`, `tessera evaluate shapes --captions`) on one.
 
 Every model here is a tiny random Llama and every text tokenizer a word-level one built in the test:
 nothing is downloaded."""
@@ -41,6 +42,7 @@ from tessera.llm import (
 )
 from tessera.sampling import SamplingConfig
 from tests.distributed import as_launched_rank, run_distributed
+from tests.test_evaluation import coco  # noqa: F401 (a fixture)
 from tests.test_exact_resume import assert_resumed_exactly, straight_and_resumed, write_token_shards
 from tests.test_prior import RecordLoss, shapes_data, tokenizer_dir  # noqa: F401 (a fixture)
 from tests.test_vqgan import trainer
@@ -279,6 +281,24 @@ def test_tiny_llm_learns_both_directions_of_the_shapes_set(tmp_path, words_dir, 
     assert last < 0.6 * first, (first, last)
 
 
+def test_tokens_per_second_and_mfu_are_logged_against_the_given_peak_and_no_mfu_on_a_cpu_without_one(tmp_path, words_dir, tokenizer_dir, shapes_dir):
+    from tessera.flops import causal_lm_flops_per_token
+
+    for peak in (1e12, None):
+        llm, lengths = tiny_llm(words_dir, tokenizer_dir, peak_flops=peak), []
+        log_throughput = llm.log_throughput
+        llm.log_throughput = lambda ids: (lengths.append(ids.size(1)), log_throughput(ids))
+        run = trainer(tmp_path, max_steps=2)  # throughput from the second step on: the time between two
+        run.fit(llm, datamodule=shapes_data(shapes_dir, batch_size=4))
+        metrics = run.callback_metrics
+        assert metrics["throughput/tokens_per_s"] > 0 and metrics["throughput/samples_per_s"] > 0
+        if peak is None:
+            assert "throughput/mfu" not in metrics
+        else:  # the rows of the last step, as long as its longest
+            expected = metrics["throughput/tokens_per_s"].item() * causal_lm_flops_per_token(llm.model, lengths[-1]) / peak
+            assert metrics["throughput/mfu"].item() == pytest.approx(expected, rel=1e-5)
+
+
 def test_validation_losses_count_every_real_sample_once_whatever_the_batch_size(tmp_path, words_dir, tokenizer_dir, shapes_dir):
     llm = tiny_llm(words_dir, tokenizer_dir)
     logged = []
@@ -379,3 +399,83 @@ def test_the_llm_under_fsdp2_trains_as_under_ddp_and_exports_from_its_shards(tmp
         weights[run] = AutoModelForCausalLM.from_pretrained(tmp_path / run / "export").state_dict()
     for name, weight in weights["ddp"].items():
         torch.testing.assert_close(weights["fsdp2"][name], weight, msg=name)
+
+
+# --- evaluation -----------------------------------------------------------------------------------
+
+
+def test_the_llama_benchmark_rows_flops_per_token_are_what_torchs_flop_counter_counts_in_a_training_step(monkeypatch):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "bench"))
+    from prior_throughput import llama_config, prior_config
+    from tessera.flops import causal_lm_flops_per_token
+
+    config = llama_config(prior_config(tiny=True))
+    model = AutoModelForCausalLM.from_config(config)
+    ids = torch.randint(0, config.vocab_size, (3, 20))
+    # the math kernel, whose matmuls the counter sees: the whole T x T scores, as flops.py counts them
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(input_ids=ids, use_cache=False).logits.float().logsumexp(-1).mean().backward()
+    assert counter.get_total_flops() == 3 * 20 * causal_lm_flops_per_token(model, 20)
+
+
+@pytest.fixture(scope="module")
+def llm_files(tmp_path_factory, words_dir, tokenizer_dir, shapes_dir) -> dict[str, Path]:  # noqa: F811
+    """A tiny LLM trained one step, which draws with top-k 8 unless told: its checkpoint and its export."""
+    from lightning_modules.llm import export_llm
+
+    directory = tmp_path_factory.mktemp("llm")
+    fit = trainer(directory, max_steps=1)
+    fit.fit(tiny_llm(words_dir, tokenizer_dir, sampling=SamplingConfig(top_k=8)), datamodule=shapes_data(shapes_dir, batch_size=4))
+    fit.save_checkpoint(directory / "llm.ckpt")
+    export_llm(directory / "llm.ckpt", directory / "export")
+    return {"checkpoint": directory / "llm.ckpt", "export": directory / "export"}
+
+
+@pytest.mark.parametrize("kind", ["checkpoint", "export"])
+def test_evaluate_coco_draws_with_an_llm_checkpoint_or_export_and_its_own_sampling_settings(tmp_path, llm_files, coco, kind):  # noqa: F811
+    from tessera.commands.cli import main
+    from tessera.commands.evaluate_coco import choose_samples
+    from tessera.pixels import to_uint8
+
+    annotations, images = coco
+    out = tmp_path / "run"
+    argv = ["evaluate", "coco", "--prior", str(llm_files[kind]), "--annotations", str(annotations), "--images", str(images),
+            "--num-samples", "3", "--batch-size", "2", "--feature-extractor", "tests.test_evaluation:tiny_extractor",
+            "--image-size", "32", "--workers", "0", "--out", str(out)]
+    assert main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["count"] == 3 and np.isfinite(results["fid"]) and results["clip_score"] is None
+    assert results["sampler"]["top_k"] == 8 and results["sampler"]["sampling_from"]["top_k"] == "prior"
+    # the first batch (seed 0) is what the model draws for its two captions
+    captions = [sample["caption"] for sample in choose_samples(annotations, images, 3, seed=0)[:2]]
+    drawn = to_uint8(load_llm(llm_files[kind]).generate(captions, SamplingConfig(top_k=8), seed=0))
+    for index in range(2):
+        written = np.asarray(Image.open(out / "samples" / f"{index:06d}.png"))
+        np.testing.assert_array_equal(written, drawn[index].permute(1, 2, 0).numpy())
+
+
+def test_evaluate_shapes_captions_an_llms_renders_and_refuses_image_settings(tmp_path, llm_files):
+    from datamodules.shapes import render
+    from tessera.commands.cli import main
+    from tessera.commands.evaluate_shapes import DEFAULT_SEED, evaluation_scenes
+    from tessera.pixels import to_unit_range
+
+    out = tmp_path / "captions.json"
+    argv = ["evaluate", "shapes", "--prior", str(llm_files["export"]), "--captions", "--num-samples", "4", "--batch-size", "4"]
+    assert main(argv + ["--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert (report["mode"], report["decoding"], report["image_size"], report["num_samples"]) == ("captions", "greedy", 32, 4)
+    for group in ("seen", "held_out"):
+        accuracy, unparsed = report[group]["accuracy"], report[group]["unparsed"]
+        assert report[group]["n"] == 4 and 0 <= unparsed <= 4 and report[f"{group}_unparsed"] == unparsed
+        assert all(0 <= value <= 1 - unparsed / 4 for value in accuracy.values())  # an unparsed caption is wrong
+    # the captions are the model's greedy ones of the exact renders
+    scenes = evaluation_scenes(4, DEFAULT_SEED)["seen"]
+    pixels = torch.from_numpy(np.stack([np.asarray(render(scene, 32)) for scene in scenes])).permute(0, 3, 1, 2)
+    expected = load_llm(llm_files["export"]).caption(to_unit_range(pixels), seed=DEFAULT_SEED)
+    assert [example["caption"] for example in report["seen"]["examples"]] == expected
+    with pytest.raises(SystemExit, match="--cfg-scale, --fine-stage and --image-size are for images"):
+        main(argv + ["--cfg-scale", "2"])

@@ -1,6 +1,7 @@
 """The shapes analyser reads rendered scenes back exactly, through noise, blur and tint; captions
 parse back to their scenes; `match` judges each attribute as its docstring says; and
-`tessera evaluate shapes` reports caption fidelity of a prior checkpoint end to end."""
+`tessera evaluate shapes` reports caption fidelity of a prior checkpoint end to end, and scores
+captions of rendered scenes exactly against the scenes."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from torch.utils.data import DataLoader
 
 from datamodules.shapes import LAYOUTS, Scene, ShapeObject, SyntheticShapes, caption, render, sample_scene, to_json
 from datamodules.shapes_analysis import ATTRIBUTES, analyse, expected_from_json, match, parse_prompt
-from tessera.commands.evaluate_shapes import HELD_OUT_SCENES, evaluate_shapes, evaluation_scenes
+from tessera.commands.evaluate_shapes import HELD_OUT_SCENES, evaluate_captions, evaluate_shapes, evaluation_scenes, judge_captions
 from tests.test_prior import Tokens, tiny_prior, tokenizer_dir  # noqa: F401 (tokenizer_dir is a fixture)
 from tests.test_vqgan import trainer
 
@@ -113,7 +114,9 @@ def test_parse_prompt_examples_and_text_outside_the_grammar():
     pair = parse_prompt("a small blue square to the right of a large green triangle")
     assert (pair["layout"], pair["relation"]) == ("pair", "right of")
     assert pair["objects"][1] == {"size": "large", "color": "green", "shape": "triangle"}
-    for text in ("a red circle", "a large pink circle on the left", "two blue squares", ""):
+    row = "a small red circle, a large blue square and a small green diamond from left to right"
+    assert parse_prompt(row.replace(",", " ,")) == parse_prompt(row) and parse_prompt(row)["layout"] == "row"
+    for text in ("a red circle", "a large pink circle on the left", "two blue squares", "", row.replace(",", "")):
         with pytest.raises(ValueError, match="not a caption of the shapes grammar"):
             parse_prompt(text)
 
@@ -252,3 +255,65 @@ def test_evaluate_shapes_command_reports_fidelity_of_a_prior_checkpoint(tmp_path
     assert len(report["held_out"]["prompts"]) == len(HELD_OUT_SCENES)
     for name in ("seen_all", "seen_color_and_shape", "held_out_all", "held_out_color_and_shape", "analyser_all", "chance_all"):
         assert 0 <= report[name] <= 1
+    with pytest.raises(SystemExit, match="holds no LLMTextImageModel"):
+        main(argv + ["--captions"])
+
+
+# -----------------------------------------------------------------------------
+# captioning
+
+
+class Reader:
+    """A captioner for the evaluation's own scenes: it knows each render's caption and passes it
+    through `edit` (the identity: a perfect captioner)."""
+
+    image_size = 32
+
+    def __init__(self, scenes: list[Scene], edit=lambda index, text: text):
+        self.captions = {np.asarray(render(scene, self.image_size)).tobytes(): caption(scene) for scene in scenes}
+        self.edit, self.seen = edit, 0
+
+    def caption(self, images, sampling=None, seed=0):
+        pixels = images.add(1).mul(127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()  # (B, H, W, 3)
+        texts = [self.edit(self.seen + i, self.captions[image.tobytes()]) for i, image in enumerate(pixels)]
+        self.seen += len(texts)
+        return texts
+
+
+def test_a_true_caption_scores_on_every_attribute_whichever_true_caption_it_is():
+    scene = Scene((ShapeObject("circle", "red", "small", 1, 0), ShapeObject("square", "blue", "large", 1, 2)), "pair", "left of")
+    texts = ["a small red circle to the left of a large blue square", "a large blue square to the right of a small red circle",
+             "a small red circle to the right of a large blue square", "a small blue circle to the left of a large red square",
+             "a small red circle", "two red circles"]
+    verdicts, unparsed = judge_captions([scene] * len(texts), texts)
+    assert verdicts[0] == verdicts[1] == {name: True for name in ATTRIBUTES}
+    assert verdicts[2] == {**{name: True for name in ATTRIBUTES}, "position": False, "all": False}
+    # the colours and kinds are there, but not bound to each other as stated
+    assert verdicts[3] == {**{name: True for name in ATTRIBUTES}, "color_and_shape": False, "all": False}
+    assert unparsed == [4, 5] and verdicts[4] == verdicts[5] == {name: False for name in ATTRIBUTES}
+    with pytest.raises(ValueError, match="1 captions for 2 scenes"):
+        judge_captions([scene, scene], texts[:1])
+
+
+def test_a_perfect_captioner_scores_one_and_a_wrong_one_less_with_its_unparsed_captions_counted():
+    groups = evaluation_scenes(12, seed=3)
+    scenes_ = [scene for group in groups.values() for scene in group]
+    perfect = evaluate_captions(Reader(scenes_), 12, seed=3, batch_size=5)
+    for group in ("seen", "held_out"):
+        assert perfect[group]["accuracy"] == {name: 1.0 for name in ATTRIBUTES} and perfect[group]["unparsed"] == 0
+        assert perfect[group]["chance"]["all"] < 0.1
+    assert perfect["seen"]["examples"][0] == {"caption": caption(groups["seen"][0]), "truth": caption(groups["seen"][0])}
+    assert (perfect["seen_all"], perfect["held_out_unparsed"], perfect["decoding"]) == (1.0, 0, "greedy")
+
+    def wrong(index, text):  # every fourth caption outside the grammar, every other one's first colour changed
+        if index % 4 == 0:
+            return text + " and more"
+        first = next(word for word in text.split() if word in ("red", "orange", "yellow", "green", "blue", "purple"))
+        return text.replace(first, "blue" if first != "blue" else "red", 1) if index % 2 else text
+
+    report = evaluate_captions(Reader(scenes_, wrong), 12, seed=3, batch_size=5)
+    for group in ("seen", "held_out"):
+        accuracy = report[group]["accuracy"]
+        assert report[group]["unparsed"] == 3
+        assert accuracy["shape"] == accuracy["count"] == 0.75  # what parsed still names the right kinds
+        assert accuracy["color"] == accuracy["all"] == 0.25  # a changed colour is never right

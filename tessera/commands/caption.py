@@ -30,7 +30,6 @@ def run(args: argparse.Namespace) -> int:
     from lightning_modules.llm import is_llm, load_llm
     from tessera.launch import process_device
     from tessera.pixels import to_unit_range
-    from tessera.sampling import SamplingConfig
 
     if not is_llm(args.model):
         raise SystemExit(f"{args.model} holds no LLMTextImageModel: only a language-model backbone captions images")
@@ -39,8 +38,7 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"no image files in {', '.join(map(str, args.images))}")
     model = load_llm(args.model, map_location=process_device(args.device), tokenizer=args.tokenizer)
     image_size = model.image_size
-    sampled = any(value is not None for value in (args.temperature, args.top_k, args.top_p))
-    sampling = SamplingConfig(top_k=args.top_k, top_p=args.top_p, temperature=args.temperature or 1.0) if sampled else None
+    sampling = caption_sampling(args.temperature, args.top_k, args.top_p)
     captions = {}
     for start in range(0, len(files), args.batch_size):
         chunk = files[start : start + args.batch_size]
@@ -51,3 +49,12 @@ def run(args: argparse.Namespace) -> int:
     args.out.write_text(json.dumps(captions, indent=2) + "\n")
     print(f"[caption] {len(captions)} images: {args.out}")
     return 0
+
+
+def caption_sampling(temperature: float | None, top_k: int | None, top_p: float | None):
+    """None (greedy captions) when no setting is given, else a SamplingConfig of those given."""
+    from tessera.sampling import SamplingConfig
+
+    if temperature is None and top_k is None and top_p is None:
+        return None
+    return SamplingConfig(top_k=top_k, top_p=top_p, temperature=temperature if temperature is not None else 1.0)

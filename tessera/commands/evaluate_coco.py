@@ -1,5 +1,6 @@
 """
 Zero-shot FID-N and CLIP score on MS-COCO captions, and FID between folders: `tessera evaluate coco|fid|stats`.
+The model is any stage-2 model `load_image_generator` loads: a prior of any class or an LLM backbone.
 
 The protocol is GLIDE's, Imagen's and GigaGAN's / LlamaGen's, stated in results.json:
 - captions from COCO 2014 val: `num_samples` images drawn at random with the seed
@@ -157,9 +158,9 @@ def evaluate_coco(
     Sampling settings left None are the prior's own (its `sampling` argument), else SamplingConfig's.
 
     Returns the results on rank 0, None on the others. See the module docstring for the protocol."""
+    from lightning_modules.llm import image_generator_config
     from tessera.clip_score import CONVENTIONS
     from tessera.fid import frechet_distance, sha256
-    from lightning_modules.prior import prior_config
     from tessera.sampling import SamplingConfig, with_overrides
 
     started = time.perf_counter()
@@ -173,7 +174,7 @@ def evaluate_coco(
     metric = local_metric(extractor, inception_weights, extractor_id, image_size, device_) if rank == 0 else None
     if metric is not None and cache is not None and cache.is_file():
         metric.load_statistics(cache)
-    recorded = prior_config(prior).get("sampling")
+    recorded = image_generator_config(prior).get("sampling")
     sampling, sources = with_overrides(SamplingConfig(**recorded) if recorded else None, top_k=top_k, top_p=top_p,
                                        temperature=temperature, cfg_scale=cfg_scale)
     settings = {
@@ -261,7 +262,7 @@ def generate_share(out: Path, samples: list[dict], prior, tokenizer, sampling, s
                    world_size: int) -> None:
     """This rank's images: fixed batches, batch k on rank k % world_size, only missing images drawn.
     Writes OUT/ranks/rankNNNN.json with how many it drew and how long that took."""
-    from lightning_modules.prior import load_prior
+    from lightning_modules.llm import load_image_generator
     from tessera.clip_rerank import ClipScorer, rerank
     from tessera.pixels import to_uint8
 
@@ -271,7 +272,7 @@ def generate_share(out: Path, samples: list[dict], prior, tokenizer, sampling, s
     todo = [(k, block) for k, block in mine if not all(sample_path(out, i).exists() for i in block)]
     generated, started = 0, time.perf_counter()
     if todo:
-        model = load_prior(prior, map_location=device, tokenizer=tokenizer)
+        model = load_image_generator(prior, map_location=device, tokenizer=tokenizer)
         scorer = ClipScorer(clip_model, clip_weights, device) if candidates > 1 else None
         for k, block in todo:
             prompts = [samples[i]["caption"] for i in block]
@@ -398,7 +399,8 @@ def add_coco_fid_parsers(evaluations) -> None:
         "coco", help="zero-shot FID-N and CLIP score of a prior on MS-COCO 2014 val captions; results.json",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    coco.add_argument("--prior", required=True, type=Path, help="a prior checkpoint (.ckpt) or export directory, of any prior class")
+    coco.add_argument("--prior", required=True, type=Path,
+                      help="a prior (of any prior class) or LLMTextImageModel checkpoint (.ckpt, FSDP sharded) or export directory")
     captions = coco.add_mutually_exclusive_group(required=True)
     captions.add_argument("--annotations", type=Path, help="captions_val2014.json")
     captions.add_argument("--captions", type=Path, help="instead: a fixed caption list, one a line")

@@ -1,6 +1,8 @@
-"""Caption fidelity on the synthetic shapes set: does the prior draw what its caption says?
+"""Caption fidelity on the synthetic shapes set: does the prior draw what its caption says? And
+with --captions, caption accuracy: does an LLM backbone say what a scene shows?
 
     tessera evaluate shapes --prior CKPT --num-samples N [--seed S] [--cfg-scale 1.5] [--top-k 64] [--out FILE.json]
+    tessera evaluate shapes --prior LLM_CKPT --captions --num-samples N [--seed S] [--out FILE.json]
 
 The prior draws one image per prompt; the deterministic analyser of datamodules/shapes_analysis.py
 reads back each image's shapes and `match` judges them against the caption, per attribute (count,
@@ -28,6 +30,18 @@ for the same prompts:
               renders whose every shape (colour, kind, size, cell) is read exactly.
     chance    the fidelity of a prior that draws perfect scenes of the training distribution and
               ignores its caption: each prompt matched against CHANCE_DRAWS random scenes.
+
+--captions turns the test around for a model that also captions images (LLMTextImageModel, image
+to text): the same scenes of both groups are rendered exactly (`render`, at the size of the
+model's stage-1 tokenizer), the model captions each (greedy unless --temperature, --top-k or
+--top-p), `parse_prompt` reads the caption back with the grammar, and `match` judges it against
+the scene's true objects, per attribute as above: the caption is the statement, the scene what it
+must hold for. A caption true of its scene scores on every attribute whichever of the grammar's
+true captions it is ("A left of B" or "B right of A"); a caption outside the grammar is wrong on
+every attribute and counted as `unparsed`. The report gives per group the accuracy, the unparsed
+count, the chance level (the caption of a random training scene, CHANCE_DRAWS of them, judged
+against each scene) and the first captions beside their scenes'. The held-out group is the same
+eleven scenes cycled, so greedy captions repeat: its accuracy moves in steps of 1/11.
 """
 
 from __future__ import annotations
@@ -45,7 +59,7 @@ import numpy as np
 from PIL import Image
 
 from datamodules.shapes import LAYOUTS, MIN_IMAGE_SIZE, Scene, ShapeObject, caption, render, sample_scene, to_json
-from datamodules.shapes_analysis import ATTRIBUTES, analyse, expected_from_json, match
+from datamodules.shapes_analysis import ATTRIBUTES, analyse, expected_from_json, match, parse_prompt
 from tessera.commands.sample import add_sampling_arguments, sampling_settings
 from tessera.launch import process_device
 
@@ -84,6 +98,14 @@ class ImageGenerator(Protocol):
     def generate(self, prompts: list[str], sampling: SamplingConfig | None = None, seed: int = 0): ...
 
 
+class Captioner(Protocol):
+    """What the captioning mode needs of a model: LLMTextImageModel.caption and image_size."""
+
+    image_size: int
+
+    def caption(self, images, sampling: SamplingConfig | None = None, seed: int = 0) -> list[str]: ...
+
+
 def evaluation_scenes(num_samples: int, seed: int = DEFAULT_SEED) -> dict[str, list[Scene]]:
     """{"seen": the scenes of SyntheticShapes(num_samples, seed=seed), "held_out": HELD_OUT_SCENES cycled to num_samples}."""
     # SyntheticShapes draws sample i from random.Random(f"{seed}:{i}") (datamodules/shapes.py)
@@ -115,9 +137,20 @@ def analyser_accuracy(scenes: list[Scene], image_size: int) -> dict[str, float]:
 
 def chance_levels(scenes: list[Scene], seed: int = DEFAULT_SEED, draws: int = CHANCE_DRAWS) -> dict[str, float]:
     """The fidelity of perfect images of random training scenes that ignore the prompt."""
-    pool = [to_json(sample_scene(random.Random(f"chance:{seed}:{index}")), MIN_IMAGE_SIZE) for index in range(draws)]
-    verdicts = [match(_expected(scene), other) for scene in scenes for other in pool]
+    pool = _random_scenes(seed, draws)
+    verdicts = [match(_expected(scene), to_json(other, MIN_IMAGE_SIZE)) for scene in scenes for other in pool]
     return fractions(verdicts)
+
+
+def caption_chance_levels(scenes: list[Scene], seed: int = DEFAULT_SEED, draws: int = CHANCE_DRAWS) -> dict[str, float]:
+    """The accuracy of a captioner that ignores the image and gives the caption of a random training scene."""
+    pool = _random_scenes(seed, draws)
+    verdicts = [match(_expected(other), to_json(scene, MIN_IMAGE_SIZE)) for scene in scenes for other in pool]
+    return fractions(verdicts)
+
+
+def _random_scenes(seed: int, draws: int) -> list[Scene]:
+    return [sample_scene(random.Random(f"chance:{seed}:{index}")) for index in range(draws)]
 
 
 def evaluate_shapes(
@@ -188,6 +221,94 @@ def evaluate_shapes(
     }
 
 
+def judge_captions(scenes: list[Scene], captions: list[str]) -> tuple[list[dict[str, bool]], list[int]]:
+    """`match` of each caption, read back with `parse_prompt`, against its scene's true objects; a
+    caption outside the grammar is wrong on every attribute. Returns the verdicts and the indices
+    of the captions that did not parse."""
+    if len(captions) != len(scenes):
+        raise ValueError(f"{len(captions)} captions for {len(scenes)} scenes")
+    verdicts, unparsed = [], []
+    for index, (scene, text) in enumerate(zip(scenes, captions)):
+        try:
+            stated = parse_prompt(text)
+        except ValueError:
+            unparsed.append(index)
+            verdicts.append(dict.fromkeys(ATTRIBUTES, False))
+            continue
+        verdicts.append(match(stated, to_json(scene, MIN_IMAGE_SIZE)))
+    return verdicts, unparsed
+
+
+def evaluate_captions(
+    model: Captioner,
+    num_samples: int,
+    seed: int = DEFAULT_SEED,
+    sampling: SamplingConfig | None = None,
+    batch_size: int = 32,
+    examples: int = 8,
+) -> dict:
+    """The caption-accuracy report of the module docstring (--captions), as a JSON-ready dict.
+
+    Args:
+        model: an LLMTextImageModel, or anything with `image_size` whose caption(images, sampling,
+            seed) gives a caption per (B, 3, H, W) image in [-1, 1].
+        num_samples: scenes captioned in each group, seen and held_out.
+        seed: draws the seen scenes and seeds captioning (batch b at seed + its first index).
+        sampling: None captions greedily, else draws with its temperature, top-k and top-p.
+        batch_size: images captioned at once.
+        examples: captions kept in the report per group, beside their scenes' own.
+    """
+    import torch
+
+    from tessera.pixels import to_unit_range
+
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be at least 1, got {num_samples}")
+    groups = evaluation_scenes(num_samples, seed)
+    scenes = [scene for group in groups.values() for scene in group]
+    image_size = model.image_size
+
+    started = time.perf_counter()
+    captions = []
+    for start in range(0, len(scenes), batch_size):
+        pixels = np.stack([np.asarray(render(scene, image_size)) for scene in scenes[start : start + batch_size]])
+        images = to_unit_range(torch.from_numpy(pixels).permute(0, 3, 1, 2))  # (B, 3, S, S)
+        captions.extend(model.caption(images, sampling, seed=seed + start))
+        log.info("[evaluate shapes] %d/%d captions", len(captions), len(scenes))
+    captioned = time.perf_counter() - started
+
+    verdicts, unparsed = judge_captions(scenes, captions)
+    results = {}
+    for index, (name, group) in enumerate(groups.items()):
+        mine = range(index * num_samples, (index + 1) * num_samples)
+        results[name] = {
+            "n": len(group),
+            "accuracy": fractions([verdicts[i] for i in mine]),
+            "unparsed": sum(i in mine for i in unparsed),
+            "chance": caption_chance_levels(group, seed),
+            "examples": [{"caption": captions[i], "truth": caption(scenes[i])} for i in mine[:examples]],
+        }
+    results["seen"]["accuracy_by_layout"] = {
+        layout: {"n": len(mine), **fractions(mine)}
+        for layout in LAYOUTS
+        if (mine := [v for v, scene in zip(verdicts, groups["seen"]) if scene.layout == layout])
+    }
+    numbers = {}
+    for group in ("seen", "held_out"):
+        numbers |= {f"{group}_{name}": results[group]["accuracy"][name] for name in ("all", "color_and_shape")}
+        numbers[f"{group}_unparsed"] = results[group]["unparsed"]
+    numbers["chance_all"] = results["seen"]["chance"]["all"]
+    return {
+        "image_size": image_size,
+        "num_samples": num_samples,
+        "seed": seed,
+        "decoding": "greedy" if sampling is None else asdict(sampling),
+        **numbers,
+        **results,
+        "seconds": {"caption": round(captioned, 2)},
+    }
+
+
 def headline(report: dict) -> dict[str, float]:
     """The numbers to quote, flat, from a report's groups: fidelity of all attributes and of colour
     and kind bound together per group, the analyser's least accuracy, the chance of all attributes."""
@@ -217,9 +338,12 @@ def add_shapes_parser(evaluations: argparse._SubParsersAction) -> argparse.Argum
         "shapes", help="caption fidelity on the synthetic shapes set: colour, shape, size and position read back",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--prior", required=True, type=Path, help="a prior checkpoint or export trained on the shapes set")
+    parser.add_argument("--prior", required=True, type=Path,
+                        help="a prior or LLM backbone checkpoint or export trained on the shapes set")
+    parser.add_argument("--captions", action="store_true",
+                        help="score the model's captions of rendered scenes instead of its images (an LLM backbone)")
     parser.add_argument("--num-samples", type=int, default=200,
-                        help="images for the seen prompts, and as many for the held-out ones (200: +-3.5%% at 50%%)")
+                        help="images (or captions) for the seen prompts, and as many for the held-out ones (200: +-3.5%% at 50%%)")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="draws the seen prompts and seeds sampling")
     add_sampling_arguments(parser)
     parser.add_argument("--batch-size", type=int, default=32, help="images sampled at once")
@@ -233,13 +357,26 @@ def add_shapes_parser(evaluations: argparse._SubParsersAction) -> argparse.Argum
 
 
 def _evaluate_shapes(args: argparse.Namespace) -> int:
-    from lightning_modules.llm import load_image_generator
+    from lightning_modules.llm import is_llm, load_image_generator
 
+    if args.captions:
+        if not is_llm(args.prior):
+            raise SystemExit(f"--captions: {args.prior} holds no LLMTextImageModel; only a language-model backbone captions images")
+        if args.cfg_scale is not None or args.fine_stage is not None or args.image_size is not None:
+            raise SystemExit("--captions captions exact renders at the tokenizer's size, without guidance: "
+                             "--cfg-scale, --fine-stage and --image-size are for images")
     prior = load_image_generator(args.prior, map_location=process_device(args.device), tokenizer=args.tokenizer,
                                  fine_stage=args.fine_stage)
-    sampling, sources = sampling_settings(prior.sampling, args)
-    report = {"prior": str(args.prior), "fine_stage": prior.hparams.get("fine_stage"), "sampling": asdict(sampling), "sampling_from": sources,
-              **evaluate_shapes(prior, args.num_samples, args.seed, sampling, args.image_size, args.batch_size)}
+    if args.captions:
+        from tessera.commands.caption import caption_sampling
+
+        sampling = caption_sampling(args.temperature, args.top_k, args.top_p)
+        report = {"prior": str(args.prior), "mode": "captions",
+                  **evaluate_captions(prior, args.num_samples, args.seed, sampling, args.batch_size)}
+    else:
+        sampling, sources = sampling_settings(prior.sampling, args)
+        report = {"prior": str(args.prior), "fine_stage": prior.hparams.get("fine_stage"), "sampling": asdict(sampling), "sampling_from": sources,
+                  **evaluate_shapes(prior, args.num_samples, args.seed, sampling, args.image_size, args.batch_size)}
     text = json.dumps(report, indent=1)
     print(text)
     if args.out is not None:
