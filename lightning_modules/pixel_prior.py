@@ -20,8 +20,6 @@ prior, tessera/nn/subpixels.py documents both; `symbol_steps` is the latter as a
 
 from __future__ import annotations
 
-from collections.abc import Generator
-
 import torch
 
 from datamodules.text import CLIP_BPE
@@ -129,18 +127,9 @@ class PixelPrior(TextImagePrior):
         self._check_eval("subpixel_steps")
         return self.transformer.subpixel_steps(text_ids.to(self.device))
 
-
     coded_kind = "pixels"
-    """What `symbol_steps` predicts, for a lossless coder: the images' own subpixels."""
-
-    def symbol_steps(self, captions: list[str]) -> Generator[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """`subpixel_steps` for captions as a generator, the coder's and sampler's protocol: it yields
-        the log-probabilities (B, 256) of the next subpixel, is sent its values (B,), and returns all
-        of them (B, 3*H*W) after the last. Eval mode is the caller's."""
-        steps = self.subpixel_steps(self.captions(captions).ids)
-        for _ in range(steps.length):
-            steps.push((yield steps.log_probs()))
-        return steps.values
+    """What `symbol_steps` (the prior's, through tessera.sampling.image_token_steps) predicts, for a
+    lossless coder: the images' own subpixels."""
 
 
 class PixelCNNPrior(PixelPrior):

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -60,7 +61,7 @@ from tessera.lr_schedule import decay_end, lr_factor
 from tessera.nn.multiscale_tokenizer import MultiScaleIds
 from tessera.nn.transformer import TextImageTransformer, TransformerConfig
 from tessera.nn.vq_tokenizer import CONFIG_FILE, WEIGHTS_FILE, VQTokenizer
-from tessera.sampling import SamplingConfig, sample_image_tokens
+from tessera.sampling import SamplingConfig, Steps, image_token_steps, sample_image_tokens
 
 
 @dataclass
@@ -248,6 +249,24 @@ class TextImagePrior(L.LightningModule):
         return self.image_tokenizer.on(self.device).decode(ids).float()
 
     # -------------------------------------------------------------------------
+    # likelihood, for lossless coding (tessera/coding.py, `tessera compress`)
+
+    coded_kind = "tokens"
+    """What `symbol_steps` predicts: the tokenizer's ids ("tokens"), or a pixel model's subpixels ("pixels")."""
+
+    @property
+    def alphabet_size(self) -> int:
+        """Values one of the `id_shape` symbols can take."""
+        return self.config.image_vocab_size
+
+    def symbol_steps(self, captions: list[str]) -> Steps:
+        """This prior's distributions over the ids of one image a caption, one id at a time
+        (`id_shape`, row-major), as `tessera.sampling.Steps`: the plain conditional likelihood (no
+        guidance) through the KV-cached loop the sampler runs, in the module's dtype on its device.
+        Eval mode and no_grad are the caller's."""
+        return image_token_steps(self.transformer, self.captions(captions).ids.to(self.device))
+
+    # -------------------------------------------------------------------------
     # training
 
     def configure_model(self) -> None:
@@ -385,6 +404,10 @@ class TextImagePrior(L.LightningModule):
         w_text, w_image = self.hparams.text_loss_weight, self.hparams.image_loss_weight
         logs = {"val/image_loss": image / samples, "val/samples": samples}
         logs["val/loss"] = logs["val/image_loss"]
+        # the likelihood of the tokenizer's (lossy) codes, not of the pixels: in bits, per id (per
+        # code of an RQ prior) and per image, the length a range coder of those ids would reach
+        logs["val/bits_per_image_token"] = logs["val/image_loss"] / math.log(2)
+        logs["val/bits_per_image"] = logs["val/bits_per_image_token"] * math.prod(self.id_shape)
         if w_text > 0:  # the whole set's means, weighted as TextImageTransformer.loss weights a batch's
             logs["val/text_loss"] = text / targets
             logs["val/loss"] = (w_text * logs["val/text_loss"] + w_image * logs["val/image_loss"]) / (w_text + w_image)

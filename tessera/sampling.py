@@ -16,6 +16,10 @@ and top-p on the logits, then one seeded multinomial draw per image position.
         for code d = 0 .. D-1: depth_step(context, codes 0 .. d-1) -> guide -> ... -> code d  (depth KV cache)
         decode_step(the D codes of t) -> the context of position t + 1    (spatial KV cache)
 
+The loops are generators (`image_token_steps`, the `Steps` protocol): they yield each step's logits
+and are sent the ids chosen, so the same loop serves the sampler (which draws them) and the range
+coder of tessera/coding.py (which reads them from the ids it codes or decodes).
+
 References:
 1) Classifier-Free Diffusion Guidance, Ho & Salimans 2021: https://arxiv.org/abs/2207.12598; on the
    logits of an autoregressive prior as Make-A-Scene (https://arxiv.org/abs/2203.13131) and
@@ -27,9 +31,9 @@ References:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Generator, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from functools import partial
 from typing import Any
 
 import torch
@@ -149,28 +153,6 @@ def sample_image_tokens(
     over the growing sequence at every step: the slow reference. Runs in eval mode (restored after)
     in the model's dtype; autocast is the caller's.
     """
-    if isinstance(model, (PixelCNN, ImageTransformer)):
-        loop = partial(_sample_subpixels, use_cache=use_cache)
-    elif isinstance(model, RQTransformer):
-        loop = _sample_residual_cached if use_cache else _sample_residual_uncached
-    else:
-        loop = _sample_cached if use_cache else _sample_uncached
-    return _sample(model, text_ids, config, generator, null_text_ids, loop)
-
-
-Loop = Callable[[TextImageTransformer, torch.Tensor, int, Callable[[torch.Tensor], torch.Tensor]], torch.Tensor]
-
-
-@torch.inference_mode()
-def _sample(
-    model: TextImageTransformer,
-    text_ids: torch.Tensor,
-    config: SamplingConfig | None,
-    generator: torch.Generator | None,
-    null_text_ids: torch.Tensor | None,
-    loop: Loop,
-) -> torch.Tensor:
-    """`loop(model, text_ids, batch_size, draw)` with the guidance rows joined to text_ids, in eval mode."""
     config = SamplingConfig() if config is None else config
     device = next(model.parameters()).device
     if generator is not None and generator.device.type != device.type:
@@ -199,17 +181,62 @@ def _sample(
         probs = filter_logits(logits, config).softmax(dim=-1)
         return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
 
+    with torch.inference_mode(), eval_mode(model):
+        return run_steps(image_token_steps(model, text_ids, batch_size, use_cache), draw)
+
+
+Steps = Generator[torch.Tensor, torch.Tensor, torch.Tensor]
+"""An autoregressive model, one symbol at a time: the generator yields the logits (rows, >= K) of
+the next symbol of every row (log-probabilities up to a constant; the first K columns are the
+alphabet), is sent the (B,) symbols chosen for them, and returns all the symbols once the last
+is chosen. Sampling chooses by drawing, the range coder (tessera/coding.py)
+by reading the symbols it codes or decodes; the model cannot tell which."""
+
+
+def run_steps(steps: Steps, choose: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Drives `steps` to the end, sending it `choose(logits)` at every step; returns what it returns."""
+    logits = next(steps)
+    while True:
+        symbols = choose(logits)
+        try:
+            logits = steps.send(symbols)
+        except StopIteration as end:
+            return end.value
+
+
+@contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """The model in eval mode inside, in its own mode again after."""
     was_training = model.training
     model.eval()
     try:
-        return loop(model, text_ids, batch_size, draw)
+        yield
     finally:
         model.train(was_training)
 
 
-def _sample_cached(
-    model: TextImageTransformer, text_ids: torch.Tensor, batch_size: int, draw: Callable[[torch.Tensor], torch.Tensor]
-) -> torch.Tensor:
+def image_token_steps(
+    model: TextImageTransformer, text_ids: torch.Tensor, batch_size: int | None = None, use_cache: bool = True
+) -> Steps:
+    """A prior's image tokens as `Steps` for captions text_ids (rows, text_length): its logits
+    (rows, padded_image_vocab_size) for each image token in row-major order, for each code of an
+    RQTransformer position by position, then depth by depth, for each subpixel of a pixel model
+    (PixelCNN, ImageTransformer: log-probabilities (rows, 256)) in raster order over (row, col,
+    channel); it returns (B, image_length) ids, (B, image_length, code_depth), or (B, 3*H*W). The B = `batch_size` (default: all rows) ids sent at a step are
+    repeated over the rows after the first B: guidance's empty-caption rows take the same tokens.
+    With the cache: prefill, then one decode step per token; without: the full forward over the
+    growing sequence at every step. The caller sets eval mode and no_grad."""
+    batch_size = text_ids.size(0) if batch_size is None else batch_size
+    if isinstance(model, (PixelCNN, ImageTransformer)):  # a PixelCNN has no cache: one forward a step either way
+        return _subpixel_steps(model, text_ids, batch_size, use_cache)
+    if isinstance(model, RQTransformer):
+        loop = _residual_steps_cached if use_cache else _residual_steps_uncached
+    else:
+        loop = _steps_cached if use_cache else _steps_uncached
+    return loop(model, text_ids, batch_size)
+
+
+def _steps_cached(model: TextImageTransformer, text_ids: torch.Tensor, batch_size: int) -> Steps:
     n_image, text_length = model.config.image_length, model.config.text_length
     tokens = torch.empty(batch_size, n_image, dtype=torch.long, device=text_ids.device)
     cache = model.make_kv_cache(text_ids.size(0))
@@ -217,44 +244,33 @@ def _sample_cached(
     positions = torch.arange(text_length, text_length + n_image, device=text_ids.device)
     logits = model.prefill(text_ids, cache)  # (B or 2B, Vi)
     for i in range(n_image):
-        tokens[:, i] = draw(logits)
+        tokens[:, i] = yield logits
         if i + 1 < n_image:  # the last token is never an input
             step_ids = tokens[:, i].repeat(text_ids.size(0) // batch_size)  # the same token for the null rows
             logits = model.decode_step(step_ids, positions[i], cache)
     return tokens
 
 
-def _sample_uncached(
-    model: TextImageTransformer, text_ids: torch.Tensor, batch_size: int, draw: Callable[[torch.Tensor], torch.Tensor]
-) -> torch.Tensor:
+def _steps_uncached(model: TextImageTransformer, text_ids: torch.Tensor, batch_size: int) -> Steps:
     n_image = model.config.image_length
     tokens = torch.zeros(batch_size, n_image, dtype=torch.long, device=text_ids.device)
     for i in range(n_image):
         # tokens[:, i] is a placeholder: forward never feeds the last image token, it predicts it
         image_ids = tokens[:, : i + 1].repeat(text_ids.size(0) // batch_size, 1)
         _, image_logits = model(text_ids, image_ids)  # (B or 2B, i + 1, Vi)
-        tokens[:, i] = draw(image_logits[:, -1])
+        tokens[:, i] = yield image_logits[:, -1]
     return tokens
 
 
-def _sample_subpixels(
-    model: PixelCNN | ImageTransformer,
-    text_ids: torch.Tensor,
-    batch_size: int,
-    draw: Callable[[torch.Tensor], torch.Tensor],
-    use_cache: bool,
-) -> torch.Tensor:
+def _subpixel_steps(model: PixelCNN | ImageTransformer, text_ids: torch.Tensor, batch_size: int, use_cache: bool) -> Steps:
     steps = model.subpixel_steps(text_ids, use_cache) if isinstance(model, ImageTransformer) else model.subpixel_steps(text_ids)
-    values = torch.empty(batch_size, steps.length, dtype=torch.long, device=text_ids.device)
-    for i in range(steps.length):
-        values[:, i] = draw(steps.log_probs())
-        steps.push(values[:, i].repeat(text_ids.size(0) // batch_size))  # the same value for the null rows
-    return values
+    for _ in range(steps.length):
+        values = yield steps.log_probs()  # (rows, 256)
+        steps.push(values.repeat(text_ids.size(0) // batch_size))  # the same value for the null rows
+    return steps.values[:batch_size]  # (B, 3*H*W)
 
 
-def _sample_residual_cached(
-    model: RQTransformer, text_ids: torch.Tensor, batch_size: int, draw: Callable[[torch.Tensor], torch.Tensor]
-) -> torch.Tensor:
+def _residual_steps_cached(model: RQTransformer, text_ids: torch.Tensor, batch_size: int) -> Steps:
     n_image, depth, text_length = model.config.image_length, model.config.code_depth, model.config.text_length
     tokens = torch.empty(batch_size, n_image, depth, dtype=torch.long, device=text_ids.device)
     repeats = text_ids.size(0) // batch_size  # the null rows take the same codes
@@ -263,20 +279,18 @@ def _sample_residual_cached(
     context = model.prefill(text_ids, cache)  # (B or 2B, C): of image position 0
     for t in range(n_image):
         for d in range(depth):
-            tokens[:, t, d] = draw(model.depth_step(context, tokens[:, t, :d].repeat(repeats, 1), depth_cache))
+            tokens[:, t, d] = yield model.depth_step(context, tokens[:, t, :d].repeat(repeats, 1), depth_cache)
         if t + 1 < n_image:  # the last position's codes are never a spatial input
             context = model.decode_step(tokens[:, t].repeat(repeats, 1), positions[t], cache)
     return tokens
 
 
-def _sample_residual_uncached(
-    model: RQTransformer, text_ids: torch.Tensor, batch_size: int, draw: Callable[[torch.Tensor], torch.Tensor]
-) -> torch.Tensor:
+def _residual_steps_uncached(model: RQTransformer, text_ids: torch.Tensor, batch_size: int) -> Steps:
     n_image, depth = model.config.image_length, model.config.code_depth
     tokens = torch.zeros(batch_size, n_image, depth, dtype=torch.long, device=text_ids.device)
     for t in range(n_image):
         for d in range(depth):
             # the codes after (t, d) are placeholders: causal over positions and depths, no logit reads them
             _, image_logits = model(text_ids, tokens.repeat(text_ids.size(0) // batch_size, 1, 1))  # (B or 2B, N, D, Vi)
-            tokens[:, t, d] = draw(image_logits[:, t, d])
+            tokens[:, t, d] = yield image_logits[:, t, d]
     return tokens

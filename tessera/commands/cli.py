@@ -1,6 +1,6 @@
 """The `tessera` command line: each verb's options and work in its own module of tessera/commands/
 (shards.py, data.py, quickstart.py, fit.py for the LightningCLI verbs, evaluate_shapes.py and
-evaluate_coco.py, sample.py, caption.py, export.py, tokenize.py, submit.py); this module only joins them.
+evaluate_coco.py, sample.py, caption.py, export.py, tokenize.py, compress.py, submit.py); this module only joins them.
 
     tessera shards synthetic --out DIR [--num-samples N] [--image-size S] [--seed X] [--jitter]
     tessera shards folder --images DIR --captions FILE --out DIR [--max-pixels P] [--overwrite]
@@ -12,6 +12,8 @@ evaluate_coco.py, sample.py, caption.py, export.py, tokenize.py, submit.py); thi
     tessera export --checkpoint RUN.ckpt --out DIR
     tessera caption --model LLM_CKPT_OR_EXPORT_DIR IMAGE_OR_DIR... --out FILE.json
     tessera tokenize --tokenizer CKPT_OR_EXPORT_DIR --shards PATTERN --out DIR [--rank R --world-size W]
+    tessera compress --prior CKPT_OR_EXPORT_DIR IMAGE_OR_IDS... --out FILE [--caption TEXT]
+    tessera decompress FILE --prior CKPT_OR_EXPORT_DIR --out DIR [--png]
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import argparse
 import logging
 import sys
 
-from tessera.commands import caption, data, export, quickstart, sample, shards, submit, tokenize
+from tessera.commands import caption, compress, data, export, quickstart, sample, shards, submit, tokenize
 from tessera.commands.evaluate_coco import add_coco_fid_parsers
 from tessera.commands.evaluate_shapes import add_shapes_parser
 
@@ -106,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     caption.add_parser(commands)
     export.add_parser(commands)
     tokenize.add_parser(commands)
+    compress.add_parser(commands)
     submit.add_parser(commands)
     return parser
 
