@@ -11,9 +11,9 @@ arguments; time only bounds the run, for 9 minutes of a GPU machine with `pytest
     (the scripts yield a record per setting);
   - no benchmark starts after `--deadline-s` (360); the remaining ones are recorded as skipped,
     and `--only NAME ...` runs them in a later run.
-The GPU benchmarks come first; data_throughput, shapes_tokenizer and families_shapes measure the CPU and come
-last. A benchmark that fails is recorded with its error and the suite goes on. The JSON and the
-markdown are rewritten after every benchmark.
+The GPU benchmarks come first; data_throughput, shapes_tokenizer, compression_shapes and
+families_shapes measure the CPU and come last. A benchmark that fails is recorded with its error
+and the suite goes on. The JSON and the markdown are rewritten after every benchmark.
 
     python bench/gpu_suite.py --out gpu_suite                      # -> gpu_suite/gpu_suite.json, .md
     python bench/gpu_suite.py --out gpu_suite --only data_throughput shapes_tokenizer
@@ -155,6 +155,15 @@ BENCHMARKS = [
         gpu=["--seconds", "120", "--samples", "1024", "--", "--trainer.max_steps=100"],
         smoke=["--seconds", "60", "--samples", "64", "--threads", "1", "--", "--trainer.max_steps=2"],
         seconds=120,
+    ),
+    Benchmark(
+        "compression_shapes",
+        "PNG, lossless WebP and JPEG XL (with the bench extra), zlib and LZMA2 of the same renders, and "
+        "-log2 p against the range coder's words (CPU)",
+        gpu=["--images", "100", "--coder-symbols", "4096"],
+        smoke=["--images", "2", "--image-size", "32", "--coder-symbols", "64"],
+        seconds=120,
+        columns=("coder", "bits_per_subpixel", "bytes"),
     ),
     Benchmark(
         "families_shapes",

@@ -115,7 +115,7 @@ def test_eval_speed_projects_fid_30k_from_the_guided_sampling_speed_of_the_same_
 # the smoke run in two parts: the benchmarks that run in this process, and the two that start
 # `tessera fit` processes (about 10 s of imports each on two cores, three of them)
 IN_PROCESS = ["prior_throughput", "memory_estimate", "sampling_speed", "tokenizer_throughput", "host_syncs",
-              "eval_speed", "multiscale_shapes", "data_throughput"]
+              "eval_speed", "multiscale_shapes", "data_throughput", "compression_shapes"]
 LAUNCHING_FITS = ["requeue_cost", "shapes_tokenizer", "families_shapes"]
 
 
