@@ -98,6 +98,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--fidelity-samples", type=int, default=200, help="images per group, seen and held out")
     parser.add_argument("--repeats", type=int, default=3, help="timed sampling batches; the median is reported")
     parser.add_argument("--threads", type=int, default=1, help="torch threads, for training and sampling")
+    parser.add_argument("--combine", type=Path, nargs="+", default=None, metavar="DIR",
+                        help="train nothing: join the families.json of runs into OUT (families trained in parallel "
+                             "processes) and time every prior's sampling again here, side by side")
     return parser.parse_args(argv)
 
 
@@ -120,10 +123,30 @@ def run(args: argparse.Namespace) -> Iterator[dict]:
         yield {"family": name, **numbers}
 
 
+def combine(args: argparse.Namespace) -> Iterator[dict]:
+    """The families of earlier runs in DIRs (their first run's setup), each prior's sampling timed
+    again in this process, the flat prior first, so that the speeds compare."""
+    torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    runs = [(directory, json.loads((directory / "families.json").read_text())) for directory in args.combine]
+    yield runs[0][1][0]
+    families = sorted(((directory, record) for directory, (_, *records) in runs for record in records),
+                      key=lambda item: item[1]["family"] != FLAT)
+    flat_speed = None
+    for directory, record in families:
+        name = record["family"]
+        fine_stage = directory / name / "fine_stage_run" / FINAL
+        prior = load_prior(directory / name / "prior_run" / FINAL, tokenizer=directory / name / "tokenizer",
+                           fine_stage=fine_stage if FAMILIES[name].fine_stage else None)
+        speed = round(images_per_second(prior, args.repeats), 2)
+        flat_speed = speed if name == FLAT else flat_speed
+        yield {**record, "images_per_second": speed, "speed_vs_flat": round(speed / flat_speed, 2) if flat_speed else None}
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     records = []
-    for record in run(args):
+    for record in (combine(args) if args.combine else run(args)):
         print(json.dumps(record), flush=True)
         records.append(record)
         (args.out / "families.json").write_text(json.dumps(records, indent=2) + "\n")
