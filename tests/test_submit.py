@@ -51,6 +51,14 @@ def test_the_template_follows_the_model_class_and_the_other_jobs_take_their_opti
     assert "tessera evaluate coco --prior p.ckpt" in script("--job=evaluate_coco", "--args", "--prior", "p.ckpt")
 
 
+@pytest.mark.parametrize("config", sorted(
+    str(path) for family in ("tokenizer", "prior", "fine_stage", "pixel", "llm") for path in (REPO / "configs" / family).glob("*.yaml")
+))
+def test_every_training_config_submits_with_the_template_of_its_stage(config):
+    stage = "tokenizer" if "/tokenizer/" in config else "prior"
+    assert f"--job-name=tessera-{stage}" in directives(script(config))
+
+
 @pytest.mark.parametrize("argv, message", [
     ((TOKENIZER, "--gpus-per-node=8", "--tasks-per-node=4"), "one task per GPU"),
     (("--job=prior",), "needs its config files"),

@@ -25,9 +25,16 @@ from typing import Mapping
 TEMPLATES = Path(__file__).resolve().parents[2] / "slurm"
 JOBS = ("tokenizer", "prior", "tokenize", "evaluate_coco")
 TRAINING_JOBS = ("tokenizer", "prior")
-# the model class a training config names -> its template
-MODEL_JOBS = {"lightning_modules.vqgan.VQGAN": "tokenizer", "lightning_modules.prior.TextImagePrior": "prior",
-              "lightning_modules.rq_prior.RQTransformerPrior": "prior"}
+# the model class a training config names -> its template: every stage-2 model trains as the prior does
+MODEL_JOBS = {
+    "lightning_modules.vqgan.VQGAN": "tokenizer",
+    "lightning_modules.prior.TextImagePrior": "prior",
+    "lightning_modules.rq_prior.RQTransformerPrior": "prior",
+    "lightning_modules.pixel_prior.PixelCNNPrior": "prior",
+    "lightning_modules.pixel_prior.ImageTransformerPrior": "prior",
+    "lightning_modules.fine_stage.FineStage": "prior",
+    "lightning_modules.llm.LLMTextImageModel": "prior",
+}
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
