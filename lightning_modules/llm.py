@@ -88,6 +88,7 @@ class LLMTextImageModel(L.LightningModule):
         z_loss_weight: float = 0.0,
         optimizer: PriorOptimizerConfig | None = None,
         compile: bool = False,
+        activation_checkpointing: bool = False,
         sampling: SamplingConfig | None = None,
         peak_flops: float | None = None,
     ):
@@ -108,6 +109,9 @@ class LLMTextImageModel(L.LightningModule):
                 (1e-5 reported, unverified); 0 adds none.
             optimizer: AdamW and its schedule, as the prior's.
             compile: torch.compile each decoder layer in place.
+            activation_checkpointing: recompute each decoder layer's activations in the backward
+                pass (`transformers`' gradient checkpointing, non-reentrant) instead of keeping them:
+                what a 7B model's batch needs to fit, for about a third more compute a step.
             sampling: how images are drawn unless told otherwise (`generate` without settings,
                 `tessera sample`); kept in checkpoints and exports. None: SamplingConfig's defaults.
             peak_flops: dense bf16 peak FLOP/s of one device, for the logged MFU, as the prior's.
@@ -134,6 +138,7 @@ class LLMTextImageModel(L.LightningModule):
                 "caption_dropout": caption_dropout, "text_loss_weight": text_loss_weight,
                 "image_loss_weight": image_loss_weight, "z_loss_weight": z_loss_weight,
                 "optimizer": asdict(self.optimizer_config), "compile": compile,
+                "activation_checkpointing": activation_checkpointing,
                 "sampling": asdict(sampling) if sampling is not None else None,
             }
         )
@@ -221,6 +226,8 @@ class LLMTextImageModel(L.LightningModule):
     def configure_model(self) -> None:
         strategy = self.trainer.strategy if self._trainer is not None else None
         adjust_ddp(strategy)
+        if self.hparams.activation_checkpointing:  # before sharding: each layer's call is wrapped
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if isinstance(strategy, AtomicModelParallelStrategy):
             shard(self.model, decoder_layers(self.model), strategy, str(self.trainer.precision), self.hparams.compile)
         elif self.hparams.compile:

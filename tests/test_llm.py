@@ -363,6 +363,29 @@ def test_llm_resumed_mid_epoch_ends_with_the_weights_of_the_uninterrupted_run(tm
     assert_resumed_exactly(straight, resumed, stop=4)
 
 
+def count_calls(calls: list, function, *args, **kwargs):
+    calls.append(1)
+    return function(*args, **kwargs)
+
+
+def test_activation_checkpointing_recomputes_each_layer_in_the_backward_pass_with_the_same_gradients(words_dir):
+    results = []
+    for checkpointing in (False, True):
+        llm = tiny_llm(words_dir, None, activation_checkpointing=checkpointing).train()
+        llm.configure_model()
+        calls = []
+        for layer in decoder_layers(llm.model):  # the MLP's forward itself: module hooks do not run in a recompute
+            layer.mlp.forward = partial(count_calls, calls, layer.mlp.forward)
+        ids = torch.randint(llm.model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+        llm.model(input_ids=ids, use_cache=False).logits.float().pow(2).mean().backward()
+        results.append((len(calls), {name: p.grad.clone() for name, p in llm.model.named_parameters()}))
+    (plain_calls, plain_grads), (checkpointed_calls, checkpointed_grads) = results
+    layers = TINY_LLAMA["num_hidden_layers"]
+    assert (plain_calls, checkpointed_calls) == (layers, 2 * layers)  # every layer forward again in the backward
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(checkpointed_grads[name], grad, msg=name)
+
+
 def test_fsdp2_units_are_the_models_own_decoder_layers(words_dir):
     llm = tiny_llm(words_dir, None)
     assert decoder_layers(llm.model) == list(llm.model.model.layers)
