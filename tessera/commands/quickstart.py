@@ -27,6 +27,7 @@ import html
 import json
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -235,7 +236,18 @@ def fit(run_dir: Path, argv: list[str]) -> None:
     # the quickstart trains from scratch each time; `tessera fit` would resume from a previous
     # quickstart's checkpoints in the same run directory
     shutil.rmtree(run_dir, ignore_errors=True)
-    lightning_cli(argv)
+    try:
+        lightning_cli(argv)
+    finally:
+        finish_wandb_run()
+
+
+def finish_wandb_run() -> None:
+    """End the W&B run a stage's WandbLogger started: the next stage, or the next fit in the same
+    process, would otherwise log into it instead of a run of its own."""
+    wandb = sys.modules.get("wandb")  # imported only when a logger used it
+    if wandb is not None and wandb.run is not None:
+        wandb.finish()
 
 
 def last_step(run_dir: Path) -> int:
